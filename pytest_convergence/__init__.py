@@ -1,0 +1,72 @@
+"""pytest-convergence: catch convergence bugs in training code with LoGM co-simulation.
+
+The public names below are imported lazily so that loading the pytest plugin (which imports
+this package) never imports torch: ``pytest --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from pytest_convergence._version import __version__
+
+if TYPE_CHECKING:
+    from pytest_convergence.errors import (
+        NonFiniteWeightError,
+        SnapshotFormatError,
+        UnsafeExternalDataError,
+    )
+    from pytest_convergence.metrics import (
+        LogmSum,
+        ParameterLogm,
+        ParameterStats,
+        logm,
+        parameter_logms,
+        parameter_stats,
+    )
+    from pytest_convergence.snapshots import Snapshot, load_snapshot, save_snapshot
+
+__all__ = [
+    "LogmSum",
+    "NonFiniteWeightError",
+    "ParameterLogm",
+    "ParameterStats",
+    "Snapshot",
+    "SnapshotFormatError",
+    "UnsafeExternalDataError",
+    "__version__",
+    "load_snapshot",
+    "logm",
+    "parameter_logms",
+    "parameter_stats",
+    "save_snapshot",
+]
+
+_HOME_MODULE = {
+    "LogmSum": "metrics",
+    "ParameterLogm": "metrics",
+    "ParameterStats": "metrics",
+    "logm": "metrics",
+    "parameter_logms": "metrics",
+    "parameter_stats": "metrics",
+    "Snapshot": "snapshots",
+    "load_snapshot": "snapshots",
+    "save_snapshot": "snapshots",
+    "NonFiniteWeightError": "errors",
+    "SnapshotFormatError": "errors",
+    "UnsafeExternalDataError": "errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOME_MODULE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pytest_convergence' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"pytest_convergence.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,151 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+CONVERGENCE_TEST = """
+import pytest
+
+@pytest.mark.convergence(workload="mlp", steps=4)
+def test_converges():
+    assert True
+
+def test_plain():
+    assert True
+"""
+
+
+def test_convergence_tests_are_skipped_with_a_reason_that_says_how_to_enable_them(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(CONVERGENCE_TEST)
+    result = pytester.runpytest("-rs", "--strict-markers")
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(["SKIPPED*convergence test: run with --convergence*"])
+
+
+def test_the_flag_runs_convergence_tests(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(CONVERGENCE_TEST)
+    result = pytester.runpytest("--convergence", "--strict-markers")
+    result.assert_outcomes(passed=2)
+
+
+def test_an_ini_option_enables_convergence_tests_by_default(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nconvergence_enabled = true\n")
+    pytester.makepyfile(CONVERGENCE_TEST)
+    pytester.runpytest().assert_outcomes(passed=2)
+
+
+def test_a_failing_convergence_test_fails_rather_than_passing_silently(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.convergence
+        def test_diverges():
+            assert False, "diverged"
+        """
+    )
+    pytester.runpytest("--convergence").assert_outcomes(failed=1)
+
+
+def test_the_marker_is_registered_for_strict_markers(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--markers")
+    result.stdout.fnmatch_lines(["@pytest.mark.convergence(workload=..., *"])
+
+
+@pytest.mark.parametrize(
+    ("marker", "message"),
+    [
+        ('convergence(wokload="mlp")', "unknown argument(s) wokload; known arguments: workload*"),
+        ('convergence("mlp")', "takes keyword arguments only*"),
+        ("convergence(steps=0)", "steps must be a positive int"),
+        ('convergence(device="gpu")', "*'gpu' is not a device*"),
+    ],
+)
+def test_bad_marker_arguments_are_a_usage_error_naming_the_test(
+    pytester: pytest.Pytester, marker: str, message: str
+) -> None:
+    pytester.makepyfile(f"import pytest\n\n@pytest.mark.{marker}\ndef test_x():\n    pass\n")
+    result = pytester.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*test_bad_marker_arguments*::test_x: *{message}"])
+
+
+def test_the_header_gives_what_reproduces_a_run(pytester: pytest.Pytester) -> None:
+    import torch
+
+    pytester.makepyfile(CONVERGENCE_TEST)
+    result = pytester.runpytest("--convergence", "--convergence-seed", "7")
+    result.stdout.fnmatch_lines(
+        [
+            f"convergence: pytest-convergence *, torch {torch.__version__}, device cpu (cpu), "
+            f"threads {torch.get_num_threads()}, seed 7, baselines *baselines"
+        ]
+    )
+
+
+def test_the_header_says_how_to_enable_when_disabled(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(CONVERGENCE_TEST)
+    result = pytester.runpytest()
+    result.stdout.fnmatch_lines(
+        ["convergence: pytest-convergence *, disabled (run with --convergence*"]
+    )
+
+
+def test_the_baselines_folder_comes_from_the_ini_relative_to_the_rootdir(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makeini("[pytest]\nconvergence_baselines = ci/regions\n")
+    pytester.makepyfile(CONVERGENCE_TEST)
+    result = pytester.runpytest("--convergence")
+    result.stdout.fnmatch_lines([f"*baselines {pytester.path / 'ci' / 'regions'}"])
+
+
+def test_a_non_integer_seed_in_the_ini_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nconvergence_seed = abc\n")
+    result = pytester.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*convergence_seed = 'abc' is not an integer*"])
+
+
+def test_asking_for_cuda_without_it_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    pytester.makepyfile(CONVERGENCE_TEST)
+    result = pytester.runpytest("--convergence", "--convergence-device", "cuda")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["*--convergence-device=cuda but torch.cuda.is_available() is False*"]
+    )
+
+
+def test_settings_live_in_the_config_stash(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        from pytest_convergence.plugin import settings_key
+
+        def test_reads_settings(request):
+            settings = request.config.stash[settings_key]
+            assert (settings.enabled, settings.seed, settings.device) == (False, 3, "cpu")
+        """
+    )
+    pytester.runpytest("--convergence-seed", "3").assert_outcomes(passed=1)
+
+
+def test_importing_the_plugin_does_not_import_torch() -> None:
+    code = "import sys, pytest_convergence.plugin; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_the_plugin_is_registered_through_the_pytest11_entry_point() -> None:
+    from importlib.metadata import entry_points
+
+    plugins = {ep.name: ep.value for ep in entry_points(group="pytest11")}
+    assert plugins.get("convergence") == "pytest_convergence.plugin"
