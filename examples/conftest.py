@@ -1,0 +1,1 @@
+"""Examples run as convergence tests: ``pytest --convergence examples/``."""
