@@ -6,7 +6,9 @@ so ``pytest --help`` stays fast in projects that have the plugin installed.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -14,13 +16,21 @@ from pytest_convergence._version import __version__
 from pytest_convergence.settings import (
     ENABLE_HINT,
     MARKER_ARGUMENTS,
+    MISMATCH_POLICIES,
+    REPORT_MODES,
     ConvergenceSettings,
     parse_device,
     validate_marker_arguments,
 )
 
+if TYPE_CHECKING:
+    from pytest_convergence.checks import BoundCheck, ConvergenceChecker
+
 MARKER = "convergence"
+SUMMARY_PREFIX = "convergence_"
 settings_key = pytest.StashKey[ConvergenceSettings]()
+checker_key = pytest.StashKey["ConvergenceChecker"]()
+summary_key = pytest.StashKey[list[dict[str, object]]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -50,6 +60,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="DIR",
         help="folder of divergence-region baselines (default: ini convergence_baselines).",
     )
+    group.addoption(
+        "--convergence-record",
+        action="store_true",
+        default=False,
+        help="calibrate and (re)write the baselines of the selected convergence tests.",
+    )
+    group.addoption(
+        "--convergence-report",
+        choices=REPORT_MODES,
+        default="failures",
+        help="write a report folder (JSON trace, LoGM plot) for failures (default) or always.",
+    )
+    group.addoption(
+        "--convergence-report-dir",
+        default=None,
+        metavar="DIR",
+        help="where report folders go (default: ini convergence_report_dir).",
+    )
     parser.addini(
         "convergence_enabled",
         type="bool",
@@ -63,6 +91,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="baselines",
         help="baselines folder, relative to the rootdir (default: baselines).",
     )
+    parser.addini(
+        "convergence_report_dir",
+        default="convergence-report",
+        help="report folders, relative to the rootdir (default: convergence-report).",
+    )
+    parser.addini(
+        "convergence_baseline_mismatch",
+        default="warn",
+        help="baseline recorded under another torch version, dtype or device: warn or fail.",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -72,6 +110,7 @@ def pytest_configure(config: pytest.Config) -> None:
         f"{MARKER}({arguments}): a convergence check, run only with --convergence.",
     )
     config.stash[settings_key] = _read_settings(config)
+    config.pluginmanager.register(ConvergenceSummary(config), "convergence-summary")
 
 
 def _read_settings(config: pytest.Config) -> ConvergenceSettings:
@@ -87,12 +126,33 @@ def _read_settings(config: pytest.Config) -> ConvergenceSettings:
         device = parse_device(device)
     except ValueError as error:
         raise pytest.UsageError(str(error)) from None
+    policy = str(config.getini("convergence_baseline_mismatch")).strip()
+    if policy not in MISMATCH_POLICIES:
+        raise pytest.UsageError(
+            f"ini option convergence_baseline_mismatch = {policy!r}: use one of "
+            f"{', '.join(MISMATCH_POLICIES)}"
+        )
+    report_dir = _report_dir(config)
     return ConvergenceSettings(
         enabled=bool(enabled if enabled is not None else config.getini("convergence_enabled")),
         seed=seed,
         device=device,
         baselines_dir=Path(config.rootpath, baselines).resolve(),
+        record=bool(config.getoption("convergence_record")),
+        report_dir=report_dir,
+        always_report=config.getoption("convergence_report") == "always",
+        mismatch_policy=policy,
     )
+
+
+def _report_dir(config: pytest.Config) -> Path | None:
+    """Report folders are written on failure, except in CI (``CI`` set) unless asked for."""
+    explicit = config.getoption("convergence_report_dir")
+    asked = explicit is not None or config.getoption("convergence_report") == "always"
+    if os.environ.get("CI") and not asked:
+        return None
+    folder = explicit or str(config.getini("convergence_report_dir"))
+    return Path(config.rootpath, folder).resolve()
 
 
 def _ini_int(config: pytest.Config, name: str) -> int:
@@ -110,7 +170,10 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     from pytest_convergence.environment import current_environment
 
     environment = current_environment(settings.device, settings.seed)
-    return [f"convergence: {environment.header()}, baselines {settings.baselines_dir}"]
+    lines = [f"convergence: {environment.header()}, baselines {settings.baselines_dir}"]
+    if settings.record:
+        lines.append(f"convergence: recording baselines into {settings.baselines_dir}")
+    return lines
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -136,3 +199,78 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 raise pytest.UsageError(f"{item.nodeid}: {error}") from None
         if not settings.enabled and item.get_closest_marker(MARKER) is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def convergence(request: pytest.FixtureRequest) -> BoundCheck:
+    """Co-simulate a candidate against the reference and judge it against its baseline.
+
+    ``convergence.check(candidate)``; the test's marker arguments are the defaults.
+    """
+    from pytest_convergence.checks import BoundCheck
+
+    marker = request.node.get_closest_marker(MARKER)
+    defaults = dict(marker.kwargs) if marker is not None else {}
+    return BoundCheck(
+        checker=_checker(request.config),
+        defaults=defaults,
+        label=request.node.nodeid,
+        record_property=lambda name, value: request.node.user_properties.append((name, value)),
+    )
+
+
+def _checker(config: pytest.Config) -> ConvergenceChecker:
+    """One checker per process, so calibrations are shared by the tests that need them."""
+    if checker_key not in config.stash:
+        from pytest_convergence.checks import CheckOptions, ConvergenceChecker
+
+        settings = config.stash[settings_key]
+        options = CheckOptions(
+            baselines_dir=settings.baselines_dir,
+            seed=settings.seed,
+            device=settings.device,
+            record=settings.record,
+            report_dir=settings.report_dir,
+            always_report=settings.always_report,
+            mismatch_policy=settings.mismatch_policy,
+            reproduce="pytest --convergence",
+            rerecord="pytest --convergence --convergence-record",
+        )
+        config.stash[checker_key] = ConvergenceChecker(options)
+    return config.stash[checker_key]
+
+
+class ConvergenceSummary:
+    """Collects every check's figures from test reports (on the xdist controller too, where
+    reports arrive from workers) and prints the summary table."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.rows: list[dict[str, object]] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "call":
+            return
+        row: dict[str, object] = {
+            key.removeprefix(SUMMARY_PREFIX): value
+            for key, value in report.user_properties
+            if key.startswith(SUMMARY_PREFIX)
+        }
+        if row:
+            row["nodeid"] = report.nodeid
+            self.rows.append(row)
+
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        from pytest_convergence.summary import summary_lines
+
+        checker = self.config.stash.get(checker_key, None)
+        changes = checker.changes if checker is not None else {}
+        if not self.rows and not changes:
+            return
+        terminalreporter.section("convergence")
+        for line in summary_lines(self.rows):
+            terminalreporter.write_line(line)
+        for path, lines in changes.items():
+            terminalreporter.write_line(f"re-recorded {path}:")
+            for line in lines:
+                terminalreporter.write_line(f"  {line}")

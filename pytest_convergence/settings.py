@@ -15,6 +15,8 @@ from typing import Any
 __all__ = [
     "ENABLE_HINT",
     "MARKER_ARGUMENTS",
+    "MISMATCH_POLICIES",
+    "REPORT_MODES",
     "ConvergenceSettings",
     "parse_device",
     "validate_marker_arguments",
@@ -33,6 +35,9 @@ MARKER_ARGUMENTS: Mapping[str, str] = {
     "dtype": "floating dtype of the weights, e.g. 'float32'",
 }
 
+MISMATCH_POLICIES = ("warn", "fail")
+REPORT_MODES = ("failures", "always")
+
 _DEVICE_PATTERN = re.compile(r"^(cpu|cuda|mps|xpu)(:\d+)?$")
 
 
@@ -45,6 +50,9 @@ class ConvergenceSettings:
     device: str
     baselines_dir: Path
     record: bool = False
+    report_dir: Path | None = None
+    always_report: bool = False
+    mismatch_policy: str = "warn"
 
 
 def parse_device(text: str) -> str:

@@ -8,6 +8,23 @@ from hypothesis import settings
 
 pytest_plugins = ["pytester"]
 
+
+def _import_lazy_torch_modules() -> None:
+    """pytester's in-process runs drop modules first imported inside them, and torch cannot
+    register its operator libraries twice: import what an optimizer step and a report pull in
+    lazily before any run starts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+
+    parameter = torch.nn.Parameter(torch.ones(2))
+    parameter.grad = torch.ones(2)
+    torch.optim.SGD([parameter], lr=0.1, momentum=0.9).step()
+
+
+_import_lazy_torch_modules()
+
 settings.register_profile("default", deadline=None, max_examples=40)
 settings.load_profile("default")
 

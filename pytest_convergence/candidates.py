@@ -1,0 +1,187 @@
+"""Candidates: what a candidate implementation changes relative to the reference.
+
+Any combination of: a context manager around forward and backward (a monkeypatched kernel, a
+backend flag), a model transform (module swap), a gradient transform after backward, a gradient
+exchange across W virtual workers, another optimizer, or a whole other step function. Everything
+not named stays the reference's, so a co-simulation isolates exactly the change under test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import TypeAlias
+
+import torch
+from torch import nn
+from torch.nn.modules.module import register_module_forward_hook
+
+__all__ = [
+    "REFERENCE",
+    "Candidate",
+    "GradientExchange",
+    "GradientTransform",
+    "StepFunction",
+    "arithmetic_noise",
+    "get_candidate",
+    "gradient_noise",
+    "mean_exchange",
+    "register_candidate",
+]
+
+# In place, on (name, gradient) pairs, between backward and the optimizer step.
+GradientTransform: TypeAlias = Callable[[Sequence[tuple[str, torch.Tensor]], int], None]
+# Per-worker gradients (outer: workers, inner: parameters in order) -> averaged gradients.
+GradientExchange: TypeAlias = Callable[[Sequence[Sequence[torch.Tensor]], int], list[torch.Tensor]]
+# (model, optimizer, inputs, targets, loss_fn) -> loss; must leave the stepped weights behind.
+StepFunction: TypeAlias = Callable[
+    [
+        nn.Module,
+        torch.optim.Optimizer,
+        torch.Tensor,
+        torch.Tensor,
+        Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ],
+    torch.Tensor,
+]
+OptimizerFactory: TypeAlias = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def mean_exchange(per_worker: Sequence[Sequence[torch.Tensor]], step: int) -> list[torch.Tensor]:
+    """Exact all-reduce mean: what a gradient exchange must reproduce."""
+    workers = len(per_worker)
+    return [torch.stack(grads).sum(dim=0) / workers for grads in zip(*per_worker, strict=True)]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An implementation under test, described by how it differs from the reference."""
+
+    name: str
+    context: Callable[[], AbstractContextManager[object]] | None = None
+    model_transform: Callable[[nn.Module], nn.Module] | None = None
+    gradient_transform: GradientTransform | None = None
+    exchange: GradientExchange | None = None
+    workers: int = 1
+    optimizer_factory: OptimizerFactory | None = None
+    step_fn: StepFunction | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("a candidate needs a non-empty name")
+        if self.workers < 1:
+            raise ValueError(f"candidate {self.name!r}: workers must be >= 1, got {self.workers}")
+        if self.exchange is not None and self.workers < 2:
+            raise ValueError(
+                f"candidate {self.name!r}: a gradient exchange needs workers >= 2, "
+                f"got {self.workers}"
+            )
+        if self.step_fn is not None and (
+            self.gradient_transform is not None or self.exchange is not None
+        ):
+            raise ValueError(
+                f"candidate {self.name!r}: step_fn replaces the whole step; apply gradient "
+                "transforms or exchanges inside it instead"
+            )
+
+    @property
+    def only_transforms_gradients(self) -> bool:
+        """True when the reference's own gradients can be reused (no second forward/backward)."""
+        return (
+            self.gradient_transform is not None
+            and self.context is None
+            and self.model_transform is None
+            and self.exchange is None
+            and self.step_fn is None
+        )
+
+    def forward_context(self) -> AbstractContextManager[object]:
+        return self.context() if self.context is not None else contextlib.nullcontext()
+
+
+REFERENCE = Candidate(name="reference", description="the reference implementation itself")
+
+_REGISTRY: dict[str, Candidate] = {}
+
+
+def register_candidate(candidate: Candidate, *, replace_existing: bool = False) -> Candidate:
+    """Make ``candidate`` available by name, e.g. to ``@pytest.mark.convergence(candidate=...)``."""
+    if candidate.name in _REGISTRY and not replace_existing:
+        raise ValueError(
+            f"a candidate named {candidate.name!r} is already registered; pass "
+            "replace_existing=True to replace it"
+        )
+    _REGISTRY[candidate.name] = candidate
+    return candidate
+
+
+def get_candidate(name: str) -> Candidate:
+    """The registered candidate ``name``; ``ValueError`` lists the known names otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY)) or "none"
+        raise ValueError(f"unknown candidate {name!r}; registered candidates: {known}") from None
+
+
+def gradient_noise(relative: float, draw: int) -> Candidate:
+    """The reference with every gradient element scaled by (1 + relative * N(0, 1)).
+
+    Calibration uses these as stand-ins for any legitimate implementation whose arithmetic is at
+    least as precise as ``relative``: unbiased, elementwise, proportional to the gradient, like
+    rounding. Draws are seeded so a recorded region can be reproduced exactly.
+    """
+
+    def perturb(named_gradients: Sequence[tuple[str, torch.Tensor]], step: int) -> None:
+        generator = torch.Generator().manual_seed(1_000_003 * (draw + 1) + step)
+        for _, gradient in named_gradients:
+            noise = torch.randn(gradient.shape, generator=generator)
+            gradient.mul_(noise.mul_(relative).add_(1).to(gradient.device, gradient.dtype))
+
+    return Candidate(
+        name=f"gradient-noise-{relative:.3g}-{draw}",
+        gradient_transform=perturb,
+        description=f"reference with gradients perturbed by relative noise {relative:.3g}",
+    )
+
+
+def arithmetic_noise(relative: float, draw: int) -> Candidate:
+    """The reference with every leaf module's output and every gradient perturbed by relative
+    Gaussian noise: a stand-in for any implementation whose operations are accurate to
+    ``relative``.
+
+    Perturbing outputs, not only gradients, matters: a batch-norm gradient is a sum with heavy
+    cancellation, so a legitimately different convolution kernel changes it by far more than the
+    kernel's own relative error. Noise injected where the kernels are reproduces that downstream
+    amplification; noise injected on the final gradients alone does not.
+    """
+    gradient_part = gradient_noise(relative, draw)
+
+    @contextlib.contextmanager
+    def perturbed_outputs() -> Iterator[None]:
+        generator = torch.Generator().manual_seed(7_919 * (draw + 1))
+
+        def hook(module: nn.Module, inputs: object, output: object) -> object:
+            if next(module.children(), None) is not None or not isinstance(output, torch.Tensor):
+                return None
+            if not output.is_floating_point():
+                return None
+            noise = torch.randn(output.shape, generator=generator)
+            return output * noise.mul_(relative).add_(1).to(output.device, output.dtype)
+
+        # torch annotates the hook as returning None, yet a returned value replaces the output.
+        handle = register_module_forward_hook(hook)  # type: ignore[arg-type]
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    return Candidate(
+        name=f"arithmetic-noise-{relative:.3g}-{draw}",
+        context=perturbed_outputs,
+        gradient_transform=gradient_part.gradient_transform,
+        description=f"reference with module outputs and gradients perturbed by {relative:.3g}",
+    )

@@ -1,0 +1,371 @@
+"""Divergence regions: calibration from legitimate runs, and verdicts against them.
+
+Why not the paper's region alone: at CI scale, seed-to-seed variation of the global LoGM delta
+swamps a subtle bug (measurements, section 1), and in co-simulation a correct lossy candidate
+moves global LoGM as much as a buggy one (section 2). What separates them is statistics across
+steps and weights (section 5): unbiased noise changes sign and averages out, a bug pushes one way
+every step; a large tensor holds much evidence, a tiny bias vector little.
+
+So each re-synced step splits a parameter's update error into a **bias** (its projection on the
+reference update: the candidate moved (1 + bias) times as far along the reference's direction)
+and **noise** (the rest, relative to the update's norm). A region holds, per parameter:
+
+- the distribution of bias per unit of noise under legitimate variation (its center and spread,
+  pooled over steps, seeds and draws), tested per step and cumulatively over steps as z-scores;
+- the largest noise seen at each step under legitimate variation, times a margin;
+- the largest change in zero count (pruning masks, dead weights).
+
+"Legitimate variation" is either the reference under gradient perturbations at a stated relative
+tolerance (any implementation at least as precise passes) or a named known-good candidate (a
+correct lossy compression), whose later versions are then held to its own behaviour. The paper's
+per-iteration global LoGM-delta region is recorded too and reported beside the verdict.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from pytest_convergence.candidates import Candidate, arithmetic_noise
+from pytest_convergence.cosim import cosimulate, cosimulate_many
+from pytest_convergence.traces import CoSimulation, ParameterComparison
+from pytest_convergence.workloads import Workload
+
+__all__ = [
+    "DEFAULT_DRAWS",
+    "DEFAULT_TOLERANCE",
+    "NOISE_MARGIN",
+    "Z_LIMIT",
+    "Calibration",
+    "ParameterRegion",
+    "Region",
+    "Verdict",
+    "Violation",
+    "calibrate",
+    "judge",
+]
+
+# bf16's unit roundoff: by default any implementation whose arithmetic is at least as precise as
+# bf16 rounding of every gradient is legitimate (fp16 or bf16 gradient exchange passes).
+DEFAULT_TOLERANCE = 2.0**-8
+DEFAULT_DRAWS = 4
+DEFAULT_CALIBRATION_SEEDS = 3
+# Bias z-scores beyond 6 have probability 2e-9 each under a Gaussian null: a family of a few
+# thousand checks per test keeps false alarms near one in a hundred thousand runs, with room for
+# tails heavier than Gaussian.
+Z_LIMIT = 6.0
+# A candidate may be up to this many times noisier than the noisiest legitimate run seen.
+NOISE_MARGIN = 2.0
+# Spread floor: a perfectly repeatable calibration must not turn rounding noise into a verdict.
+MIN_BIAS_SPREAD = 1e-6
+# Error scale floor, about float32's resolution: an exact calibration has no error at all.
+NOISE_FLOOR = 1e-7
+# Exact zeros come and go legitimately in small numbers (a zero-initialized bias whose quantized
+# gradient rounds to zero stays zero); masks that stop applying or dead units move them wholesale.
+ZERO_SLACK_FRACTION = 0.01
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What a region was calibrated against, so a reader knows what it tolerates."""
+
+    kind: str  # "reference-perturbation" or "candidate"
+    description: str
+    tolerance: float | None
+    draws: int
+    candidate: str | None
+    seeds: tuple[int, ...]
+    steps: int
+
+
+@dataclass(frozen=True)
+class ParameterRegion:
+    """One parameter's legitimate behaviour; per-step lists are indexed by step - 1."""
+
+    name: str
+    count: int
+    bias_center: tuple[float, ...]
+    bias_spread: float
+    error_scale: tuple[float, ...]
+    noise_scale: tuple[float, ...]
+    noise_limit: tuple[float, ...]
+    zero_change_limit: int
+    logm_gap_limit: float
+
+
+@dataclass(frozen=True)
+class Region:
+    """A workload's divergence region, per parameter and global."""
+
+    calibration: Calibration
+    parameters: dict[str, ParameterRegion]
+    global_logm_delta: tuple[float, float]
+    global_logm_gap_limit: float
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One check that left the region: ``value`` beside the ``limit`` it broke."""
+
+    step: int
+    parameter: str
+    check: str
+    value: float
+    limit: float
+
+    @property
+    def ratio(self) -> float:
+        if self.value == 0:
+            return 0.0
+        if self.limit == 0:
+            return math.inf
+        return abs(self.value) / self.limit
+
+
+@dataclass
+class Verdict:
+    """Every check of one co-simulation against one region."""
+
+    checks: int
+    violations: list[Violation] = field(default_factory=list)
+    worst: Violation | None = None
+    global_logm_gap: float = 0.0
+    global_logm_gap_limit: float = math.inf
+
+    @property
+    def passed(self) -> bool:
+        return not self.violations
+
+    @property
+    def first_violation(self) -> Violation | None:
+        return self.violations[0] if self.violations else None
+
+    @property
+    def worst_ratio(self) -> float:
+        return self.worst.ratio if self.worst is not None else 0.0
+
+
+def calibrate(
+    workload: Workload,
+    *,
+    candidate: Candidate | None = None,
+    seeds: Sequence[int] | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    draws: int = DEFAULT_DRAWS,
+) -> Region:
+    """Calibrate a region from legitimate runs of ``workload``.
+
+    Without ``candidate``: the reference against itself under ``draws`` gradient perturbations
+    of relative size ``tolerance``. With one: that known-good candidate against the reference.
+    Each over several seeds, so the region does not fit one trajectory.
+    """
+    if seeds is None:
+        seeds = [workload.seed + offset for offset in range(DEFAULT_CALIBRATION_SEEDS)]
+    runs: list[CoSimulation] = []
+    for seed in seeds:
+        seeded = workload.with_options(seed=seed)
+        if candidate is None:
+            runs.extend(
+                cosimulate_many(seeded, [arithmetic_noise(tolerance, d) for d in range(draws)])
+            )
+        else:
+            runs.append(cosimulate(seeded, candidate))
+    calibration = Calibration(
+        kind="reference-perturbation" if candidate is None else "candidate",
+        description=(
+            f"reference with module outputs and gradients perturbed by relative Gaussian noise "
+            f"{tolerance:.3g}, "
+            f"{draws} draws per seed"
+            if candidate is None
+            else f"known-good candidate {candidate.name!r}"
+            + (f": {candidate.description}" if candidate.description else "")
+        ),
+        tolerance=tolerance if candidate is None else None,
+        draws=draws if candidate is None else 1,
+        candidate=None if candidate is None else candidate.name,
+        seeds=tuple(seeds),
+        steps=workload.steps,
+    )
+    return region_from_runs(runs, calibration)
+
+
+def region_from_runs(runs: Sequence[CoSimulation], calibration: Calibration) -> Region:
+    """The envelope of legitimate co-simulations, per parameter and step."""
+    for run in runs:
+        for comparison in run.comparisons:
+            if comparison.non_finite:
+                raise ValueError(
+                    f"calibration run of {run.workload!r} (seed {run.seed}, {run.candidate}) "
+                    f"produced non-finite weights at step {comparison.step}: a legitimate run "
+                    "cannot diverge; check the workload's learning rate or the candidate"
+                )
+    names = [p.name for p in runs[0].comparisons[0].parameters]
+    # Perturbation noise passing through nonlinearities leaves a small systematic bias of its
+    # own; a correct implementation has none, so these regions are centered at zero and the
+    # perturbations' bias counts as spread.
+    centered = calibration.kind == "reference-perturbation"
+    parameters = {
+        name: _parameter_region(name, runs, index, centered=centered)
+        for index, name in enumerate(names)
+    }
+    deltas = [d for run in runs for d in run.reference.global_logm_deltas()]
+    gaps = [
+        abs(c.candidate_global_logm - c.reference_global_logm)
+        for run in runs
+        for c in run.comparisons
+        if c.candidate_global_logm is not None and c.reference_global_logm is not None
+    ]
+    return Region(
+        calibration=calibration,
+        parameters=parameters,
+        global_logm_delta=(min(deltas), max(deltas)) if deltas else (0.0, 0.0),
+        global_logm_gap_limit=NOISE_MARGIN * max(gaps, default=0.0),
+    )
+
+
+def _parameter_region(
+    name: str, runs: Sequence[CoSimulation], index: int, *, centered: bool
+) -> ParameterRegion:
+    steps = min(len(run.comparisons) for run in runs)
+    per_step = [[run.comparisons[s].parameters[index] for run in runs] for s in range(steps)]
+    error_scale = tuple(_median(p.relative_error for p in samples) for samples in per_step)
+    noise_scale = tuple(_median(p.noise for p in samples) for samples in per_step)
+    normalized = [
+        [_normalized_bias(sample, error_scale[s]) for sample in samples]
+        for s, samples in enumerate(per_step)
+    ]
+    center, spread = _centers_and_pooled_spread(normalized, centered=centered)
+    # Pooled over steps: a handful of runs per step is too few to set a per-step maximum.
+    largest_noise = max((_finite(p.noise) for samples in per_step for p in samples), default=0.0)
+    noise_limit = tuple(NOISE_MARGIN * largest_noise for _ in per_step)
+    gaps = [abs(p.logm_gap) for samples in per_step for p in samples if p.logm_gap is not None]
+    return ParameterRegion(
+        name=name,
+        count=per_step[0][0].count,
+        bias_center=center,
+        bias_spread=max(spread, MIN_BIAS_SPREAD),
+        error_scale=error_scale,
+        noise_scale=noise_scale,
+        noise_limit=noise_limit,
+        zero_change_limit=_zero_change_limit(per_step),
+        logm_gap_limit=NOISE_MARGIN * max(gaps, default=0.0),
+    )
+
+
+def _centers_and_pooled_spread(
+    per_step: Sequence[Sequence[float | None]], *, centered: bool
+) -> tuple[tuple[float, ...], float]:
+    """Per-step mean of the normalized bias, and the spread of samples around their step's mean
+    pooled over steps: a lossy candidate's bias drifts from step to step in a way that repeats
+    across seeds, and that drift is not noise. ``centered``: means fixed at zero."""
+    centers = []
+    squares, degrees = 0.0, 0
+    for samples in per_step:
+        usable = [value for value in samples if value is not None]
+        center = statistics.fmean(usable) if usable and not centered else 0.0
+        centers.append(center)
+        squares += sum((value - center) ** 2 for value in usable)
+        degrees += max(len(usable) - (0 if centered else 1), 0)
+    spread = math.sqrt(squares / degrees) if degrees else 0.0
+    return tuple(centers), spread
+
+
+def _zero_change_limit(per_step: Sequence[Sequence[ParameterComparison]]) -> int:
+    largest = max(abs(p.zero_change) for samples in per_step for p in samples)
+    count = per_step[0][0].count
+    return int(NOISE_MARGIN * largest) + max(1, math.ceil(ZERO_SLACK_FRACTION * count))
+
+
+def _median(samples: Iterable[float]) -> float:
+    values = [_finite(value) for value in samples]
+    return statistics.median(values) if values else 0.0
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else 0.0
+
+
+def _normalized_bias(comparison: ParameterComparison, error_scale: float) -> float | None:
+    """Bias in units of the calibration's typical relative error at that step.
+
+    The relative error of an update shrinks over the first steps as momentum builds up, and
+    bias shrinks with it; their ratio is roughly stationary, which lets samples pool across
+    steps. (The orthogonal noise alone would not do: a pure scale error has none at step 1.)
+    """
+    if comparison.bias is None:
+        return None
+    return comparison.bias / max(error_scale, NOISE_FLOOR)
+
+
+def judge(run: CoSimulation, region: Region) -> Verdict:
+    """Check every (step, parameter) of ``run`` against ``region``; violations in step order."""
+    verdict = Verdict(checks=0)
+    cumulative: dict[str, list[float]] = {}
+    for comparison in run.comparisons:
+        for parameter in comparison.parameters:
+            bounds = region.parameters.get(parameter.name)
+            if bounds is None:
+                raise ValueError(
+                    f"parameter {parameter.name!r} of workload {run.workload!r} is not in the "
+                    "baseline region: the model changed since it was recorded; re-record it"
+                )
+            for violation in _check(comparison.step, parameter, bounds, cumulative):
+                verdict.checks += 1
+                _record(verdict, violation)
+        if (
+            comparison.candidate_global_logm is not None
+            and comparison.reference_global_logm is not None
+        ):
+            gap = abs(comparison.candidate_global_logm - comparison.reference_global_logm)
+            verdict.global_logm_gap = max(verdict.global_logm_gap, gap)
+    verdict.global_logm_gap_limit = region.global_logm_gap_limit
+    return verdict
+
+
+def _record(verdict: Verdict, outcome: Violation) -> None:
+    if verdict.worst is None or outcome.ratio > verdict.worst.ratio:
+        verdict.worst = outcome
+    if outcome.ratio > 1.0:
+        verdict.violations.append(outcome)
+
+
+def _check(
+    step: int,
+    parameter: ParameterComparison,
+    bounds: ParameterRegion,
+    cumulative: dict[str, list[float]],
+) -> list[Violation]:
+    """All checks of one parameter at one step, each as value-beside-limit (ratio <= 1: inside)."""
+    name = parameter.name
+    if parameter.non_finite:
+        return [Violation(step, name, "non-finite weights", math.inf, 0.0)]
+    index = min(step, len(bounds.noise_limit)) - 1
+    outcomes = [
+        Violation(step, name, "zero count change", parameter.zero_change, bounds.zero_change_limit),
+    ]
+    noise_limit = bounds.noise_limit[index]
+    if parameter.bias is None:
+        # The reference left this parameter unchanged; any candidate update is pure noise.
+        moved = parameter.error_norm
+        outcomes.append(Violation(step, name, "update where the reference has none", moved, 0.0))
+        return outcomes
+    outcomes.append(Violation(step, name, "update noise", parameter.noise, noise_limit))
+    error_scale = bounds.error_scale[index]
+    normalized = _normalized_bias(parameter, error_scale)
+    if normalized is not None:
+        # A candidate noisier than calibration fluctuates more: widen the spread by its excess
+        # noise (the part of its error off the update's direction), but keep measuring the shift
+        # of its center in calibration units, so a deterministic scale error stands out.
+        noise_scale = bounds.noise_scale[index]
+        excess = max(1.0, parameter.noise / max(noise_scale, NOISE_FLOOR))
+        score = (normalized - bounds.bias_center[index]) / (bounds.bias_spread * excess)
+        history = cumulative.setdefault(name, [])
+        history.append(score)
+        outcomes.append(Violation(step, name, "update bias (z-score)", score, Z_LIMIT))
+        combined = sum(history) / math.sqrt(len(history))
+        outcomes.append(
+            Violation(step, name, f"update bias over steps 1-{step} (z-score)", combined, Z_LIMIT)
+        )
+    return outcomes

@@ -1,0 +1,154 @@
+"""Replay one step with hooks on both sides to find where a divergence starts.
+
+A verdict says which parameter left its region; a kernel author needs to know which module
+computed something different. Replaying the failing step from the reference's state with forward
+hooks on every module, then comparing gradients, points at the first module whose output
+diverged, or says that forward and backward agree and the difference arises after backward
+(a gradient exchange, a compression, the optimizer).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pytest_convergence.candidates import Candidate
+from pytest_convergence.cosim import _CandidateSide, _Implementation, _reference_side, _State
+from pytest_convergence.workloads import Workload
+
+__all__ = ["Divergence", "ReplayFinding", "replay_step"]
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """Where reference and candidate first disagree beyond the dtype's precision."""
+
+    kind: str  # "forward output" or "gradient"
+    name: str  # module name, or parameter name for gradients
+    module_type: str
+    max_abs_error: float
+    max_rel_error: float
+
+
+@dataclass(frozen=True)
+class ReplayFinding:
+    step: int
+    threshold: float
+    divergence: Divergence | None
+    modules_compared: int
+
+    def describe(self) -> str:
+        if self.divergence is None:
+            return (
+                f"Replay of step {self.step}: forward outputs of {self.modules_compared} modules "
+                f"and all gradients agree within {self.threshold:.1e}; the divergence arises "
+                "after backward (gradient transform, exchange or optimizer step)"
+            )
+        d = self.divergence
+        what = "module whose output" if d.kind == "forward output" else "gradient that"
+        return (
+            f"First {what} diverged at step {self.step}: {d.name} ({d.module_type}), "
+            f"max abs. error {d.max_abs_error:.2e}, max rel. error {d.max_rel_error:.2e} "
+            f"(threshold {self.threshold:.1e})"
+        )
+
+
+def replay_step(workload: Workload, candidate: Candidate, step: int) -> ReplayFinding:
+    """Re-run the reference to ``step`` and compare that step's forward and backward."""
+    reference = _Implementation.build(workload, _reference_side(candidate))
+    side = _CandidateSide.build(workload, reference, candidate)
+    batches = workload.make_batches()
+    for index in range(step - 1):
+        reference.train_step(batches[index], index + 1, keep_gradients=False)
+    state = _State.capture(reference)
+    threshold = math.sqrt(torch.finfo(workload.dtype).eps)
+    inputs, targets = batches[step - 1]
+    state.restore(reference)
+    reference_outputs, reference_order = _forward_backward(reference, inputs, targets, None)
+    state.restore(side.implementation)
+    candidate_outputs, _ = _forward_backward(side.implementation, inputs, targets, candidate)
+    for name in reference_order:
+        if name not in candidate_outputs:
+            continue
+        abs_error, rel_error = _errors(candidate_outputs[name], reference_outputs[name])
+        if rel_error > threshold:
+            module = reference.model.get_submodule(name)
+            kind = type(module).__name__
+            forward = Divergence("forward output", name, kind, abs_error, rel_error)
+            return ReplayFinding(step, threshold, forward, len(reference_order))
+    divergence = None
+    if candidate.step_fn is None:
+        divergence = _first_gradient_divergence(
+            reference.model, side.implementation.model, threshold
+        )
+    return ReplayFinding(step, threshold, divergence, len(reference_order))
+
+
+def _forward_backward(
+    implementation: _Implementation,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    candidate: Candidate | None,
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Outputs of every module in call order, with gradients left on the parameters."""
+    outputs: dict[str, torch.Tensor] = {}
+    order: list[str] = []
+    handles = []
+    for name, module in implementation.model.named_modules():
+        if not name:
+            continue
+
+        def record(_: nn.Module, __: object, output: object, name: str = name) -> None:
+            if isinstance(output, torch.Tensor) and name not in outputs:
+                outputs[name] = output.detach().clone()
+                order.append(name)
+
+        handles.append(module.register_forward_hook(record))
+    model = implementation.model
+    model.train()
+    model.zero_grad(set_to_none=True)
+    try:
+        context = candidate.forward_context() if candidate is not None else None
+        if context is not None:
+            with context:
+                loss = implementation.workload.loss_fn(model(inputs), targets)
+                loss.backward()  # type: ignore[no-untyped-call]
+        else:
+            loss = implementation.workload.loss_fn(model(inputs), targets)
+            loss.backward()  # type: ignore[no-untyped-call]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs, order
+
+
+def _first_gradient_divergence(
+    reference: nn.Module, candidate: nn.Module, threshold: float
+) -> Divergence | None:
+    """In backward order: the last layers' gradients are computed first."""
+    named = list(zip(reference.named_parameters(), candidate.parameters(), strict=True))
+    for (name, ref_param), cand_param in reversed(named):
+        if ref_param.grad is None or cand_param.grad is None:
+            continue
+        abs_error, rel_error = _errors(cand_param.grad, ref_param.grad)
+        if rel_error > threshold:
+            owner = name.rpartition(".")[0]
+            kind = type(reference.get_submodule(owner)).__name__ if owner else "parameter"
+            return Divergence("gradient", name, kind, abs_error, rel_error)
+    return None
+
+
+def _errors(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """Max absolute error, and relative to the expected tensor's largest magnitude (elementwise
+    relative errors explode where the expected value is near zero)."""
+    if actual.shape != expected.shape:
+        return math.inf, math.inf
+    difference = (actual.double() - expected.double()).abs()
+    abs_error = float(difference.max()) if difference.numel() else 0.0
+    scale = float(expected.double().abs().max()) if expected.numel() else 0.0
+    if not math.isfinite(abs_error):
+        return math.inf, math.inf
+    return abs_error, abs_error / scale if scale > 0 else (0.0 if abs_error == 0 else math.inf)

@@ -1,0 +1,191 @@
+"""Traces: what a co-simulation measured, per step and per parameter, serializable to JSON.
+
+A trace keeps statistics, never weights, so memory stays bounded however many steps run, and the
+JSON written into a report folder is enough to re-plot and re-judge a run offline.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CoSimulation",
+    "ParameterComparison",
+    "ParameterStep",
+    "StepComparison",
+    "StepTrace",
+    "Trace",
+]
+
+TRACE_SCHEMA = "pytest-convergence/trace"
+TRACE_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ParameterStep:
+    """One parameter of one implementation after one step."""
+
+    name: str
+    count: int
+    zeros: int
+    logm: float | None
+    weight_norm: float
+    update_norm: float
+    grad_norm: float | None
+
+
+@dataclass(frozen=True)
+class StepTrace:
+    """One implementation after ``step`` steps (step 0: the initial weights)."""
+
+    step: int
+    loss: float | None
+    global_logm: float | None
+    parameters: tuple[ParameterStep, ...]
+
+
+@dataclass
+class Trace:
+    """One implementation's run: the reference's, or a free-running candidate's."""
+
+    label: str
+    steps: list[StepTrace] = field(default_factory=list)
+
+    def global_logm_deltas(self) -> list[float]:
+        """Per-iteration change of global LoGM: the quantity of the paper's region."""
+        values = [s.global_logm for s in self.steps]
+        return [b - a for a, b in itertools.pairwise(values) if a is not None and b is not None]
+
+    def losses(self) -> list[float]:
+        return [s.loss for s in self.steps if s.loss is not None]
+
+
+@dataclass(frozen=True)
+class ParameterComparison:
+    """Candidate against reference for one parameter after one re-synced step.
+
+    ``bias`` is the projection of the candidate's update error onto the reference's update,
+    relative to it: the candidate moved (1 + bias) times as far along the reference's direction.
+    ``noise`` is the rest of the error, relative to the reference update's norm.
+    """
+
+    name: str
+    count: int
+    reference_logm: float | None
+    candidate_logm: float | None
+    reference_zeros: int
+    candidate_zeros: int
+    reference_update_norm: float
+    error_norm: float
+    bias: float | None
+    noise: float
+    non_finite: bool = False
+
+    @property
+    def logm_gap(self) -> float | None:
+        if self.reference_logm is None or self.candidate_logm is None:
+            return None
+        return self.candidate_logm - self.reference_logm
+
+    @property
+    def relative_error(self) -> float:
+        """Whole update error over the reference update's norm: bounds |bias| from above."""
+        if self.reference_update_norm > 0:
+            return self.error_norm / self.reference_update_norm
+        return math.inf if self.error_norm > 0 else 0.0
+
+    @property
+    def zero_change(self) -> int:
+        return self.candidate_zeros - self.reference_zeros
+
+
+@dataclass(frozen=True)
+class StepComparison:
+    """All parameters after one re-synced step ``step`` (1-based), with losses and global LoGM."""
+
+    step: int
+    reference_loss: float
+    candidate_loss: float
+    reference_global_logm: float | None
+    candidate_global_logm: float | None
+    previous_global_logm: float | None
+    parameters: tuple[ParameterComparison, ...]
+
+    @property
+    def non_finite(self) -> bool:
+        return any(p.non_finite for p in self.parameters)
+
+
+@dataclass
+class CoSimulation:
+    """A reference and one candidate stepped in lockstep from identical state."""
+
+    workload: str
+    candidate: str
+    seed: int
+    steps: int
+    dtype: str
+    device: str
+    reference: Trace
+    comparisons: list[StepComparison] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        payload = {"schema": TRACE_SCHEMA, "schema_version": TRACE_SCHEMA_VERSION, **asdict(self)}
+        return json.dumps(_finite_or_text(payload), indent=1)
+
+    def write(self, path: Path) -> Path:
+        path.write_text(self.to_json(), encoding="utf-8")
+        return path
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "<string>") -> CoSimulation:
+        try:
+            data = _text_to_float(json.loads(text))
+            if data.pop("schema", None) != TRACE_SCHEMA:
+                raise ValueError(f"not a {TRACE_SCHEMA} file")
+            data.pop("schema_version", None)
+            reference = Trace(
+                label=data["reference"]["label"],
+                steps=[_step_trace(s) for s in data["reference"]["steps"]],
+            )
+            comparisons = [_step_comparison(c) for c in data.pop("comparisons")]
+            data["reference"] = reference
+            return cls(**data, comparisons=comparisons)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{source}: malformed co-simulation trace ({error})") from None
+
+
+def _step_trace(data: dict[str, Any]) -> StepTrace:
+    parameters = tuple(ParameterStep(**p) for p in data.pop("parameters"))
+    return StepTrace(**data, parameters=parameters)
+
+
+def _step_comparison(data: dict[str, Any]) -> StepComparison:
+    parameters = tuple(ParameterComparison(**p) for p in data.pop("parameters"))
+    return StepComparison(**data, parameters=parameters)
+
+
+def _finite_or_text(value: Any) -> Any:
+    """JSON has no Inf or NaN: store them as strings and restore them on load."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {key: _finite_or_text(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_text(item) for item in value]
+    return value
+
+
+def _text_to_float(value: Any) -> Any:
+    if value in ("inf", "-inf", "nan"):
+        return float(value)
+    if isinstance(value, dict):
+        return {key: _text_to_float(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_text_to_float(item) for item in value]
+    return value

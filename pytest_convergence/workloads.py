@@ -1,0 +1,164 @@
+"""Workloads: a few iterations of training, described completely enough to replay exactly.
+
+A workload names everything that decides the weights after N steps (model, data, loss, optimizer,
+seed, dtype, device), so a reference and a candidate run from identical initial weights on
+identical batches, and a baseline recorded today applies to the run tomorrow.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeAlias
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "Batch",
+    "BatchSource",
+    "Workload",
+    "get_workload",
+    "register_workload",
+    "sgd",
+    "synthetic_classification",
+    "workload_names",
+]
+
+Batch: TypeAlias = tuple[torch.Tensor, torch.Tensor]
+# Called with (seed, steps, dtype, device); returns exactly `steps` batches. Users may instead
+# pass a fixed sequence, any iterable of batches, or a DataLoader.
+BatchSource: TypeAlias = (
+    "Callable[[int, int, torch.dtype, torch.device], Sequence[Batch]] | Iterable[Batch]"
+)
+OptimizerFactory: TypeAlias = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+LossFunction: TypeAlias = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def sgd(lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 5e-4) -> OptimizerFactory:
+    """SGD with momentum and weight decay, the optimizer of the LoGM paper's models."""
+
+    def factory(parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+    return factory
+
+
+def synthetic_classification(
+    input_shape: Sequence[int], num_classes: int, batch_size: int = 16
+) -> Callable[[int, int, torch.dtype, torch.device], list[Batch]]:
+    """Deterministic random inputs and labels from a seed: no data set to download or ship.
+
+    A few steps of training on random labels exercise the same kernels, gradients and optimizer
+    arithmetic as real data, which is all a co-simulation compares.
+    """
+
+    def make(seed: int, steps: int, dtype: torch.dtype, device: torch.device) -> list[Batch]:
+        generator = torch.Generator().manual_seed(seed + 1_000_003)
+        batches = []
+        for _ in range(steps):
+            inputs = torch.randn(batch_size, *input_shape, generator=generator)
+            targets = torch.randint(0, num_classes, (batch_size,), generator=generator)
+            batches.append((inputs.to(device=device, dtype=dtype), targets.to(device)))
+        return batches
+
+    return make
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A few training iterations: the unit a baseline region is recorded for."""
+
+    name: str
+    model_factory: Callable[[], nn.Module]
+    batches: BatchSource
+    loss_fn: LossFunction = F.cross_entropy
+    optimizer_factory: OptimizerFactory = field(default_factory=sgd)
+    steps: int = 8
+    seed: int = 0
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name or not isinstance(self.name, str):
+            raise ValueError(f"workload name must be a non-empty str, got {self.name!r}")
+        if self.steps < 1:
+            raise ValueError(f"workload {self.name!r}: steps must be >= 1, got {self.steps}")
+        if not self.dtype.is_floating_point:
+            raise ValueError(f"workload {self.name!r}: dtype must be floating, got {self.dtype}")
+
+    def with_options(self, **changes: Any) -> Workload:
+        """A copy with marker or command-line overrides (steps, seed, dtype, device)."""
+        return replace(self, **{key: value for key, value in changes.items() if value is not None})
+
+    def build_model(self) -> nn.Module:
+        """Fresh model with the seed's initial weights, on the workload's device and dtype."""
+        torch.manual_seed(self.seed)
+        model = self.model_factory()
+        return model.to(device=torch.device(self.device), dtype=self.dtype)
+
+    def make_batches(self) -> list[Batch]:
+        """Exactly ``steps`` batches, identical for reference and candidate."""
+        device = torch.device(self.device)
+        source = self.batches
+        if callable(source) and not isinstance(source, torch.utils.data.DataLoader):
+            batches = list(source(self.seed, self.steps, self.dtype, device))
+        else:
+            batches = list(itertools.islice(_batch_iterator(source), self.steps))
+        if len(batches) < self.steps:
+            raise ValueError(
+                f"workload {self.name!r} needs {self.steps} batches, its data gave {len(batches)}"
+            )
+        return [self._placed(batch, index) for index, batch in enumerate(batches[: self.steps])]
+
+    def _placed(self, batch: object, index: int) -> Batch:
+        if not (isinstance(batch, Sequence) and len(batch) == 2):
+            raise TypeError(
+                f"workload {self.name!r}: batch {index} must be an (inputs, targets) pair, "
+                f"got {type(batch).__name__}"
+            )
+        inputs, targets = batch
+        device = torch.device(self.device)
+        if inputs.is_floating_point():
+            inputs = inputs.to(dtype=self.dtype)
+        return inputs.to(device), targets.to(device)
+
+
+def _batch_iterator(source: Iterable[Batch]) -> Iterator[Batch]:
+    return iter(source)
+
+
+_REGISTRY: dict[str, Workload] = {}
+
+
+def register_workload(workload: Workload, *, replace_existing: bool = False) -> Workload:
+    """Make ``workload`` available by name to the marker, the fixture and the CLI."""
+    if workload.name in _REGISTRY and not replace_existing:
+        raise ValueError(
+            f"a workload named {workload.name!r} is already registered; pass "
+            "replace_existing=True to replace it"
+        )
+    _REGISTRY[workload.name] = workload
+    return workload
+
+
+def get_workload(name: str) -> Workload:
+    """The registered workload ``name``; ``ValueError`` lists the known names otherwise."""
+    _load_zoo()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY)) or "none"
+        raise ValueError(f"unknown workload {name!r}; registered workloads: {known}") from None
+
+
+def workload_names() -> list[str]:
+    _load_zoo()
+    return sorted(_REGISTRY)
+
+
+def _load_zoo() -> None:
+    import pytest_convergence.zoo  # noqa: F401  (registers the zoo's workloads on import)

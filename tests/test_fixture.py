@@ -1,0 +1,188 @@
+"""The ``convergence`` fixture end to end, through pytester: record, check, fail, report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+CONFTEST = """
+import torch
+from torch import nn
+from pytest_convergence.workloads import Workload, register_workload, sgd, synthetic_classification
+
+def tiny():
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+register_workload(
+    Workload(
+        name="tiny",
+        model_factory=tiny,
+        batches=synthetic_classification((8,), 4, batch_size=8),
+        optimizer_factory=sgd(lr=0.1),
+        steps=3,
+    ),
+    replace_existing=True,
+)
+"""
+
+TESTS = """
+import pytest
+import torch
+from pytest_convergence.candidates import Candidate
+
+def fp16(named, step):
+    for _, gradient in named:
+        gradient.copy_(gradient.half().float())
+
+def halve_last_layer(named, step):
+    for name, gradient in named:
+        if name == "2.weight":
+            gradient.mul_(0.5)
+
+@pytest.mark.convergence(workload="tiny")
+def test_fp16_gradients(convergence):
+    convergence.check(Candidate("fp16-gradients", gradient_transform=fp16))
+
+@pytest.mark.convergence(workload="tiny")
+def test_halved_layer(convergence):
+    convergence.check(Candidate("halved-last-layer", gradient_transform=halve_last_layer))
+"""
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_candidates=TESTS)
+    return pytester
+
+
+def test_a_missing_baseline_fails_with_the_command_that_creates_it(
+    project: pytest.Pytester,
+) -> None:
+    result = project.runpytest("--convergence", "-k", "fp16")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*no baseline for workload 'tiny': *baselines/tiny.json does not exist.",
+            "*Create it:  pytest --convergence --convergence-record "
+            "test_candidates.py::test_fp16_gradients*",
+        ]
+    )
+    assert not (project.path / "baselines").exists()
+
+
+def test_recording_writes_the_baseline_and_later_runs_check_against_it(
+    project: pytest.Pytester,
+) -> None:
+    project.runpytest("--convergence", "--convergence-record", "-k", "fp16").assert_outcomes(
+        passed=1
+    )
+    stored = json.loads((project.path / "baselines" / "tiny.json").read_text())
+    assert stored["calibration"]["kind"] == "reference-perturbation"
+    assert stored["provenance"]["workload"] == "tiny"
+    result = project.runpytest("--convergence", "-k", "fp16")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*convergence*", "passed * tiny * fp16-gradients * 3 *"])
+
+
+def test_a_divergent_candidate_fails_with_a_co_simulation_diff_and_a_report(
+    project: pytest.Pytester,
+) -> None:
+    project.runpytest("--convergence", "--convergence-record", "-k", "fp16")
+    result = project.runpytest("--convergence", "-k", "halved")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*ConvergenceError: candidate 'halved-last-layer' left the divergence region of "
+            "'tiny' (*baselines/tiny.json)",
+            "*First violation: step 1 of 3, parameter '2.weight'*",
+            "*update bias (z-score) = *, limit 6.00e+00 (*x over)",
+            "*Violations: * of * (step, parameter) checks*",
+            "*Replay of step 1: forward outputs of * modules and all gradients agree*",
+            "*Region calibrated against: reference with module outputs and gradients perturbed*",
+            "*Reproduce:  pytest --convergence test_candidates.py::test_halved_layer",
+            "*If intended: pytest --convergence --convergence-record "
+            "test_candidates.py::test_halved_layer*",
+        ]
+    )
+    reports = list((project.path / "convergence-report").iterdir())
+    assert len(reports) == 1
+    assert {p.name for p in reports[0].iterdir()} == {"trace.json", "logm.png"}
+
+
+def test_nothing_is_written_in_ci_unless_recording_is_asked_for(
+    project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CI", "true")
+    project.runpytest("--convergence").assert_outcomes(failed=2)
+    assert not (project.path / "baselines").exists()
+    assert not (project.path / "convergence-report").exists()
+
+
+def test_junit_xml_carries_the_figures(project: pytest.Pytester) -> None:
+    project.runpytest("--convergence", "--convergence-record", "-k", "fp16")
+    project.runpytest("--convergence", "--junitxml=out.xml")
+    xml = (project.path / "out.xml").read_text()
+    assert 'name="convergence_workload" value="tiny"' in xml
+    assert 'name="convergence_verdict" value="failed"' in xml
+    assert 'name="convergence_worst_ratio"' in xml
+
+
+def test_recording_under_xdist_writes_one_complete_baseline(project: pytest.Pytester) -> None:
+    project.makepyfile(
+        test_more="""
+        import pytest
+        from pytest_convergence.candidates import Candidate
+
+        @pytest.mark.parametrize("index", range(4))
+        @pytest.mark.convergence(workload="tiny")
+        def test_same_workload(convergence, index):
+            convergence.check(Candidate(f"identity-{index}", gradient_transform=lambda n, s: None))
+        """
+    )
+    result = project.runpytest_subprocess(
+        "--convergence", "--convergence-record", "-n", "2", "-p", "xdist", "test_more.py"
+    )
+    result.assert_outcomes(passed=4)
+    folder = project.path / "baselines"
+    assert sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock")) == ["tiny.json"]
+    json.loads((folder / "tiny.json").read_text())
+    result = project.runpytest_subprocess("--convergence", "-n", "2", "-p", "xdist", "test_more.py")
+    result.assert_outcomes(passed=4)
+
+
+def test_the_marker_defaults_can_be_overridden_in_the_call(project: pytest.Pytester) -> None:
+    project.makepyfile(
+        test_steps="""
+        import pytest
+        from pytest_convergence.candidates import Candidate
+
+        @pytest.mark.convergence(workload="tiny", steps=2)
+        def test_two_steps(convergence):
+            result = convergence.check(Candidate("id", gradient_transform=lambda n, s: None))
+            assert result.steps == 2
+            assert convergence.check(
+                Candidate("id2", gradient_transform=lambda n, s: None), steps=1
+            ).steps == 1
+        """
+    )
+    project.runpytest("--convergence", "--convergence-record", "test_steps.py").assert_outcomes(
+        passed=1
+    )
+
+
+def test_misuse_is_an_error_not_a_divergence(project: pytest.Pytester) -> None:
+    project.makepyfile(
+        test_misuse="""
+        import pytest
+        from pytest_convergence.candidates import Candidate
+
+        @pytest.mark.convergence(workload="no-such-workload")
+        def test_unknown(convergence):
+            convergence.check(Candidate("x", gradient_transform=lambda n, s: None))
+        """
+    )
+    result = project.runpytest("--convergence", "test_misuse.py")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*ValueError: unknown workload 'no-such-workload'; registered*"])

@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+from pytest_convergence.candidates import Candidate
+from pytest_convergence.cosim import cosimulate
+from pytest_convergence.regions import Region, Violation, calibrate, judge
+from pytest_convergence.workloads import Workload, get_workload
+
+
+@pytest.fixture(scope="module")
+def workload() -> Workload:
+    return get_workload("mlp").with_options(steps=4)
+
+
+@pytest.fixture(scope="module")
+def region(workload: Workload) -> Region:
+    return calibrate(workload, seeds=[0, 1], draws=3)
+
+
+def scale_gradient(parameter: str, factor: float) -> Candidate:
+    def transform(named: Sequence[tuple[str, torch.Tensor]], step: int) -> None:
+        for name, gradient in named:
+            if name == parameter:
+                gradient.mul_(factor)
+
+    return Candidate(f"{parameter} x{factor}", gradient_transform=transform)
+
+
+def round_gradients(dtype: torch.dtype) -> Candidate:
+    def transform(named: Sequence[tuple[str, torch.Tensor]], step: int) -> None:
+        for _, gradient in named:
+            gradient.copy_(gradient.to(dtype).to(gradient.dtype))
+
+    return Candidate(f"gradients rounded to {dtype}", gradient_transform=transform)
+
+
+def test_a_region_covers_every_parameter_and_says_what_it_was_calibrated_against(
+    region: Region,
+) -> None:
+    assert list(region.parameters) == [f"fc{i}.{k}" for i in (1, 2, 3) for k in ("weight", "bias")]
+    assert region.calibration.kind == "reference-perturbation"
+    assert region.calibration.seeds == (0, 1)
+    assert "perturbed by relative Gaussian noise 0.00391" in region.calibration.description
+    low, high = region.global_logm_delta
+    assert low <= high
+    for parameter in region.parameters.values():
+        assert len(parameter.noise_limit) == 4
+        assert parameter.bias_spread > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_gradients_stay_inside_the_default_region(
+    workload: Workload, region: Region, dtype: torch.dtype
+) -> None:
+    verdict = judge(cosimulate(workload, round_gradients(dtype)), region)
+    assert verdict.passed, verdict.violations[:3]
+    assert verdict.checks > 0
+    assert verdict.worst_ratio < 1.0
+
+
+@pytest.mark.parametrize("factor", [0.5, 1.05])
+def test_a_scaled_layer_gradient_is_caught_at_the_first_step_on_that_layer(
+    workload: Workload, region: Region, factor: float
+) -> None:
+    verdict = judge(cosimulate(workload, scale_gradient("fc2.weight", factor)), region)
+    first = verdict.first_violation
+    assert first is not None
+    assert (first.step, first.parameter) == (1, "fc2.weight")
+    assert "bias" in first.check
+    assert first.ratio > 1
+
+
+def test_a_candidate_that_diverges_to_nan_fails_naming_step_and_parameter(
+    workload: Workload, region: Region
+) -> None:
+    def poison(named: Sequence[tuple[str, torch.Tensor]], step: int) -> None:
+        if step == 3:
+            named[2][1].fill_(math.inf)
+
+    verdict = judge(cosimulate(workload, Candidate("inf", gradient_transform=poison)), region)
+    first = verdict.first_violation
+    assert first is not None
+    assert (first.step, first.parameter, first.check) == (3, "fc2.weight", "non-finite weights")
+
+
+def test_a_known_good_lossy_candidate_gets_its_own_region_centered_on_its_bias(
+    workload: Workload,
+) -> None:
+    shrink = scale_gradient("fc3.weight", 0.9)
+    own = calibrate(workload, candidate=shrink, seeds=[0, 1])
+    assert own.calibration.kind == "candidate"
+    assert own.calibration.candidate == shrink.name
+    assert max(own.parameters["fc3.weight"].bias_center) < 0
+    assert judge(cosimulate(workload.with_options(seed=5), shrink), own).passed
+    worse = judge(cosimulate(workload, scale_gradient("fc3.weight", 0.8)), own)
+    assert not worse.passed
+
+
+def test_a_parameter_missing_from_the_region_is_an_error_asking_to_re_record(
+    workload: Workload, region: Region
+) -> None:
+    run = cosimulate(workload, round_gradients(torch.float16))
+    partial = Region(
+        calibration=region.calibration,
+        parameters={k: v for k, v in region.parameters.items() if k != "fc1.bias"},
+        global_logm_delta=region.global_logm_delta,
+        global_logm_gap_limit=region.global_logm_gap_limit,
+    )
+    with pytest.raises(ValueError, match=r"'fc1\.bias' .* not in the baseline region.*re-record"):
+        judge(run, partial)
+
+
+def test_violation_ratio_puts_the_value_beside_its_limit() -> None:
+    assert Violation(1, "w", "noise", 3.0, 2.0).ratio == 1.5
+    assert Violation(1, "w", "zeros", 0, 0).ratio == 0.0
+    assert Violation(1, "w", "zeros", 2, 0).ratio == math.inf
