@@ -25,15 +25,8 @@ from torch import nn
 
 from pytest_convergence.candidates import REFERENCE, Candidate, mean_exchange
 from pytest_convergence.errors import NonFiniteWeightError
-from pytest_convergence.metrics import LogmSum, logm_sum
-from pytest_convergence.traces import (
-    CoSimulation,
-    ParameterComparison,
-    ParameterStep,
-    StepComparison,
-    StepTrace,
-    Trace,
-)
+from pytest_convergence.traces import CoSimulation, StepComparison, Trace
+from pytest_convergence.tracing import FlatWeights, ParameterLayout, compare_weights, step_trace
 from pytest_convergence.workloads import Batch, Workload
 
 __all__ = ["cosimulate", "cosimulate_many", "train"]
@@ -69,7 +62,9 @@ def cosimulate_many(workload: Workload, candidates: Sequence[Candidate]) -> list
         )
         for candidate in candidates
     ]
-    initial = _step_trace(reference.model, 0, None, None, None)
+    layout = _layout(reference.model)
+    previous = FlatWeights.of(layout, list(reference.model.parameters()))
+    initial = step_trace(layout, previous, step=0, loss=None, before=None, gradients=None)
     for result in results:
         result.reference.steps.append(initial)
     stopped = [False] * len(sides)
@@ -77,27 +72,29 @@ def cosimulate_many(workload: Workload, candidates: Sequence[Candidate]) -> list
         step = index + 1
         before = _State.capture(reference)
         loss, gradients = reference.train_step(batch, step, keep_gradients=True)
-        _require_finite(reference.model, step, "reference")
-        reference_trace = _step_trace(reference.model, step, loss, before.parameters, gradients)
-        for side, result, done in zip(sides, results, stopped, strict=True):
-            if done:
+        after = FlatWeights.of(layout, list(reference.model.parameters()))
+        _require_finite(layout, after, reference.model, step)
+        reference_trace = step_trace(
+            layout, after, step=step, loss=loss, before=previous, gradients=gradients
+        )
+        for position, (side, result) in enumerate(zip(sides, results, strict=True)):
+            if stopped[position]:
                 continue
             result.reference.steps.append(reference_trace)
             candidate_loss = side.step_from(before, batch, step, gradients)
-            if candidate_loss is None:
-                candidate_loss = loss
-            comparison = _compare(
-                reference.model,
-                side.implementation.model,
-                before,
+            candidate = FlatWeights.of(layout, list(side.implementation.model.parameters()))
+            comparison = StepComparison(
                 step=step,
                 reference_loss=loss,
-                candidate_loss=candidate_loss,
+                candidate_loss=loss if candidate_loss is None else candidate_loss,
+                reference_global_logm=after.global_logm(layout.counts),
+                candidate_global_logm=candidate.global_logm(layout.counts),
+                previous_global_logm=previous.global_logm(layout.counts),
+                parameters=compare_weights(layout, previous, after, candidate),
             )
             result.comparisons.append(comparison)
-        stopped = [
-            done or r.comparisons[-1].non_finite for r, done in zip(results, stopped, strict=True)
-        ]
+            stopped[position] = comparison.non_finite
+        previous = after
     return results
 
 
@@ -105,13 +102,20 @@ def train(workload: Workload, candidate: Candidate = REFERENCE) -> tuple[Trace, 
     """Free-running training of one implementation; its trace and its final model."""
     implementation = _Implementation.build(workload, candidate)
     trace = Trace(label=candidate.name)
-    trace.steps.append(_step_trace(implementation.model, 0, None, None, None))
+    layout = _layout(implementation.model)
+    previous = FlatWeights.of(layout, list(implementation.model.parameters()))
+    trace.steps.append(step_trace(layout, previous, step=0, loss=None, before=None, gradients=None))
     for index, batch in enumerate(workload.make_batches()):
-        before = [p.detach().clone() for p in implementation.model.parameters()]
         loss, gradients = implementation.train_step(batch, index + 1, keep_gradients=True)
-        if not math.isfinite(loss) or _has_non_finite(implementation.model):
+        after = FlatWeights.of(layout, list(implementation.model.parameters()))
+        if not math.isfinite(loss) or not all(after.finite):
             break
-        trace.steps.append(_step_trace(implementation.model, index + 1, loss, before, gradients))
+        trace.steps.append(
+            step_trace(
+                layout, after, step=index + 1, loss=loss, before=previous, gradients=gradients
+            )
+        )
+        previous = after
     return trace, implementation.model
 
 
@@ -304,142 +308,21 @@ def _clone_or_zeros(parameter: torch.Tensor) -> torch.Tensor:
     return grad.detach().clone() if grad is not None else torch.zeros_like(parameter)
 
 
-def _step_trace(
-    model: nn.Module,
-    step: int,
-    loss: float | None,
-    before: list[torch.Tensor] | None,
-    gradients: list[torch.Tensor] | None,
-) -> StepTrace:
-    records = []
-    total = None
-    for index, (name, parameter) in enumerate(model.named_parameters()):
-        weights = parameter.detach()
-        part = logm_sum(weights, name=name)
-        total = part if total is None else total + part
-        update = (weights - before[index]) if before is not None else None
-        records.append(
-            ParameterStep(
-                name=name,
-                count=part.count,
-                zeros=part.zeros,
-                logm=part.logm,
-                weight_norm=_norm(weights),
-                update_norm=_norm(update) if update is not None else 0.0,
-                grad_norm=_norm(gradients[index]) if gradients is not None else None,
-            )
-        )
-    global_logm = total.logm if total is not None else None
-    return StepTrace(step=step, loss=loss, global_logm=global_logm, parameters=tuple(records))
+def _layout(model: nn.Module) -> ParameterLayout:
+    named = list(model.named_parameters())
+    return ParameterLayout([n for n, _ in named], [p for _, p in named])
 
 
-def _norm(tensor: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
-
-
-def _compare(
-    reference: nn.Module,
-    candidate: nn.Module,
-    before: _State,
-    *,
-    step: int,
-    reference_loss: float,
-    candidate_loss: float,
-) -> StepComparison:
-    comparisons = []
-    reference_total = candidate_total = None
-    previous_total = None
-    for (name, ref_param), cand_param, start in zip(
-        reference.named_parameters(),
-        candidate.parameters(),
-        before.parameters,
-        strict=True,
-    ):
-        comparison, ref_part, cand_part, start_part = _compare_parameter(
-            name, start, ref_param.detach(), cand_param.detach()
-        )
-        comparisons.append(comparison)
-        reference_total = ref_part if reference_total is None else reference_total + ref_part
-        previous_total = start_part if previous_total is None else previous_total + start_part
-        if cand_part is not None:
-            candidate_total = cand_part if candidate_total is None else candidate_total + cand_part
-    return StepComparison(
-        step=step,
-        reference_loss=reference_loss,
-        candidate_loss=candidate_loss,
-        reference_global_logm=reference_total.logm if reference_total else None,
-        candidate_global_logm=candidate_total.logm if candidate_total else None,
-        previous_global_logm=previous_total.logm if previous_total else None,
-        parameters=tuple(comparisons),
-    )
-
-
-def _compare_parameter(
-    name: str, start: torch.Tensor, reference: torch.Tensor, candidate: torch.Tensor
-) -> tuple[ParameterComparison, LogmSum, LogmSum | None, LogmSum]:
-    ref_part = logm_sum(reference, name=name)
-    start_part = logm_sum(start, name=name)
-    if _has_non_finite_tensor(candidate):
-        return (
-            ParameterComparison(
-                name=name,
-                count=reference.numel(),
-                reference_logm=ref_part.logm,
-                candidate_logm=None,
-                reference_zeros=ref_part.zeros,
-                candidate_zeros=0,
-                reference_update_norm=math.nan,
-                error_norm=math.inf,
-                bias=None,
-                noise=math.inf,
-                non_finite=True,
-            ),
-            ref_part,
-            None,
-            start_part,
-        )
-    cand_part = logm_sum(candidate, name=name)
-    update = (reference - start).to(torch.float64).reshape(-1)
-    error = (candidate - reference).to(torch.float64).reshape(-1)
-    update_squared = float(torch.dot(update, update))
-    error_squared = float(torch.dot(error, error))
-    if update_squared > 0:
-        projection = float(torch.dot(error, update))
-        bias: float | None = projection / update_squared
-        residual = max(error_squared - projection * projection / update_squared, 0.0)
-        noise = math.sqrt(residual / update_squared)
-    else:
-        bias = None
-        noise = math.inf if error_squared > 0 else 0.0
-    comparison = ParameterComparison(
-        name=name,
-        count=reference.numel(),
-        reference_logm=ref_part.logm,
-        candidate_logm=cand_part.logm,
-        reference_zeros=ref_part.zeros,
-        candidate_zeros=cand_part.zeros,
-        reference_update_norm=math.sqrt(update_squared),
-        error_norm=math.sqrt(error_squared),
-        bias=bias,
-        noise=noise,
-    )
-    return comparison, ref_part, cand_part, start_part
-
-
-def _has_non_finite_tensor(tensor: torch.Tensor) -> bool:
-    return not bool(torch.isfinite(tensor).all())
-
-
-def _has_non_finite(model: nn.Module) -> bool:
-    return any(_has_non_finite_tensor(p.detach()) for p in model.parameters())
-
-
-def _require_finite(model: nn.Module, step: int, label: str) -> None:
-    for name, parameter in model.named_parameters():
-        values = parameter.detach()
-        if _has_non_finite_tensor(values):
-            nan_count = int(torch.isnan(values).sum())
-            inf_count = int(torch.isinf(values).sum())
+def _require_finite(
+    layout: ParameterLayout, weights: FlatWeights, model: nn.Module, step: int
+) -> None:
+    """The reference itself diverging is a broken workload, not a verdict on a candidate."""
+    for finite, (name, parameter) in zip(weights.finite, model.named_parameters(), strict=True):
+        if not finite:
+            values = parameter.detach()
             raise NonFiniteWeightError(
-                f"{name} ({label})", nan_count=nan_count, inf_count=inf_count, step=step
+                f"{name} (reference)",
+                nan_count=int(torch.isnan(values).sum()),
+                inf_count=int(torch.isinf(values).sum()),
+                step=step,
             )

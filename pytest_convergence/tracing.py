@@ -1,0 +1,182 @@
+"""Per-step statistics of every parameter at once, for traces and comparisons.
+
+A model has tens to hundreds of parameter tensors; computing LoGM, zero counts and norms one
+tensor at a time costs a few small operations each and would dominate a small model's training
+step. Instead all parameters are flattened into one float64 vector and every statistic is a
+segment sum over it: a fixed handful of vectorized operations per step, whatever the number of
+parameters. Elementwise float64 log10 keeps LoGM exact.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from pytest_convergence.traces import ParameterComparison, ParameterStep, StepTrace
+
+__all__ = ["FlatWeights", "ParameterLayout", "compare_weights", "step_trace"]
+
+
+class ParameterLayout:
+    """Names and sizes of a model's parameters, and how to sum a flat vector per parameter."""
+
+    def __init__(self, names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
+        self.names = list(names)
+        self.counts = [t.numel() for t in tensors]
+        ends = list(itertools.accumulate(self.counts))
+        self._bounds = list(zip([0, *ends[:-1]], ends, strict=True))
+
+    def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One float64 vector of all parameters, in layout order."""
+        return torch.cat([t.detach().reshape(-1) for t in tensors]).to(torch.float64)
+
+    def sums(self, *rows: torch.Tensor) -> list[list[float]]:
+        """Per-parameter sums of each flat vector in ``rows``: one small reduction per
+        parameter over all rows at once (cheaper than a scatter over the whole vector)."""
+        stacked = torch.stack([row.to(torch.float64) for row in rows])
+        per_parameter = torch.stack([stacked[:, a:b].sum(dim=1) for a, b in self._bounds], dim=1)
+        return per_parameter.tolist()  # type: ignore[no-any-return,unused-ignore]
+
+
+@dataclass(frozen=True)
+class FlatWeights:
+    """A weight vector with its per-parameter LoGM sums, zero counts and squared norms."""
+
+    values: torch.Tensor
+    log10_sums: list[float]
+    zeros: list[int]
+    squares: list[float]
+
+    @classmethod
+    def of(cls, layout: ParameterLayout, tensors: Sequence[torch.Tensor]) -> FlatWeights:
+        values = layout.flatten(tensors)
+        zero = values == 0
+        logs = values.abs().masked_fill_(zero, 1.0).log10_()
+        log10_sums, zeros, squares = layout.sums(logs, zero, values.square())
+        return cls(values, log10_sums, [int(z) for z in zeros], squares)
+
+    @property
+    def finite(self) -> list[bool]:
+        """A parameter's weights are all finite exactly when their sum of squares is (float32
+        weights cannot overflow it in float64; NaN and Inf propagate)."""
+        return [math.isfinite(square) for square in self.squares]
+
+    def logm(self, index: int, count: int) -> float | None:
+        nonzero = count - self.zeros[index]
+        if not nonzero or not math.isfinite(self.squares[index]):
+            return None
+        return self.log10_sums[index] / nonzero
+
+    def global_logm(self, counts: Sequence[int]) -> float | None:
+        if not all(self.finite):
+            return None
+        nonzero = sum(counts) - sum(self.zeros)
+        return math.fsum(self.log10_sums) / nonzero if nonzero else None
+
+
+def step_trace(
+    layout: ParameterLayout,
+    weights: FlatWeights,
+    *,
+    step: int,
+    loss: float | None,
+    before: FlatWeights | None,
+    gradients: Sequence[torch.Tensor] | None,
+) -> StepTrace:
+    """One implementation's statistics after ``step``."""
+    if before is not None:
+        (update_squares,) = layout.sums((weights.values - before.values).square_())
+    else:
+        update_squares = [0.0] * len(layout.counts)
+    grad_norms: list[float] | None = None
+    if gradients is not None:
+        grad_norms = [float(norm) for norm in torch._foreach_norm(list(gradients), 2.0)]
+    records = tuple(
+        ParameterStep(
+            name=name,
+            count=count,
+            zeros=weights.zeros[i],
+            logm=weights.logm(i, count),
+            weight_norm=math.sqrt(weights.squares[i]),
+            update_norm=math.sqrt(update_squares[i]),
+            grad_norm=grad_norms[i] if grad_norms is not None else None,
+        )
+        for i, (name, count) in enumerate(zip(layout.names, layout.counts, strict=True))
+    )
+    return StepTrace(
+        step=step, loss=loss, global_logm=weights.global_logm(layout.counts), parameters=records
+    )
+
+
+def compare_weights(
+    layout: ParameterLayout, start: FlatWeights, reference: FlatWeights, candidate: FlatWeights
+) -> tuple[ParameterComparison, ...]:
+    """Candidate against reference after one step taken from ``start`` by both."""
+    update = reference.values - start.values
+    error = candidate.values - reference.values
+    update_squared, error_squared, projections = layout.sums(
+        update.square(), error.square(), error * update
+    )
+    return tuple(
+        _comparison(
+            name,
+            count,
+            index=i,
+            reference=reference,
+            candidate=candidate,
+            update_squared=update_squared[i],
+            error_squared=error_squared[i],
+            projection=projections[i],
+        )
+        for i, (name, count) in enumerate(zip(layout.names, layout.counts, strict=True))
+    )
+
+
+def _comparison(
+    name: str,
+    count: int,
+    *,
+    index: int,
+    reference: FlatWeights,
+    candidate: FlatWeights,
+    update_squared: float,
+    error_squared: float,
+    projection: float,
+) -> ParameterComparison:
+    if not candidate.finite[index]:
+        return ParameterComparison(
+            name=name,
+            count=count,
+            reference_logm=reference.logm(index, count),
+            candidate_logm=None,
+            reference_zeros=reference.zeros[index],
+            candidate_zeros=candidate.zeros[index],
+            reference_update_norm=math.sqrt(update_squared),
+            error_norm=math.inf,
+            bias=None,
+            noise=math.inf,
+            non_finite=True,
+        )
+    if update_squared > 0:
+        bias: float | None = projection / update_squared
+        residual = max(error_squared - projection * projection / update_squared, 0.0)
+        noise = math.sqrt(residual / update_squared)
+    else:
+        bias = None
+        noise = math.inf if error_squared > 0 else 0.0
+    return ParameterComparison(
+        name=name,
+        count=count,
+        reference_logm=reference.logm(index, count),
+        candidate_logm=candidate.logm(index, count),
+        reference_zeros=reference.zeros[index],
+        candidate_zeros=candidate.zeros[index],
+        reference_update_norm=math.sqrt(update_squared),
+        error_norm=math.sqrt(error_squared),
+        bias=bias,
+        noise=noise,
+    )

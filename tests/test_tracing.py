@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pytest_convergence.metrics import parameter_logms
+from pytest_convergence.tracing import FlatWeights, ParameterLayout, compare_weights, step_trace
+from tests.conftest import reference_logm
+
+
+@st.composite
+def parameter_lists(draw: st.DrawFn) -> list[torch.Tensor]:
+    sizes = draw(st.lists(st.integers(1, 3000), min_size=1, max_size=6))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    tensors = []
+    for size in sizes:
+        tensor = torch.randn(size, generator=generator) * 10.0 ** draw(st.floats(-4, 1))
+        tensor[torch.rand(size, generator=generator) < draw(st.sampled_from([0.0, 0.3]))] = 0
+        tensors.append(tensor)
+    return tensors
+
+
+@given(parameter_lists())
+def test_flat_statistics_match_the_exact_per_parameter_logm(tensors: list[torch.Tensor]) -> None:
+    layout = ParameterLayout([f"p{i}" for i in range(len(tensors))], tensors)
+    flat = FlatWeights.of(layout, tensors)
+    expected = parameter_logms({f"p{i}": t for i, t in enumerate(tensors)})
+    for index, part in enumerate(expected):
+        assert flat.zeros[index] == part.zeros
+        actual = flat.logm(index, part.count)
+        assert (actual is None) == (part.logm is None)
+        if actual is not None:
+            assert actual == pytest.approx(part.logm, abs=1e-12)
+    if any(t.count_nonzero() for t in tensors):
+        assert flat.global_logm(layout.counts) == pytest.approx(reference_logm(*tensors), abs=1e-9)
+
+
+def test_a_non_finite_parameter_is_flagged_and_has_no_logm() -> None:
+    tensors = [torch.ones(4), torch.tensor([1.0, math.nan]), torch.tensor([math.inf])]
+    layout = ParameterLayout(["a", "b", "c"], tensors)
+    flat = FlatWeights.of(layout, tensors)
+    assert flat.finite == [True, False, False]
+    assert flat.logm(1, 2) is None
+    assert flat.global_logm(layout.counts) is None
+
+
+def test_a_step_trace_records_norms_of_weights_updates_and_gradients() -> None:
+    before = [torch.tensor([3.0, 4.0]), torch.tensor([0.0, 1.0])]
+    after = [torch.tensor([3.0, 5.0]), torch.tensor([0.0, 1.0])]
+    layout = ParameterLayout(["w", "b"], before)
+    trace = step_trace(
+        layout,
+        FlatWeights.of(layout, after),
+        step=1,
+        loss=0.5,
+        before=FlatWeights.of(layout, before),
+        gradients=[torch.tensor([0.0, 2.0]), torch.zeros(2)],
+    )
+    weight, bias = trace.parameters
+    assert (weight.weight_norm, weight.update_norm, weight.grad_norm) == pytest.approx(
+        (math.sqrt(34), 1.0, 2.0)
+    )
+    assert (bias.zeros, bias.update_norm, bias.logm) == (1, 0.0, 0.0)
+
+
+def test_comparisons_split_the_error_into_bias_along_the_update_and_noise_across_it() -> None:
+    start = [torch.zeros(2)]
+    reference = [torch.tensor([1.0, 0.0])]
+    candidate = [torch.tensor([1.5, 0.5])]
+    layout = ParameterLayout(["w"], start)
+    (comparison,) = compare_weights(
+        layout,
+        FlatWeights.of(layout, start),
+        FlatWeights.of(layout, reference),
+        FlatWeights.of(layout, candidate),
+    )
+    assert comparison.bias == pytest.approx(0.5)
+    assert comparison.noise == pytest.approx(0.5)
+    assert comparison.relative_error == pytest.approx(math.sqrt(0.5))
