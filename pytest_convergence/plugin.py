@@ -20,6 +20,7 @@ from pytest_convergence.settings import (
     REPORT_MODES,
     ConvergenceSettings,
     parse_device,
+    resolve_threads,
     validate_marker_arguments,
 )
 
@@ -61,6 +62,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="folder of divergence-region baselines (default: ini convergence_baselines).",
     )
     group.addoption(
+        "--convergence-threads",
+        default=None,
+        metavar="N",
+        help="torch threads per process: N or auto (default: ini convergence_threads, auto: "
+        "torch's default, or cores / workers under pytest-xdist).",
+    )
+    group.addoption(
         "--convergence-record",
         action="store_true",
         default=False,
@@ -91,6 +99,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="baselines",
         help="baselines folder, relative to the rootdir (default: baselines).",
     )
+    parser.addini("convergence_threads", default="auto", help="torch threads per process.")
     parser.addini(
         "convergence_report_dir",
         default="convergence-report",
@@ -133,6 +142,20 @@ def _read_settings(config: pytest.Config) -> ConvergenceSettings:
             f"{', '.join(MISMATCH_POLICIES)}"
         )
     report_dir = _report_dir(config)
+    threads_text = config.getoption("convergence_threads") or str(
+        config.getini("convergence_threads")
+    )
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    try:
+        threads = resolve_threads(
+            threads_text,
+            cpu_count=len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else (os.cpu_count() or 1),
+            workers=int(workers) if workers else None,
+        )
+    except ValueError as error:
+        raise pytest.UsageError(str(error)) from None
     return ConvergenceSettings(
         enabled=bool(enabled if enabled is not None else config.getini("convergence_enabled")),
         seed=seed,
@@ -142,6 +165,7 @@ def _read_settings(config: pytest.Config) -> ConvergenceSettings:
         report_dir=report_dir,
         always_report=config.getoption("convergence_report") == "always",
         mismatch_policy=policy,
+        threads=threads,
     )
 
 
@@ -178,6 +202,10 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     settings = session.config.stash[settings_key]
+    if settings.enabled and settings.threads is not None:
+        import torch
+
+        torch.set_num_threads(settings.threads)
     if settings.enabled and settings.device.startswith("cuda"):
         import torch
 

@@ -19,6 +19,7 @@ __all__ = [
     "REPORT_MODES",
     "ConvergenceSettings",
     "parse_device",
+    "resolve_threads",
     "validate_marker_arguments",
 ]
 
@@ -53,6 +54,7 @@ class ConvergenceSettings:
     report_dir: Path | None = None
     always_report: bool = False
     mismatch_policy: str = "warn"
+    threads: int | None = None
 
 
 def parse_device(text: str) -> str:
@@ -63,6 +65,22 @@ def parse_device(text: str) -> str:
             f"--convergence-device={text!r} is not a device: use 'cpu', 'cuda', 'cuda:N' or 'mps'"
         )
     return device
+
+
+def resolve_threads(text: str, *, cpu_count: int, workers: int | None) -> int | None:
+    """Torch threads per process: ``auto`` leaves torch's default alone, except under
+    pytest-xdist, where every worker would otherwise start one thread per core and the
+    oversubscribed OpenMP pools slow each step down many times over."""
+    value = text.strip().lower()
+    if value == "auto":
+        return max(1, cpu_count // workers) if workers else None
+    try:
+        threads = int(value)
+    except ValueError:
+        raise ValueError(f"convergence threads {text!r}: use 'auto' or a positive int") from None
+    if threads < 1:
+        raise ValueError(f"convergence threads {text!r}: use 'auto' or a positive int")
+    return threads
 
 
 def validate_marker_arguments(args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:

@@ -149,3 +149,53 @@ def test_the_plugin_is_registered_through_the_pytest11_entry_point() -> None:
 
     plugins = {ep.name: ep.value for ep in entry_points(group="pytest11")}
     assert plugins.get("convergence") == "pytest_convergence.plugin"
+
+
+THREADS_TEST = """
+import os
+import pytest
+import torch
+
+@pytest.mark.convergence
+def test_threads():
+    expected = int(os.environ["EXPECTED_THREADS"])
+    assert torch.get_num_threads() == expected
+"""
+
+
+def test_a_thread_count_option_sets_torch_threads(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makepyfile(THREADS_TEST)
+    monkeypatch.setenv("EXPECTED_THREADS", "1")
+    result = pytester.runpytest_subprocess("--convergence", "--convergence-threads", "1")
+    result.assert_outcomes(passed=1)
+
+
+def test_xdist_workers_share_the_cores_instead_of_oversubscribing_them(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    pytester.makepyfile(THREADS_TEST)
+    monkeypatch.setenv("EXPECTED_THREADS", str(max(1, len(os.sched_getaffinity(0)) // 2)))
+    result = pytester.runpytest_subprocess("--convergence", "-n", "2", "-p", "xdist")
+    result.assert_outcomes(passed=1)
+
+
+@pytest.mark.parametrize(
+    ("text", "workers", "expected"),
+    [("auto", None, None), ("auto", 2, 4), ("auto", 16, 1), ("3", 2, 3), (" AUTO ", 4, 2)],
+)
+def test_thread_counts_resolve_per_worker(text: str, workers: int | None, expected: int) -> None:
+    from pytest_convergence.settings import resolve_threads
+
+    assert resolve_threads(text, cpu_count=8, workers=workers) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "many"])
+def test_bad_thread_counts_are_refused(text: str) -> None:
+    from pytest_convergence.settings import resolve_threads
+
+    with pytest.raises(ValueError, match="use 'auto' or a positive int"):
+        resolve_threads(text, cpu_count=8, workers=None)
