@@ -64,9 +64,8 @@ def main() -> int:
         ratio = trace / step
         worst = max(worst, ratio)
         print(f"  {name:<20}{step * 1e3:>10.2f}{trace * 1e3:>12.2f}{ratio:>8.1%}")
-    print(
-        f"  worst ratio {worst:.1%} (target <= {TARGET:.0%}): {'met' if worst <= TARGET else 'MISSED'}"
-    )
+    verdict = "met" if worst <= TARGET else "MISSED"
+    print(f"  worst ratio {worst:.1%} (target <= {TARGET:.0%}): {verdict}")
     return 1 if args.check and worst > TARGET else 0
 
 

@@ -93,22 +93,25 @@ class ConvergenceChecker:
         steps: int | None = None,
         seed: int | None = None,
         dtype: str | None = None,
+        device: str | None = None,
         baseline: str | None = None,
-        own_region: bool = False,
+        known_good: Candidate | None = None,
         tolerance: float = DEFAULT_TOLERANCE,
         label: str | None = None,
     ) -> CheckResult:
         """Co-simulate ``candidate`` on ``workload`` and judge it against its baseline.
 
-        ``own_region``: the candidate is a known-good lossy implementation; its baseline is
-        ``<workload>--<candidate>.json``, calibrated against the candidate itself on record.
+        ``known_good``: judge against the region of that known-good (lossy) implementation,
+        ``<workload>--<known_good>.json``, calibrated against it when recording; pass the
+        candidate itself to hold later versions of it to today's behaviour. ``tolerance``: the
+        relative precision a reference-perturbation region accepts, used when recording.
         """
         __tracebackhide__ = True
-        resolved = self._resolve(workload, steps=steps, seed=seed, dtype=dtype)
-        path = self._path(resolved, candidate, baseline=baseline, own_region=own_region)
+        resolved = self._resolve(workload, steps=steps, seed=seed, dtype=dtype, device=device)
+        path = self._path(resolved, baseline=baseline, known_good=known_good)
         recorded = False
         if self.options.record:
-            stored = self._record(resolved, path, candidate if own_region else None, tolerance)
+            stored = self._record(resolved, path, known_good, tolerance)
             recorded = True
         else:
             stored = self._load(resolved, path, label)
@@ -145,7 +148,13 @@ class ConvergenceChecker:
         return result
 
     def _resolve(
-        self, workload: str | Workload, *, steps: int | None, seed: int | None, dtype: str | None
+        self,
+        workload: str | Workload,
+        *,
+        steps: int | None,
+        seed: int | None,
+        dtype: str | None,
+        device: str | None,
     ) -> Workload:
         base = get_workload(workload) if isinstance(workload, str) else workload
         torch_dtype = _parse_dtype(dtype) if dtype is not None else None
@@ -153,16 +162,16 @@ class ConvergenceChecker:
             steps=steps,
             seed=seed if seed is not None else self.options.seed,
             dtype=torch_dtype,
-            device=self.options.device,
+            device=device if device is not None else self.options.device,
         )
 
     def _path(
-        self, workload: Workload, candidate: Candidate, *, baseline: str | None, own_region: bool
+        self, workload: Workload, *, baseline: str | None, known_good: Candidate | None
     ) -> Path:
         if baseline is not None:
             return self.options.baselines_dir / baseline
         return baseline_path(
-            self.options.baselines_dir, workload.name, candidate.name if own_region else None
+            self.options.baselines_dir, workload.name, known_good.name if known_good else None
         )
 
     def _load(self, workload: Workload, path: Path, label: str | None) -> Baseline:
@@ -288,9 +297,14 @@ class BoundCheck:
         seed: int | None = None,
         dtype: str | None = None,
         baseline: str | None = None,
+        known_good: Candidate | None = None,
         own_region: bool = False,
         tolerance: float = DEFAULT_TOLERANCE,
     ) -> CheckResult:
+        """Check ``candidate``, or the marker's; marker arguments are the defaults.
+
+        ``own_region=True`` is short for ``known_good=candidate``.
+        """
         __tracebackhide__ = True
         chosen = candidate if candidate is not None else self.defaults.get("candidate")
         if chosen is None:
@@ -315,10 +329,11 @@ class BoundCheck:
                 steps=steps if steps is not None else _int_or_none(self.defaults.get("steps")),
                 seed=seed if seed is not None else _int_or_none(self.defaults.get("seed")),
                 dtype=dtype if dtype is not None else _str_or_none(self.defaults.get("dtype")),
+                device=_str_or_none(self.defaults.get("device")),
                 baseline=baseline
                 if baseline is not None
                 else _str_or_none(self.defaults.get("baseline")),
-                own_region=own_region,
+                known_good=resolved_candidate if own_region else known_good,
                 tolerance=tolerance,
                 label=self.label,
             )

@@ -239,6 +239,12 @@ def convergence(request: pytest.FixtureRequest) -> BoundCheck:
 
     marker = request.node.get_closest_marker(MARKER)
     defaults = dict(marker.kwargs) if marker is not None else {}
+    device = str(defaults.get("device") or request.config.stash[settings_key].device)
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip(f"needs CUDA (device={device!r}); torch.cuda.is_available() is False")
     return BoundCheck(
         checker=_checker(request.config),
         defaults=defaults,

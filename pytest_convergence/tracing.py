@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pytest_convergence.traces import ParameterComparison, ParameterStep, StepTrace
@@ -29,17 +30,39 @@ class ParameterLayout:
         self.counts = [t.numel() for t in tensors]
         ends = list(itertools.accumulate(self.counts))
         self._bounds = list(zip([0, *ends[:-1]], ends, strict=True))
+        self._starts = np.array([start for start, _ in self._bounds], dtype=np.int64)
+        self._size = ends[-1] if ends else 0
+        self._device = tensors[0].device if tensors else torch.device("cpu")
+        self._rows = torch.empty(3, self._size, dtype=torch.float64, device=self._device)
 
     def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """One float64 vector of all parameters, in layout order."""
-        return torch.cat([t.detach().reshape(-1) for t in tensors]).to(torch.float64)
+        flat = torch.empty(self._size, dtype=torch.float64, device=self._device)
+        for tensor, (start, end) in zip(tensors, self._bounds, strict=True):
+            flat[start:end].copy_(tensor.detach().reshape(-1))
+        return flat
 
-    def sums(self, *rows: torch.Tensor) -> list[list[float]]:
-        """Per-parameter sums of each flat vector in ``rows``: one small reduction per
-        parameter over all rows at once (cheaper than a scatter over the whole vector)."""
-        stacked = torch.stack([row.to(torch.float64) for row in rows])
-        per_parameter = torch.stack([stacked[:, a:b].sum(dim=1) for a, b in self._bounds], dim=1)
+    def rows(self, count: int) -> torch.Tensor:
+        """Scratch rows to write per-element statistics into before :meth:`sum_rows`."""
+        return self._rows[:count]
+
+    def sum_rows(self, rows: torch.Tensor) -> list[list[float]]:
+        """Per-parameter sums of each row: one NumPy ``add.reduceat`` call on the CPU, a small
+        reduction per parameter elsewhere (both cheaper than a scatter over the whole vector)."""
+        if not self._bounds:
+            return [[] for _ in range(rows.shape[0])]
+        if rows.device.type == "cpu":
+            sums = np.add.reduceat(rows.numpy(), self._starts, axis=1)
+            return sums.tolist()  # type: ignore[no-any-return]
+        per_parameter = torch.stack([rows[:, a:b].sum(dim=1) for a, b in self._bounds], dim=1)
         return per_parameter.tolist()  # type: ignore[no-any-return,unused-ignore]
+
+    def sums(self, *vectors: torch.Tensor) -> list[list[float]]:
+        """Per-parameter sums of each flat vector."""
+        rows = self.rows(len(vectors))
+        for row, vector in zip(rows, vectors, strict=True):
+            row.copy_(vector)
+        return self.sum_rows(rows)
 
 
 @dataclass(frozen=True)
@@ -55,8 +78,11 @@ class FlatWeights:
     def of(cls, layout: ParameterLayout, tensors: Sequence[torch.Tensor]) -> FlatWeights:
         values = layout.flatten(tensors)
         zero = values == 0
-        logs = values.abs().masked_fill_(zero, 1.0).log10_()
-        log10_sums, zeros, squares = layout.sums(logs, zero, values.square())
+        rows = layout.rows(3)
+        torch.abs(values, out=rows[0]).masked_fill_(zero, 1.0).log10_()
+        rows[1].copy_(zero)
+        torch.square(values, out=rows[2])
+        log10_sums, zeros, squares = layout.sum_rows(rows)
         return cls(values, log10_sums, [int(z) for z in zeros], squares)
 
     @property
@@ -89,7 +115,9 @@ def step_trace(
 ) -> StepTrace:
     """One implementation's statistics after ``step``."""
     if before is not None:
-        (update_squares,) = layout.sums((weights.values - before.values).square_())
+        rows = layout.rows(1)
+        torch.sub(weights.values, before.values, out=rows[0]).square_()
+        (update_squares,) = layout.sum_rows(rows)
     else:
         update_squares = [0.0] * len(layout.counts)
     grad_norms: list[float] | None = None
@@ -116,11 +144,14 @@ def compare_weights(
     layout: ParameterLayout, start: FlatWeights, reference: FlatWeights, candidate: FlatWeights
 ) -> tuple[ParameterComparison, ...]:
     """Candidate against reference after one step taken from ``start`` by both."""
-    update = reference.values - start.values
-    error = candidate.values - reference.values
-    update_squared, error_squared, projections = layout.sums(
-        update.square(), error.square(), error * update
-    )
+    rows = layout.rows(3)
+    update, error, projection = rows
+    torch.sub(reference.values, start.values, out=update)
+    torch.sub(candidate.values, reference.values, out=error)
+    torch.mul(error, update, out=projection)
+    update.square_()
+    error.square_()
+    update_squared, error_squared, projections = layout.sum_rows(rows)
     return tuple(
         _comparison(
             name,

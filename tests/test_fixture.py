@@ -186,3 +186,61 @@ def test_misuse_is_an_error_not_a_divergence(project: pytest.Pytester) -> None:
     result = project.runpytest("--convergence", "test_misuse.py")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*ValueError: unknown workload 'no-such-workload'; registered*"])
+
+
+def test_a_known_good_candidate_has_its_own_region_that_judges_later_versions(
+    project: pytest.Pytester,
+) -> None:
+    project.makepyfile(
+        test_lossy="""
+        import pytest
+        from pytest_convergence.candidates import Candidate
+
+        def shrinking(name, factor):
+            def transform(named, step):
+                for _, gradient in named:
+                    gradient.mul_(factor)
+            return Candidate(name, gradient_transform=transform)
+
+        GOOD = shrinking("shrink", 0.9)
+
+        @pytest.mark.convergence(workload="tiny")
+        def test_good(convergence):
+            convergence.check(GOOD, own_region=True)
+
+        @pytest.mark.convergence(workload="tiny")
+        def test_next_version(convergence):
+            convergence.check(shrinking("shrink-v2", 0.7), known_good=GOOD)
+        """
+    )
+    project.runpytest(
+        "--convergence", "--convergence-record", "test_lossy.py::test_good"
+    ).assert_outcomes(passed=1)
+    stored = json.loads((project.path / "baselines" / "tiny--shrink.json").read_text())
+    assert stored["calibration"]["kind"] == "candidate"
+    assert stored["calibration"]["candidate"] == "shrink"
+    result = project.runpytest("--convergence", "test_lossy.py")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*candidate 'shrink-v2' left the divergence region*"])
+
+
+def test_a_cuda_check_is_skipped_with_a_reason_on_a_machine_without_cuda(
+    project: pytest.Pytester,
+) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    project.makepyfile(
+        test_gpu="""
+        import pytest
+        from pytest_convergence.candidates import Candidate
+
+        @pytest.mark.convergence(workload="tiny", device="cuda")
+        def test_on_gpu(convergence):
+            convergence.check(Candidate("id", gradient_transform=lambda n, s: None))
+        """
+    )
+    result = project.runpytest("--convergence", "-rs", "test_gpu.py")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*needs CUDA (device='cuda')*"])
