@@ -239,9 +239,8 @@ def _grouped_log10_sum(
     products.copy_(piece[:n])
     zeros = 0
     if mask_zeros:
-        zero_mask = products == 0
-        zeros = int(zero_mask.sum())
-        products.masked_fill_(zero_mask, 1.0)
+        zeros = n - int(torch.count_nonzero(products))
+        products.masked_fill_(products == 0, 1.0)
     n = _halve(products, n, HALVINGS_BEFORE_SCALE)
     # A zero, NaN, Inf or a subnormal (precision already lost) in any partial product sends the
     # chunk down the exact path.
@@ -287,9 +286,8 @@ def _elementwise_log10_sum(piece: torch.Tensor, buffer: torch.Tensor, name: str)
             name, nan_count=nan_count, inf_count=int((~finite).sum()) - nan_count
         )
     values.abs_()
-    zero_mask = values == 0
-    zeros = int(zero_mask.sum())
-    values.masked_fill_(zero_mask, 1.0).log10_()
+    zeros = values.numel() - int(torch.count_nonzero(values))
+    values.masked_fill_(values == 0, 1.0).log10_()
     return LogmSum(float(values.sum()), values.numel() - zeros, zeros)
 
 
