@@ -427,6 +427,7 @@ _CALIBRATION_FIELDS: dict[str, _Parser] = {
     "kind": _string,
     "description": _string,
     "tolerance": _optional_limit,
+    "gradient_tolerance": _optional_limit,
     "draws": _positive,
     "candidate": _optional_string,
     "seeds": _seeds,

@@ -148,17 +148,21 @@ def gradient_noise(relative: float, draw: int) -> Candidate:
     )
 
 
-def arithmetic_noise(relative: float, draw: int) -> Candidate:
-    """The reference with every leaf module's output and every gradient perturbed by relative
-    Gaussian noise: a stand-in for any implementation whose operations are accurate to
-    ``relative``.
+def arithmetic_noise(
+    relative: float, draw: int, *, gradient_relative: float | None = None
+) -> Candidate:
+    """The reference with every leaf module's output perturbed by relative Gaussian noise
+    ``relative``, and every gradient by ``gradient_relative`` (default: the same): a stand-in for
+    any implementation whose operations, and whose gradient exchange, are that accurate.
 
     Perturbing outputs, not only gradients, matters: a batch-norm gradient is a sum with heavy
     cancellation, so a legitimately different convolution kernel changes it by far more than the
     kernel's own relative error. Noise injected where the kernels are reproduces that downstream
     amplification; noise injected on the final gradients alone does not.
     """
-    gradient_part = gradient_noise(relative, draw)
+    gradient_part = gradient_noise(
+        relative if gradient_relative is None else gradient_relative, draw
+    )
 
     @contextlib.contextmanager
     def perturbed_outputs() -> Iterator[None]:
@@ -183,5 +187,6 @@ def arithmetic_noise(relative: float, draw: int) -> Candidate:
         name=f"arithmetic-noise-{relative:.3g}-{draw}",
         context=perturbed_outputs,
         gradient_transform=gradient_part.gradient_transform,
-        description=f"reference with module outputs and gradients perturbed by {relative:.3g}",
+        description=f"reference with module outputs perturbed by {relative:.3g} and gradients "
+        f"by {relative if gradient_relative is None else gradient_relative:.3g}",
     )

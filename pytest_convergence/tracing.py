@@ -52,7 +52,9 @@ class ParameterLayout:
         if not self._bounds:
             return [[] for _ in range(rows.shape[0])]
         if rows.device.type == "cpu":
-            sums = np.add.reduceat(rows.numpy(), self._starts, axis=1)
+            # A diverged candidate's NaN and Inf are data here, reported by the verdict.
+            with np.errstate(invalid="ignore", over="ignore"):
+                sums = np.add.reduceat(rows.numpy(), self._starts, axis=1)
             return sums.tolist()  # type: ignore[no-any-return]
         per_parameter = torch.stack([rows[:, a:b].sum(dim=1) for a, b in self._bounds], dim=1)
         return per_parameter.tolist()  # type: ignore[no-any-return,unused-ignore]

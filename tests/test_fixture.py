@@ -100,7 +100,7 @@ def test_a_divergent_candidate_fails_with_a_co_simulation_diff_and_a_report(
             "*update bias (z-score) = *, limit 6.00e+00 (*x over)",
             "*Violations: * of * (step, parameter) checks*",
             "*Replay of step 1: forward outputs of * modules and all gradients agree*",
-            "*Region calibrated against: reference with module outputs and gradients perturbed*",
+            "*Region calibrated against: reference with module outputs perturbed by relative*",
             "*Reproduce:  pytest --convergence test_candidates.py::test_halved_layer",
             "*If intended: pytest --convergence --convergence-record "
             "test_candidates.py::test_halved_layer*",

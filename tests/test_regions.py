@@ -45,7 +45,9 @@ def test_a_region_covers_every_parameter_and_says_what_it_was_calibrated_against
     assert list(region.parameters) == [f"fc{i}.{k}" for i in (1, 2, 3) for k in ("weight", "bias")]
     assert region.calibration.kind == "reference-perturbation"
     assert region.calibration.seeds == (0, 1)
-    assert "perturbed by relative Gaussian noise 0.00391" in region.calibration.description
+    assert "outputs perturbed by relative Gaussian noise 0.000488 and gradients by 0.00391" in (
+        region.calibration.description
+    )
     low, high = region.global_logm_delta
     assert low <= high
     for parameter in region.parameters.values():
