@@ -59,6 +59,7 @@ def cosimulate_many(workload: Workload, candidates: Sequence[Candidate]) -> list
             dtype=str(workload.dtype).removeprefix("torch."),
             device=workload.device,
             reference=Trace(label="reference"),
+            module_types=_module_types(reference.model),
         )
         for candidate in candidates
     ]
@@ -306,6 +307,14 @@ def _cuda_initialized() -> bool:
 def _clone_or_zeros(parameter: torch.Tensor) -> torch.Tensor:
     grad = parameter.grad
     return grad.detach().clone() if grad is not None else torch.zeros_like(parameter)
+
+
+def _module_types(model: nn.Module) -> dict[str, str]:
+    owners = dict(model.named_modules())
+    return {
+        name: type(owners.get(name.rpartition(".")[0], model)).__name__
+        for name, _ in model.named_parameters()
+    }
 
 
 def _layout(model: nn.Module) -> ParameterLayout:

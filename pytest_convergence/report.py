@@ -30,7 +30,6 @@ class FailureContext:
     reproduce: str
     rerecord: str
     report_dir: Path | None = None
-    module_types: dict[str, str] | None = None
 
 
 def format_failure(
@@ -66,7 +65,7 @@ def format_failure(
 
 def _first_violation_lines(run: CoSimulation, first: Violation, context: FailureContext) -> str:
     parameter = _comparison(run, first.step, first.parameter)
-    kind = (context.module_types or {}).get(first.parameter, "")
+    kind = run.module_types.get(first.parameter, "")
     size = f"{parameter.count:,} weights" if parameter is not None else ""
     described = ", ".join(part for part in (kind, size) if part)
     head = f"First violation: step {first.step} of {run.steps}, parameter {first.parameter!r}" + (

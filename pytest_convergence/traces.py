@@ -133,6 +133,8 @@ class CoSimulation:
     device: str
     reference: Trace
     comparisons: list[StepComparison] = field(default_factory=list)
+    # Parameter name -> class of the module that owns it, for reports ("Conv2d").
+    module_types: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         payload = {"schema": TRACE_SCHEMA, "schema_version": TRACE_SCHEMA_VERSION, **asdict(self)}

@@ -96,7 +96,7 @@ def test_a_divergent_candidate_fails_with_a_co_simulation_diff_and_a_report(
         [
             "*ConvergenceError: candidate 'halved-last-layer' left the divergence region of "
             "'tiny' (*baselines/tiny.json)",
-            "*First violation: step 1 of 3, parameter '2.weight'*",
+            "*First violation: step 1 of 3, parameter '2.weight' (Linear, 64 weights)",
             "*update bias (z-score) = *, limit 6.00e+00 (*x over)",
             "*Violations: * of * (step, parameter) checks*",
             "*Replay of step 1: forward outputs of * modules and all gradients agree*",
