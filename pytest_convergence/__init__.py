@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING, Any
 from pytest_convergence._version import __version__
 
 if TYPE_CHECKING:
+    from pytest_convergence.assertions import ConvergenceError, assert_within_region
+    from pytest_convergence.candidates import Candidate, register_candidate
+    from pytest_convergence.cosim import cosimulate, train
     from pytest_convergence.errors import (
         NonFiniteWeightError,
         SnapshotFormatError,
@@ -25,25 +28,53 @@ if TYPE_CHECKING:
         parameter_logms,
         parameter_stats,
     )
+    from pytest_convergence.regions import Region, Verdict, calibrate, judge
     from pytest_convergence.snapshots import Snapshot, load_snapshot, save_snapshot
+    from pytest_convergence.workloads import Workload, get_workload, register_workload
 
 __all__ = [
+    "Candidate",
+    "ConvergenceError",
     "LogmSum",
     "NonFiniteWeightError",
     "ParameterLogm",
     "ParameterStats",
+    "Region",
     "Snapshot",
     "SnapshotFormatError",
     "UnsafeExternalDataError",
+    "Verdict",
+    "Workload",
     "__version__",
+    "assert_within_region",
+    "calibrate",
+    "cosimulate",
+    "get_workload",
+    "judge",
     "load_snapshot",
     "logm",
     "parameter_logms",
     "parameter_stats",
+    "register_candidate",
+    "register_workload",
     "save_snapshot",
+    "train",
 ]
 
 _HOME_MODULE = {
+    "ConvergenceError": "assertions",
+    "assert_within_region": "assertions",
+    "Candidate": "candidates",
+    "register_candidate": "candidates",
+    "cosimulate": "cosim",
+    "train": "cosim",
+    "Region": "regions",
+    "Verdict": "regions",
+    "calibrate": "regions",
+    "judge": "regions",
+    "Workload": "workloads",
+    "get_workload": "workloads",
+    "register_workload": "workloads",
     "LogmSum": "metrics",
     "ParameterLogm": "metrics",
     "ParameterStats": "metrics",

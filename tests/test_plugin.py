@@ -199,3 +199,13 @@ def test_bad_thread_counts_are_refused(text: str) -> None:
 
     with pytest.raises(ValueError, match="use 'auto' or a positive int"):
         resolve_threads(text, cpu_count=8, workers=None)
+
+
+def test_every_public_name_resolves_and_importing_the_package_stays_light() -> None:
+    code = (
+        "import sys, pytest_convergence as pc; "
+        "light = 'torch' not in sys.modules; "
+        "[getattr(pc, name) for name in pc.__all__]; "
+        "sys.exit(0 if light else 1)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
