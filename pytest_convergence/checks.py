@@ -170,8 +170,11 @@ class ConvergenceChecker:
     ) -> Path:
         if baseline is not None:
             return self.options.baselines_dir / baseline
+        # Regions are per device type: GPU kernels (TF32, cuDNN algorithms) are another regime.
+        device_type = torch.device(workload.device).type
+        name = workload.name if device_type == "cpu" else f"{workload.name}-{device_type}"
         return baseline_path(
-            self.options.baselines_dir, workload.name, known_good.name if known_good else None
+            self.options.baselines_dir, name, known_good.name if known_good else None
         )
 
     def _load(self, workload: Workload, path: Path, label: str | None) -> Baseline:
