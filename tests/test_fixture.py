@@ -51,7 +51,9 @@ def test_halved_layer(convergence):
 
 
 @pytest.fixture
-def project(pytester: pytest.Pytester) -> pytest.Pytester:
+def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    # CI sets CI=true, which turns report folders off; these tests choose it themselves.
+    monkeypatch.delenv("CI", raising=False)
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_candidates=TESTS)
     return pytester
