@@ -20,14 +20,13 @@ from pytest_convergence.baselines import (
     Provenance,
     baseline_path,
     check_compatibility,
-    describe_changes,
     load_baseline,
-    save_baseline,
+    record_baseline,
 )
 from pytest_convergence.candidates import Candidate, get_candidate
 from pytest_convergence.cosim import cosimulate
 from pytest_convergence.regions import DEFAULT_TOLERANCE, Region, Verdict, calibrate
-from pytest_convergence.replay import replay_step
+from pytest_convergence.replay import ReplayFinding, replay_step
 from pytest_convergence.report import FailureContext, write_report
 from pytest_convergence.traces import CoSimulation
 from pytest_convergence.workloads import Workload, get_workload
@@ -107,33 +106,63 @@ class ConvergenceChecker:
         relative precision a reference-perturbation region accepts, used when recording.
         """
         __tracebackhide__ = True
-        resolved = self._resolve(workload, steps=steps, seed=seed, dtype=dtype, device=device)
-        path = self._path(resolved, baseline=baseline, known_good=known_good)
-        recorded = False
-        if self.options.record:
-            stored = self._record(resolved, path, known_good, tolerance)
-            recorded = True
+        resolved = self.resolve(workload, steps=steps, seed=seed, dtype=dtype, device=device)
+        if baseline is not None:
+            path = self.options.baselines_dir / baseline
         else:
-            stored = self._load(resolved, path, label)
-        run = cosimulate(resolved, candidate)
+            path = self.baseline_for(resolved, known_good.name if known_good else None)
+        return self.judge_run(
+            resolved,
+            candidate.name,
+            path,
+            run=lambda: cosimulate(resolved, candidate),
+            calibrate_region=lambda: calibrate(resolved, candidate=known_good, tolerance=tolerance),
+            replay=lambda step: replay_step(resolved, candidate, step),
+            known_good=known_good.name if known_good else None,
+            label=label,
+        )
+
+    def judge_run(
+        self,
+        workload: Workload,
+        candidate: str,
+        path: Path,
+        *,
+        run: Callable[[], CoSimulation],
+        calibrate_region: Callable[[], Region],
+        replay: Callable[[int], ReplayFinding] | None = None,
+        known_good: str | None = None,
+        label: str | None = None,
+    ) -> CheckResult:
+        """The part of a check shared by every way of producing a co-simulation (one process,
+        DDP): load or record the baseline at ``path`` (``known_good``: the candidate its region
+        is calibrated against, for provenance), run, judge, report, keep the result."""
+        __tracebackhide__ = True
+        if self.options.record:
+            stored = self._record(workload, path, known_good, calibrate_region)
+        else:
+            stored = self._load(workload, path, label)
+        simulation = run()
         result = CheckResult(
-            workload=resolved.name,
-            candidate=candidate.name,
-            steps=resolved.steps,
+            workload=workload.name,
+            candidate=candidate,
+            steps=workload.steps,
             verdict="passed",
             worst_ratio=0.0,
             baseline=str(path),
-            recorded=recorded,
+            recorded=self.options.record,
         )
         self.results.append(result)
         context = self._context(path, stored, label)
         try:
             verdict = assert_within_region(
-                run,
+                simulation,
                 stored.region,
                 context,
-                replay=lambda step: replay_step(resolved, candidate, step),
-                on_failure=lambda verdict: self._write_report(run, stored.region, verdict, label),
+                replay=replay,
+                on_failure=lambda failed: self._write_report(
+                    simulation, stored.region, failed, label
+                ),
             )
         except ConvergenceError as error:
             result.verdict = "failed"
@@ -144,10 +173,10 @@ class ConvergenceChecker:
             raise
         result.worst_ratio = verdict.worst_ratio
         if self.options.always_report:
-            self._write_report(run, stored.region, verdict, label)
+            self._write_report(simulation, stored.region, verdict, label)
         return result
 
-    def _resolve(
+    def resolve(
         self,
         workload: str | Workload,
         *,
@@ -156,6 +185,7 @@ class ConvergenceChecker:
         dtype: str | None,
         device: str | None,
     ) -> Workload:
+        """The workload with this check's overrides and the session's seed and device."""
         base = get_workload(workload) if isinstance(workload, str) else workload
         torch_dtype = _parse_dtype(dtype) if dtype is not None else None
         return base.with_options(
@@ -165,17 +195,12 @@ class ConvergenceChecker:
             device=device if device is not None else self.options.device,
         )
 
-    def _path(
-        self, workload: Workload, *, baseline: str | None, known_good: Candidate | None
-    ) -> Path:
-        if baseline is not None:
-            return self.options.baselines_dir / baseline
+    def baseline_for(self, workload: Workload, known_good: str | None = None) -> Path:
+        """``<workload>[-<device type>][--<known good>].json`` in the baselines folder."""
         # Regions are per device type: GPU kernels (TF32, cuDNN algorithms) are another regime.
         device_type = torch.device(workload.device).type
         name = workload.name if device_type == "cpu" else f"{workload.name}-{device_type}"
-        return baseline_path(
-            self.options.baselines_dir, name, known_good.name if known_good else None
-        )
+        return baseline_path(self.options.baselines_dir, name, known_good)
 
     def _load(self, workload: Workload, path: Path, label: str | None) -> Baseline:
         __tracebackhide__ = True
@@ -202,14 +227,19 @@ class ConvergenceChecker:
         return stored
 
     def _record(
-        self, workload: Workload, path: Path, known_good: Candidate | None, tolerance: float
+        self,
+        workload: Workload,
+        path: Path,
+        known_good: str | None,
+        calibrate_region: Callable[[], Region],
     ) -> Baseline:
+        """Calibrate and write once per baseline file per process, however many tests share it."""
         if path in self._recorded:
             return self._recorded[path]
-        region = calibrate(workload, candidate=known_good, tolerance=tolerance)
+        region = calibrate_region()
         provenance = Provenance(
             workload=workload.name,
-            candidate=known_good.name if known_good is not None else None,
+            candidate=known_good,
             dtype=_dtype_name(workload.dtype),
             device=workload.device,
             torch_version=torch.__version__,
@@ -217,12 +247,12 @@ class ConvergenceChecker:
             threads=torch.get_num_threads(),
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         )
-        previous = load_baseline(path).region if path.exists() else None
-        save_baseline(path, region, provenance)
+        existed = path.exists()
+        changes = record_baseline(path, region, provenance)
         stored = Baseline(path=path, region=region, provenance=provenance)
         self._recorded[path] = stored
-        if previous is not None:
-            self.changes[path] = describe_changes(previous, region)
+        if existed:
+            self.changes[path] = changes
         return stored
 
     def _context(self, path: Path, stored: Baseline, label: str | None) -> FailureContext:
@@ -342,10 +372,11 @@ class BoundCheck:
             )
         finally:
             if len(self.checker.results) > checks_before:
-                self._record(self.checker.results[-1])
+                self.record(self.checker.results[-1])
         return result
 
-    def _record(self, result: CheckResult) -> None:
+    def record(self, result: CheckResult) -> None:
+        """Attach a check's figures to the test (JUnit XML, the terminal summary)."""
         for key, value in (
             ("workload", result.workload),
             ("candidate", result.candidate),

@@ -56,9 +56,6 @@ from torch._C._distributed_c10d import GradBucket
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel
 
-from pytest_convergence._version import __version__
-from pytest_convergence.assertions import ConvergenceError, assert_within_region
-from pytest_convergence.baselines import Baseline, Provenance, baseline_path, record_baseline
 from pytest_convergence.candidates import REFERENCE
 from pytest_convergence.cosim import (
     _clone_or_zeros,
@@ -73,6 +70,7 @@ from pytest_convergence.regions import (
     DEFAULT_TOLERANCE,
     Calibration,
     Region,
+    calibrate,
     region_from_runs,
 )
 from pytest_convergence.traces import CoSimulation, StepComparison, Trace
@@ -977,7 +975,7 @@ def check_distributed(
             "check_distributed() needs a workload: pass workload=..., or set "
             "@pytest.mark.convergence(workload=...)"
         )
-    resolved = checker._resolve(
+    resolved = checker.resolve(
         chosen,
         steps=steps if steps is not None else _marker(defaults, "steps", int),
         seed=seed if seed is not None else _marker(defaults, "seed", int),
@@ -985,114 +983,43 @@ def check_distributed(
         device=_marker(defaults, "device", str),
     )
     region_hook = hook if own_region else known_good
-    path = baseline_path(
-        checker.options.baselines_dir,
-        resolved.name,
-        region_hook.name if region_hook is not None else None,
-    )
-    label = convergence.label
-    if not checker.options.record:
-        stored = checker._load(resolved, path, label)
-    elif region_hook is None:
-        stored = checker._record(resolved, path, None, tolerance)
-    else:
-        stored = _record_distributed(
-            convergence,
+
+    def calibrate_region() -> Region:
+        if region_hook is None:
+            return calibrate(resolved, tolerance=tolerance)
+        return calibrate_distributed(
             resolved,
-            path,
             region_hook,
             world_size=world_size,
             backend=backend,
             timeout_s=timeout_s,
             start_method=start_method,
         )
-    from pytest_convergence.checks import CheckResult
 
-    result = CheckResult(
-        workload=resolved.name,
-        candidate=hook.name,
-        steps=resolved.steps,
-        verdict="passed",
-        worst_ratio=0.0,
-        baseline=str(path),
-        recorded=checker.options.record,
-    )
+    checks_before = len(checker.results)
     try:
-        run = cosimulate_distributed(
+        return checker.judge_run(
             resolved,
-            hook,
-            world_size=world_size,
-            backend=backend,
-            timeout_s=timeout_s,
-            start_method=start_method,
+            hook.name,
+            checker.baseline_for(resolved, region_hook.name if region_hook else None),
+            run=lambda: cosimulate_distributed(
+                resolved,
+                hook,
+                world_size=world_size,
+                backend=backend,
+                timeout_s=timeout_s,
+                start_method=start_method,
+            ),
+            calibrate_region=calibrate_region,
+            known_good=region_hook.name if region_hook else None,
+            label=convergence.label,
         )
-        checker.results.append(result)
-        try:
-            verdict = assert_within_region(
-                run,
-                stored.region,
-                checker._context(path, stored, label),
-                on_failure=lambda failed: checker._write_report(run, stored.region, failed, label),
-            )
-        except ConvergenceError as error:
-            result.verdict = "failed"
-            result.worst_ratio = error.verdict.worst_ratio
-            first = error.verdict.first_violation
-            if first is not None:
-                result.first_violation = f"step {first.step} {first.parameter}: {first.check}"
-            raise
-        result.worst_ratio = verdict.worst_ratio
-        if checker.options.always_report:
-            checker._write_report(run, stored.region, verdict, label)
     finally:
-        if result in checker.results:
-            convergence._record(result)
-    return result
+        if len(checker.results) > checks_before:
+            convergence.record(checker.results[-1])
 
 
 def _marker(defaults: dict[str, object], key: str, kind: type[_T]) -> _T | None:
     """A marker argument of the expected type, or None (the checker's default applies)."""
     value = defaults.get(key)
     return value if isinstance(value, kind) else None
-
-
-def _record_distributed(
-    convergence: BoundCheck,
-    workload: Workload,
-    path: Path,
-    hook: DistributedHook,
-    *,
-    world_size: int,
-    backend: str,
-    timeout_s: float,
-    start_method: str | None,
-) -> Baseline:
-    """Calibrate a known-good hook's region over DDP runs and write it, once per session."""
-    checker = convergence.checker
-    if path in checker._recorded:
-        return checker._recorded[path]
-    region = calibrate_distributed(
-        workload,
-        hook,
-        world_size=world_size,
-        backend=backend,
-        timeout_s=timeout_s,
-        start_method=start_method,
-    )
-    provenance = Provenance(
-        workload=workload.name,
-        candidate=hook.name,
-        dtype=str(workload.dtype).removeprefix("torch."),
-        device=workload.device,
-        torch_version=torch.__version__,
-        plugin_version=__version__,
-        threads=torch.get_num_threads(),
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    )
-    existed = path.exists()
-    changes = record_baseline(path, region, provenance)
-    stored = Baseline(path=path, region=region, provenance=provenance)
-    checker._recorded[path] = stored
-    if existed:  # as convergence.check does: the summary lists re-recorded baselines
-        checker.changes[path] = changes
-    return stored

@@ -25,14 +25,8 @@ def test_baselines_are_kept_per_device_type_and_known_good_candidate(
 ) -> None:
     checker = ConvergenceChecker(CheckOptions(tmp_path))
     workload = get_workload("vgg16-mini").with_options(device=device)
-    assert checker._path(workload, baseline=None, known_good=known_good).name == expected
-
-
-def test_an_explicit_baseline_name_wins(tmp_path: Path) -> None:
-    checker = ConvergenceChecker(CheckOptions(tmp_path))
-    workload = get_workload("mlp")
-    path = checker._path(workload, baseline="custom.json", known_good=KNOWN_GOOD)
-    assert path == tmp_path / "custom.json"
+    name = known_good.name if known_good else None
+    assert checker.baseline_for(workload, name).name == expected
 
 
 def test_checking_without_a_baseline_fails_and_writes_nothing(tmp_path: Path) -> None:
