@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
 
+from pytest_convergence.registry import Registry
+
 __all__ = [
     "REFERENCE",
     "Candidate",
@@ -104,27 +106,17 @@ class Candidate:
 
 REFERENCE = Candidate(name="reference", description="the reference implementation itself")
 
-_REGISTRY: dict[str, Candidate] = {}
+_REGISTRY = Registry[Candidate]("candidate")
 
 
 def register_candidate(candidate: Candidate, *, replace_existing: bool = False) -> Candidate:
     """Make ``candidate`` available by name, e.g. to ``@pytest.mark.convergence(candidate=...)``."""
-    if candidate.name in _REGISTRY and not replace_existing:
-        raise ValueError(
-            f"a candidate named {candidate.name!r} is already registered; pass "
-            "replace_existing=True to replace it"
-        )
-    _REGISTRY[candidate.name] = candidate
-    return candidate
+    return _REGISTRY.register(candidate.name, candidate, replace_existing=replace_existing)
 
 
 def get_candidate(name: str) -> Candidate:
     """The registered candidate ``name``; ``ValueError`` lists the known names otherwise."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(_REGISTRY)) or "none"
-        raise ValueError(f"unknown candidate {name!r}; registered candidates: {known}") from None
+    return _REGISTRY.get(name)
 
 
 def gradient_noise(relative: float, draw: int) -> Candidate:

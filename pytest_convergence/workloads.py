@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pytest_convergence.registry import Registry
+
 __all__ = [
     "Batch",
     "BatchSource",
@@ -131,33 +133,23 @@ def _batch_iterator(source: Iterable[Batch]) -> Iterator[Batch]:
     return iter(source)
 
 
-_REGISTRY: dict[str, Workload] = {}
+_REGISTRY = Registry[Workload]("workload")
 
 
 def register_workload(workload: Workload, *, replace_existing: bool = False) -> Workload:
     """Make ``workload`` available by name to the marker, the fixture and the CLI."""
-    if workload.name in _REGISTRY and not replace_existing:
-        raise ValueError(
-            f"a workload named {workload.name!r} is already registered; pass "
-            "replace_existing=True to replace it"
-        )
-    _REGISTRY[workload.name] = workload
-    return workload
+    return _REGISTRY.register(workload.name, workload, replace_existing=replace_existing)
 
 
 def get_workload(name: str) -> Workload:
     """The registered workload ``name``; ``ValueError`` lists the known names otherwise."""
     _load_zoo()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(_REGISTRY)) or "none"
-        raise ValueError(f"unknown workload {name!r}; registered workloads: {known}") from None
+    return _REGISTRY.get(name)
 
 
 def workload_names() -> list[str]:
     _load_zoo()
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def _load_zoo() -> None:
