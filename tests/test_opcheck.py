@@ -51,7 +51,7 @@ def test_a_wrong_transform_constant_fails_naming_the_output_and_every_figure() -
         "reference error ",
         ": the reference op in float32 against the reference op in float64",
         "the candidate op in float32 against the same float64 result",
-        "Also beyond their limits (3 of 4 quantities):",
+        "3 of 4 quantities beyond their limits; the others:",
         "  gradient of input 0: greatest absolute difference ",
     ):
         assert fragment in message, (fragment, message)

@@ -128,7 +128,8 @@ F2X2_3X3 = WinogradConstants(
 )
 
 # Lavin & Gray 2016, section 4.2: F(4x4,3x3) from the interpolation points 0, 1, -1, 2, -2,
-# infinity (the usual choice; the +-1/2 variant trades the 8s of A^T for 1/8s).
+# infinity, the usual choice (points +-1/2 instead of +-2 turn A^T's 2, 4, 8 into 1/2, 1/4, 1/8
+# and move the large constants into G and B^T).
 F4X4_3X3 = WinogradConstants(
     name="F(4x4,3x3)",
     BT=(
@@ -273,18 +274,24 @@ def winograd_conv2d(  # noqa: PLR0917  (F.conv2d's own signature)
     compute = transform_dtype if transform_dtype is not None else input.dtype
     BT, G, AT = _matrices(chosen, compute, input.device)
 
-    def transform(left: torch.Tensor, x: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-        return (left @ x.to(compute) @ right).to(input.dtype)
+    def transform(left: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """left @ x @ left^T over the last two dimensions, as two right-multiplications of a
+        contiguous tensor by a 2-D matrix: torch folds each into one large matrix product,
+        where ``left @ x`` would be a batch of thousands of tiny ones.
+        (x L^T)^T L^T = L x^T L^T = (L x L^T)^T."""
+        right = left.T
+        once = x.to(compute).contiguous() @ right
+        return (once.mT.contiguous() @ right).mT.to(input.dtype)
 
-    filters_t = transform(G, weight, G.T)  # (K, C, alpha, alpha)
-    tiles_t = transform(BT, tiles, BT.T)  # (N, C, tiles_h, tiles_w, alpha, alpha)
+    filters_t = transform(G, weight)  # (K, C, alpha, alpha)
+    tiles_t = transform(BT, tiles)  # (N, C, tiles_h, tiles_w, alpha, alpha)
     # The elementwise product summed over channels: alpha^2 independent matrix products.
     positions = alpha * alpha
     left = filters_t.permute(2, 3, 0, 1).reshape(positions, filters, channels)
     right = tiles_t.permute(4, 5, 1, 0, 2, 3).reshape(positions, channels, -1)
     products = torch.bmm(left, right).reshape(alpha, alpha, filters, batch, tiles_h, tiles_w)
     products = products.permute(3, 2, 4, 5, 0, 1)  # (N, K, tiles_h, tiles_w, alpha, alpha)
-    outputs = transform(AT, products, AT.T)  # (N, K, tiles_h, tiles_w, m, m)
+    outputs = transform(AT, products)  # (N, K, tiles_h, tiles_w, m, m)
     output = outputs.permute(0, 1, 2, 4, 3, 5).reshape(batch, filters, tiles_h * m, tiles_w * m)
     output = output[:, :, :out_h, :out_w]
     if bias is not None:
