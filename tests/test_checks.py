@@ -34,3 +34,9 @@ def test_checking_without_a_baseline_fails_and_writes_nothing(tmp_path: Path) ->
     with pytest.raises(MissingBaselineError, match="Create it:  pytest --convergence"):
         checker.check(KNOWN_GOOD, "mlp", steps=2)
     assert not (tmp_path / "baselines").exists()
+
+
+def test_an_explicit_baseline_name_is_used_as_given(tmp_path: Path) -> None:
+    checker = ConvergenceChecker(CheckOptions(tmp_path))
+    with pytest.raises(MissingBaselineError, match=r"custom\.json does not exist"):
+        checker.check(KNOWN_GOOD, "mlp", steps=2, baseline="custom.json", known_good=KNOWN_GOOD)
