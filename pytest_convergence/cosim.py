@@ -230,7 +230,15 @@ class _State:
             for name, buffer in implementation.model.named_buffers():
                 if name in self.buffers:
                     buffer.copy_(self.buffers[name])
-        implementation.optimizer.load_state_dict(copy.deepcopy(self.optimizer))
+        # load_state_dict also copies the reference's hyper-parameters (lr, momentum, ...):
+        # keep the candidate's own, or an optimizer that differs only in them is invisible.
+        optimizer = implementation.optimizer
+        own_options = [
+            {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups
+        ]
+        optimizer.load_state_dict(copy.deepcopy(self.optimizer))
+        for group, options in zip(optimizer.param_groups, own_options, strict=True):
+            group.update(options)
         torch.set_rng_state(self.rng)
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state_all(self.cuda_rng)

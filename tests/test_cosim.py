@@ -133,3 +133,11 @@ def test_free_running_training_records_every_step() -> None:
     assert len(trace.losses()) == 3
     assert len(trace.global_logm_deltas()) == 3
     assert isinstance(model, nn.Module)
+
+
+def test_a_candidate_optimizer_keeps_its_own_hyper_parameters_when_re_synced() -> None:
+    workload = mlp(optimizer_factory=PLAIN_SGD)
+    faster = Candidate("lr x2", optimizer_factory=sgd(lr=0.1, momentum=0.0, weight_decay=0.0))
+    run = cosimulate(workload, faster)
+    for comparison in run.comparisons:
+        assert comparison.parameters[0].bias == pytest.approx(1.0, abs=1e-5)
