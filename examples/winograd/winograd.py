@@ -106,7 +106,7 @@ class WinogradConstants:
         return replace(self, name=name, **{matrix: changed})
 
 
-# Lavin & Gray 2016, section 4.1: F(2x2,3x3) from the interpolation points 0, 1, -1, infinity.
+# Lavin & Gray 2016: F(2x2,3x3) from the interpolation points 0, 1, -1, infinity.
 F2X2_3X3 = WinogradConstants(
     name="F(2x2,3x3)",
     BT=(
@@ -127,7 +127,7 @@ F2X2_3X3 = WinogradConstants(
     ),
 )
 
-# Lavin & Gray 2016, section 4.2: F(4x4,3x3) from the interpolation points 0, 1, -1, 2, -2,
+# Lavin & Gray 2016: F(4x4,3x3) from the interpolation points 0, 1, -1, 2, -2,
 # infinity, the usual choice (points +-1/2 instead of +-2 turn A^T's 2, 4, 8 into 1/2, 1/4, 1/8
 # and move the large constants into G and B^T).
 F4X4_3X3 = WinogradConstants(
