@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
 
 from pytest_convergence.registry import Registry
+from pytest_convergence.workloads import AfterStep
 
 __all__ = [
     "REFERENCE",
@@ -69,6 +70,9 @@ class Candidate:
     workers: int = 1
     optimizer_factory: OptimizerFactory | None = None
     step_fn: StepFunction | None = None
+    # The candidate's own post-optimizer-step code, run instead of the workload's: a pruning
+    # loop that forgets to re-apply its masks is ``after_step=lambda model: None``.
+    after_step: AfterStep | None = None
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -98,6 +102,7 @@ class Candidate:
             and self.model_transform is None
             and self.exchange is None
             and self.step_fn is None
+            and self.after_step is None
         )
 
     def forward_context(self) -> AbstractContextManager[object]:

@@ -160,6 +160,7 @@ class _Implementation:
                 loss = self.recipe.step_fn(
                     self.model, self.optimizer, inputs, targets, self.workload.loss_fn
                 )
+            self.after_optimizer_step()
             return float(loss.detach()), None
         with self.recipe.forward_context():
             if self.recipe.workers > 1:
@@ -175,7 +176,15 @@ class _Implementation:
         if keep_gradients:
             gradients = [_clone_or_zeros(p) for _, p in parameters]
         self.optimizer.step()
+        self.after_optimizer_step()
         return float(loss.detach()), gradients
+
+    def after_optimizer_step(self) -> None:
+        """The training loop's post-step code: the candidate's own, else the workload's."""
+        after_step = self.recipe.after_step or self.workload.after_step
+        if after_step is not None:
+            with torch.no_grad():
+                after_step(self.model)
 
     def _exchanged_backward(
         self, inputs: torch.Tensor, targets: torch.Tensor, step: int
@@ -293,6 +302,7 @@ class _CandidateSide:
             [(n, p.grad) for n, p in named if p.grad is not None], step
         )
         self.implementation.optimizer.step()
+        self.implementation.after_optimizer_step()
 
 
 def _check_same_parameters(reference: nn.Module, candidate: nn.Module, name: str) -> None:

@@ -889,6 +889,7 @@ def _ddp_step(
     if keep_gradients:
         gradients = [_clone_or_zeros(p) for p in implementation.model.parameters()]
     implementation.optimizer.step()
+    implementation.after_optimizer_step()
     return loss.detach(), gradients
 
 

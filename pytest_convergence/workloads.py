@@ -19,6 +19,7 @@ from torch import nn
 from pytest_convergence.registry import Registry
 
 __all__ = [
+    "AfterStep",
     "Batch",
     "BatchSource",
     "Workload",
@@ -37,6 +38,8 @@ BatchSource: TypeAlias = (
 )
 OptimizerFactory: TypeAlias = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 LossFunction: TypeAlias = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# Runs on the model right after every optimizer step, as a training loop's own code does.
+AfterStep: TypeAlias = Callable[[nn.Module], None]
 
 
 def sgd(lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 5e-4) -> OptimizerFactory:
@@ -83,6 +86,10 @@ class Workload:
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
     description: str = ""
+    # Code the training loop runs after each optimizer step: pruning masks re-applied, weights
+    # clipped (BinaryConnect) or rounded onto a fixed-point grid. Part of the reference, so a
+    # candidate inherits it unless it brings its own (``Candidate.after_step``).
+    after_step: AfterStep | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):

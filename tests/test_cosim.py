@@ -141,3 +141,30 @@ def test_a_candidate_optimizer_keeps_its_own_hyper_parameters_when_re_synced() -
     run = cosimulate(workload, faster)
     for comparison in run.comparisons:
         assert comparison.parameters[0].bias == pytest.approx(1.0, abs=1e-5)
+
+
+def zero_first_rows(model: nn.Module) -> None:
+    """A pruning loop's post-step code: the first 4 output rows of fc1 stay pruned."""
+    model.get_submodule("fc1").weight[:4].zero_()
+
+
+def test_the_workload_after_step_code_runs_on_both_sides() -> None:
+    workload = mlp(after_step=zero_first_rows)
+    for candidate in (
+        Candidate("same", context=contextlib.nullcontext),
+        scale_gradient("fc2.weight", 1.0),
+    ):
+        run = cosimulate(workload, candidate)
+        for comparison in run.comparisons:
+            fc1 = {p.name: p for p in comparison.parameters}["fc1.weight"]
+            assert fc1.bias == 0.0
+            assert fc1.candidate_zeros == fc1.reference_zeros == 4 * 64
+
+
+def test_a_candidate_after_step_replaces_the_workloads() -> None:
+    workload = mlp(after_step=zero_first_rows)
+    forgetful = Candidate("mask not re-applied", after_step=lambda model: None)
+    assert not forgetful.only_transforms_gradients
+    run = cosimulate(workload, forgetful)
+    fc1 = {p.name: p for p in run.comparisons[0].parameters}["fc1.weight"]
+    assert fc1.candidate_zeros < fc1.reference_zeros
