@@ -1,0 +1,3 @@
+"""Placeholder: being written (issue 6)."""
+
+__all__: list[str] = []
