@@ -10,12 +10,19 @@ log10 as the sum of their logs up to G float64 roundings (~G * 1e-16). So each c
 copied into one reused float64 buffer, multiplied down pairwise to one product per group, and only
 the products go through the (slow) float64 log10. A chunk whose products leave float64's safe range
 (zeros, extreme magnitudes, NaN, Inf) is redone element by element, which is exact for any input.
+
+On CPU a compiled kernel (``_logm_kernel.c``, built at install time when a C compiler exists) does
+the same in one pass without the float64 copy: exponent fields summed as integers, mantissas
+multiplied in float64, several threads each taking a slice. The tensor path above is the exact
+fallback, and the only one for accelerator tensors.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -26,6 +33,11 @@ from pytest_convergence.errors import NonFiniteWeightError
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
+
+try:
+    from pytest_convergence import _logm_kernel
+except ImportError:  # installed without a C compiler: the exact tensor path is used instead
+    _logm_kernel = None  # type: ignore[assignment]
 
 __all__ = [
     "LogmSum",
@@ -52,6 +64,11 @@ HALVINGS_BEFORE_SCALE = 3
 HALVINGS_AFTER_SCALE = 4
 # Group products must stay inside float64's normal range, with margin, to be trusted.
 SAFE_LOG10 = 290.0
+# Compiled kernel: tensors from this size are split across threads; float16 and bfloat16 are
+# widened to float32 (exactly) in chunks of KERNEL_CHUNK elements, 4 MiB per thread.
+PARALLEL_TENSOR = 1 << 21
+KERNEL_CHUNK = 1 << 20
+LOG10_2 = math.log10(2.0)
 
 
 @dataclass(frozen=True)
@@ -197,6 +214,8 @@ def logm_sum(tensor: torch.Tensor, *, name: str = "tensor") -> LogmSum:
     _require_floating(tensor, f"parameter {name!r}")
     if tensor.numel() == 0:
         return LogmSum(0.0, 0, 0)
+    if _logm_kernel is not None and tensor.device.type == "cpu":
+        return _compiled_log10_sum(tensor, name)
     chunk = CPU_CHUNK if tensor.device.type == "cpu" else ACCELERATOR_CHUNK
     buffer = torch.empty(min(chunk, tensor.numel()), dtype=torch.float64, device=tensor.device)
     total = LogmSum(0.0, 0, 0)
@@ -211,6 +230,61 @@ def logm_sum(tensor: torch.Tensor, *, name: str = "tensor") -> LogmSum:
             part = _elementwise_log10_sum(piece, buffer, name)
         total = total + part
     return total
+
+
+def compiled_kernel_available() -> bool:
+    """Whether CPU tensors take the compiled one-pass kernel (benchmarks report it)."""
+    return _logm_kernel is not None
+
+
+def _compiled_log10_sum(tensor: torch.Tensor, name: str) -> LogmSum:
+    threads = max(1, torch.get_num_threads())
+    if tensor.numel() < PARALLEL_TENSOR or threads == 1:
+        parts = [_kernel_totals(piece) for piece in _kernel_pieces(tensor, tensor.numel())]
+    else:
+        # One slice per thread for float32/float64 (no copy at all); widened types in chunks.
+        size = tensor.numel() if _native(tensor) else KERNEL_CHUNK
+        slice_size = -(-min(size, tensor.numel()) // threads)
+        parts = list(_kernel_pool().map(_kernel_totals, _kernel_pieces(tensor, slice_size)))
+    exponents = sum(part[0] for part in parts)
+    mantissas = math.fsum(part[1] for part in parts)
+    nonzero, zeros, nans, infs = (sum(int(part[i]) for part in parts) for i in range(2, 6))
+    if nans or infs:
+        raise NonFiniteWeightError(name, nan_count=nans, inf_count=infs)
+    return LogmSum((exponents + mantissas) * LOG10_2, nonzero, zeros)
+
+
+def _native(tensor: torch.Tensor) -> bool:
+    return tensor.dtype in (torch.float32, torch.float64)
+
+
+def _kernel_pieces(tensor: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+    """Contiguous 1-D pieces of at most ``size`` elements; copies only of strided pieces."""
+    for piece in _flat_chunks(tensor, max(1, size)):
+        yield piece.contiguous()
+
+
+def _kernel_totals(piece: torch.Tensor) -> tuple[int, float, int, int, int, int]:
+    """(exponent sum, mantissa log2 sum, nonzero, zeros, NaNs, Infs) of one piece."""
+    assert _logm_kernel is not None
+    if _native(piece):
+        array = piece.numpy()
+        return _logm_kernel.log2_sum(array, array.itemsize)
+    totals = (0, 0.0, 0, 0, 0, 0)
+    for start in range(0, piece.numel(), KERNEL_CHUNK):
+        # float16 and bfloat16 values are exactly representable in float32.
+        array = piece[start : start + KERNEL_CHUNK].to(torch.float32).numpy()
+        part = _logm_kernel.log2_sum(array, array.itemsize)
+        totals = tuple(a + b for a, b in zip(totals, part, strict=True))  # type: ignore[assignment]
+    return totals
+
+
+@functools.cache
+def _kernel_pool() -> ThreadPoolExecutor:
+    """Threads for the kernel, which releases the GIL; sized on first use, reused after."""
+    return ThreadPoolExecutor(
+        max_workers=max(2, torch.get_num_threads()), thread_name_prefix="logm"
+    )
 
 
 def _flat_chunks(tensor: torch.Tensor, size: int) -> Iterator[torch.Tensor]:

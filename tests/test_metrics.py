@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -11,12 +13,55 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pytest_convergence import NonFiniteWeightError, logm, parameter_logms, parameter_stats
-from pytest_convergence.metrics import SMALL_TENSOR, logm_sum
+from pytest_convergence import NonFiniteWeightError, logm, metrics, parameter_logms, parameter_stats
+from pytest_convergence.metrics import PARALLEL_TENSOR, SMALL_TENSOR, logm_sum
 from tests.conftest import reference_logm
 
 EXACT = 1e-9
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+@pytest.fixture(scope="module", autouse=True, params=["compiled-kernel", "tensor-path"])
+def computation(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs on both paths: the compiled CPU kernel, and the exact tensor path that
+    accelerators (and installs without a C compiler) use."""
+    if request.param == "compiled-kernel":
+        yield request.param
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(metrics, "_logm_kernel", None)
+        yield request.param
+
+
+def test_the_compiled_kernel_is_built_and_each_path_is_the_one_tested(computation: str) -> None:
+    """CI installs with a C compiler; a silently missing kernel would only show as slowness."""
+    assert importlib.util.find_spec("pytest_convergence._logm_kernel") is not None
+    assert metrics.compiled_kernel_available() is (computation == "compiled-kernel")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tensors_split_across_threads_stay_exact(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(3)
+    values = torch.randn(PARALLEL_TENSOR + 12_345, generator=generator, dtype=torch.float64)
+    values[::997] = 0.0
+    values[5::1009] = torch.finfo(dtype).tiny / 4
+    tensor = values.to(dtype)
+    part = logm_sum(tensor)
+    assert part.zeros == int((tensor == 0).sum())
+    assert part.log10_sum / part.nonzero == pytest.approx(reference_logm(tensor), abs=EXACT)
+
+
+@pytest.mark.parametrize("position", [0, 511, 1023, 1024, 5000, 9999])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_special_value_anywhere_in_a_block_is_handled_exactly(
+    position: int, dtype: torch.dtype
+) -> None:
+    for special in (0.0, torch.finfo(dtype).tiny / 8, torch.finfo(dtype).max, 1e-30):
+        tensor = torch.linspace(0.01, 3.0, 10_000, dtype=dtype)
+        tensor[position] = special
+        part = logm_sum(tensor)
+        assert part.zeros == (1 if special == 0.0 else 0)
+        assert part.log10_sum / part.nonzero == pytest.approx(reference_logm(tensor), abs=EXACT)
 
 
 @st.composite
