@@ -54,7 +54,9 @@ __all__ = [
 ]
 
 SCHEMA = "pytest-convergence/baseline"
-SCHEMA_VERSION = 1
+# 2: per-parameter radial-shift region (radial_center, radial_spread). Older files lack it and
+# are refused with the command that re-records them: a region without it would judge less.
+SCHEMA_VERSION = 2
 MISMATCH_POLICIES = ("warn", "fail")
 RECORD_HINT = "pytest --convergence --convergence-record <the tests that use it>"
 # A re-record summary is read in a terminal and a pull request: the biggest changes, not all.
@@ -250,7 +252,13 @@ def _check_schema(top: dict[str, object]) -> None:
         raise _InvalidError(
             "schema_version",
             f"{version} was written by a newer pytest-convergence; upgrade "
-            f"(this version reads schema_version {SCHEMA_VERSION} and older)",
+            f"(this version reads schema_version {SCHEMA_VERSION})",
+        )
+    if version < SCHEMA_VERSION:
+        raise _InvalidError(
+            "schema_version",
+            f"{version} was written by an older pytest-convergence whose regions lack checks "
+            f"this version makes (schema_version {SCHEMA_VERSION}); re-record it: {RECORD_HINT}",
         )
 
 
@@ -273,7 +281,7 @@ def _parameters(value: object, steps: int) -> dict[str, ParameterRegion]:
 def _check_steps(parameter: ParameterRegion, where: str, steps: int) -> None:
     """Per-step limits are looked up by step index: a short list would judge later steps
     against the wrong step's limit."""
-    for key in ("bias_center", "error_scale", "noise_scale", "noise_limit"):
+    for key in ("bias_center", "radial_center", "error_scale", "noise_scale", "noise_limit"):
         found = len(getattr(parameter, key))
         if found != steps:
             raise _InvalidError(
@@ -437,6 +445,8 @@ _PARAMETER_FIELDS: dict[str, _Parser] = {
     "count": _count,
     "bias_center": _reals,
     "bias_spread": _limit,
+    "radial_center": _reals,
+    "radial_spread": _limit,
     "error_scale": _limits,
     "noise_scale": _limits,
     "noise_limit": _limits,

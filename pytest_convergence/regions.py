@@ -61,8 +61,12 @@ DEFAULT_CALIBRATION_SEEDS = 3
 # thousand checks per test keeps false alarms near one in a hundred thousand runs, with room for
 # tails heavier than Gaussian.
 Z_LIMIT = 6.0
-# A candidate may be up to this many times noisier than the noisiest legitimate run seen.
+# A candidate may be up to this many times noisier than the noisiest legitimate run seen...
 NOISE_MARGIN = 2.0
+# ...or than a log-normal fit of the calibration's noise extrapolated to Z_LIMIT deviations,
+# whichever is larger: a few dozen samples of a heavy-tailed noise (a small tensor's share of a
+# lossy compression) do not show its tail, and twice their maximum is not a bound.
+MIN_NOISE_SAMPLES_FOR_FIT = 3
 # Spread floor: a perfectly repeatable calibration must not turn rounding noise into a verdict.
 MIN_BIAS_SPREAD = 1e-6
 # Error scale floor, about float32's resolution: an exact calibration has no error at all.
@@ -94,6 +98,8 @@ class ParameterRegion:
     count: int
     bias_center: tuple[float, ...]
     bias_spread: float
+    radial_center: tuple[float, ...]
+    radial_spread: float
     error_scale: tuple[float, ...]
     noise_scale: tuple[float, ...]
     noise_limit: tuple[float, ...]
@@ -252,15 +258,24 @@ def _parameter_region(
         for s, samples in enumerate(per_step)
     ]
     center, spread = _centers_and_pooled_spread(normalized, centered=centered)
+    radial_center, radial_spread = _centers_and_pooled_spread(
+        [
+            [_normalized(sample.radial, error_scale[s]) for sample in samples]
+            for s, samples in enumerate(per_step)
+        ],
+        centered=centered,
+    )
     # Pooled over steps: a handful of runs per step is too few to set a per-step maximum.
-    largest_noise = max((_finite(p.noise) for samples in per_step for p in samples), default=0.0)
-    noise_limit = tuple(NOISE_MARGIN * largest_noise for _ in per_step)
+    noises = [_finite(p.noise) for samples in per_step for p in samples]
+    noise_limit = tuple(_noise_limit(noises) for _ in per_step)
     gaps = [abs(p.logm_gap) for samples in per_step for p in samples if p.logm_gap is not None]
     return ParameterRegion(
         name=name,
         count=per_step[0][0].count,
         bias_center=center,
         bias_spread=max(spread, MIN_BIAS_SPREAD),
+        radial_center=radial_center,
+        radial_spread=max(radial_spread, MIN_BIAS_SPREAD),
         error_scale=error_scale,
         noise_scale=noise_scale,
         noise_limit=noise_limit,
@@ -287,6 +302,17 @@ def _centers_and_pooled_spread(
     return tuple(centers), spread
 
 
+def _noise_limit(noises: Sequence[float]) -> float:
+    """Largest legitimate update noise: NOISE_MARGIN times the largest seen, or the log-normal
+    extrapolation to Z_LIMIT deviations where the samples' spread says the tail is heavy."""
+    margin = NOISE_MARGIN * max(noises, default=0.0)
+    logs = [math.log(noise) for noise in noises if noise > 0]
+    if len(logs) < MIN_NOISE_SAMPLES_FOR_FIT:
+        return margin
+    fitted = math.exp(statistics.fmean(logs) + Z_LIMIT * statistics.stdev(logs))
+    return max(margin, fitted)
+
+
 def _zero_change_limit(per_step: Sequence[Sequence[ParameterComparison]]) -> int:
     largest = max(abs(p.zero_change) for samples in per_step for p in samples)
     count = per_step[0][0].count
@@ -303,15 +329,21 @@ def _finite(value: float) -> float:
 
 
 def _normalized_bias(comparison: ParameterComparison, error_scale: float) -> float | None:
-    """Bias in units of the calibration's typical relative error at that step.
+    return _normalized(comparison.bias, error_scale)
+
+
+def _normalized(component: float | None, error_scale: float) -> float | None:
+    """An error component (bias, radial shift) in units of the calibration's typical relative
+    error at that step.
 
     The relative error of an update shrinks over the first steps as momentum builds up, and
-    bias shrinks with it; their ratio is roughly stationary, which lets samples pool across
-    steps. (The orthogonal noise alone would not do: a pure scale error has none at step 1.)
+    each component shrinks with it; their ratio is roughly stationary, which lets samples pool
+    across steps. (The orthogonal noise alone would not do: a pure scale error has none at
+    step 1.)
     """
-    if comparison.bias is None:
+    if component is None:
         return None
-    return comparison.bias / max(error_scale, NOISE_FLOOR)
+    return component / max(error_scale, NOISE_FLOOR)
 
 
 def judge(run: CoSimulation, region: Region) -> Verdict:
@@ -383,4 +415,29 @@ def _check(
         outcomes.append(
             Violation(step, name, f"update bias over steps 1-{step} (z-score)", combined, Z_LIMIT)
         )
+        outcomes.extend(_radial_checks(step, parameter, bounds, excess, cumulative))
     return outcomes
+
+
+def _radial_checks(
+    step: int,
+    parameter: ParameterComparison,
+    bounds: ParameterRegion,
+    excess: float,
+    cumulative: dict[str, list[float]],
+) -> list[Violation]:
+    """The radial shift's z-score at this step and over all steps so far: a weight-decay,
+    clipping or scale error shrinks or grows every step the same way, so it adds up."""
+    index = min(step, len(bounds.radial_center)) - 1
+    normalized = _normalized(parameter.radial, bounds.error_scale[index])
+    if normalized is None:
+        return []
+    name = parameter.name
+    score = (normalized - bounds.radial_center[index]) / (bounds.radial_spread * excess)
+    history = cumulative.setdefault(f"{name}\0radial", [])
+    history.append(score)
+    combined = sum(history) / math.sqrt(len(history))
+    return [
+        Violation(step, name, "radial shift (z-score)", score, Z_LIMIT),
+        Violation(step, name, f"radial shift over steps 1-{step} (z-score)", combined, Z_LIMIT),
+    ]

@@ -72,6 +72,11 @@ class ParameterComparison:
     ``bias`` is the projection of the candidate's update error onto the reference's update,
     relative to it: the candidate moved (1 + bias) times as far along the reference's direction.
     ``noise`` is the rest of the error, relative to the reference update's norm.
+    ``radial`` is the error's component along the reference's weights, relative to the update's
+    norm: how far the candidate's weights grew (or shrank) along themselves. Rounding leaves it
+    near zero; weight decay, clipping, masks and scale bugs move it, even when they are small
+    next to the update. It is the magnitude change LoGM measures, without LoGM's 1/w weighting,
+    which lets the smallest weights dominate.
     """
 
     name: str
@@ -85,6 +90,7 @@ class ParameterComparison:
     bias: float | None
     noise: float
     non_finite: bool = False
+    radial: float | None = None
 
     @property
     def logm_gap(self) -> float | None:

@@ -33,7 +33,7 @@ class ParameterLayout:
         self._starts = np.array([start for start, _ in self._bounds], dtype=np.int64)
         self._size = ends[-1] if ends else 0
         self._device = tensors[0].device if tensors else torch.device("cpu")
-        self._rows = torch.empty(3, self._size, dtype=torch.float64, device=self._device)
+        self._rows = torch.empty(4, self._size, dtype=torch.float64, device=self._device)
 
     def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """One float64 vector of all parameters, in layout order."""
@@ -146,14 +146,15 @@ def compare_weights(
     layout: ParameterLayout, start: FlatWeights, reference: FlatWeights, candidate: FlatWeights
 ) -> tuple[ParameterComparison, ...]:
     """Candidate against reference after one step taken from ``start`` by both."""
-    rows = layout.rows(3)
-    update, error, projection = rows
+    rows = layout.rows(4)
+    update, error, projection, radial = rows
     torch.sub(reference.values, start.values, out=update)
     torch.sub(candidate.values, reference.values, out=error)
     torch.mul(error, update, out=projection)
+    torch.mul(error, reference.values, out=radial)
     update.square_()
     error.square_()
-    update_squared, error_squared, projections = layout.sum_rows(rows)
+    update_squared, error_squared, projections, radials = layout.sum_rows(rows)
     return tuple(
         _comparison(
             name,
@@ -164,6 +165,7 @@ def compare_weights(
             update_squared=update_squared[i],
             error_squared=error_squared[i],
             projection=projections[i],
+            radial=radials[i],
         )
         for i, (name, count) in enumerate(zip(layout.names, layout.counts, strict=True))
     )
@@ -179,6 +181,7 @@ def _comparison(
     update_squared: float,
     error_squared: float,
     projection: float,
+    radial: float,
 ) -> ParameterComparison:
     if not candidate.finite[index]:
         return ParameterComparison(
@@ -194,10 +197,14 @@ def _comparison(
             noise=math.inf,
             non_finite=True,
         )
+    weight_squared = reference.squares[index]
+    radial_shift: float | None = None
     if update_squared > 0:
         bias: float | None = projection / update_squared
         residual = max(error_squared - projection * projection / update_squared, 0.0)
         noise = math.sqrt(residual / update_squared)
+        if weight_squared > 0:
+            radial_shift = radial / math.sqrt(weight_squared * update_squared)
     else:
         bias = None
         noise = math.inf if error_squared > 0 else 0.0
@@ -212,4 +219,5 @@ def _comparison(
         error_norm=math.sqrt(error_squared),
         bias=bias,
         noise=noise,
+        radial=radial_shift,
     )

@@ -121,3 +121,40 @@ def test_violation_ratio_puts_the_value_beside_its_limit() -> None:
     assert Violation(1, "w", "noise", 3.0, 2.0).ratio == 1.5
     assert Violation(1, "w", "zeros", 0, 0).ratio == 0.0
     assert Violation(1, "w", "zeros", 2, 0).ratio == math.inf
+
+
+def decayed_weights(parameter: str, factor: float) -> Candidate:
+    """Weight decay applied twice to one parameter: an error along the weights themselves, far
+    smaller than the update (a relative shrink of ``1 - factor`` per step)."""
+
+    def after_step(model: torch.nn.Module) -> None:
+        dict(model.named_parameters())[parameter].mul_(factor)
+
+    return Candidate(f"{parameter} decayed x{factor}", after_step=after_step)
+
+
+def test_a_small_shrink_along_the_weights_is_caught_by_the_radial_shift(
+    workload: Workload, region: Region
+) -> None:
+    verdict = judge(cosimulate(workload, decayed_weights("fc2.weight", 1 - 2.5e-5)), region)
+    first = verdict.first_violation
+    assert first is not None
+    assert first.parameter == "fc2.weight"
+    assert "radial shift" in first.check
+    assert first.value < 0
+    bias_checks = [v for v in verdict.violations if "bias" in v.check]
+    assert bias_checks == [], "the shrink is too small to show along the update"
+
+
+def test_noise_limits_extrapolate_a_heavy_tailed_calibration() -> None:
+    from pytest_convergence.regions import NOISE_MARGIN, Z_LIMIT, _noise_limit
+
+    steady = [1.0, 1.1, 0.9, 1.05, 0.95]
+    assert _noise_limit(steady) == pytest.approx(NOISE_MARGIN * 1.1)
+    heavy = [0.01, 1.0, 0.1, 0.5, 0.02]
+    logs = [math.log(x) for x in heavy]
+    mean = sum(logs) / len(logs)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / (len(logs) - 1))
+    assert _noise_limit(heavy) == pytest.approx(math.exp(mean + Z_LIMIT * sd))
+    assert _noise_limit(heavy) > NOISE_MARGIN * 1.0
+    assert _noise_limit([0.3, 0.0]) == pytest.approx(NOISE_MARGIN * 0.3)

@@ -81,3 +81,17 @@ def test_comparisons_split_the_error_into_bias_along_the_update_and_noise_across
     assert comparison.bias == pytest.approx(0.5)
     assert comparison.noise == pytest.approx(0.5)
     assert comparison.relative_error == pytest.approx(math.sqrt(0.5))
+
+
+def test_the_radial_shift_is_the_error_along_the_weights_relative_to_the_update() -> None:
+    start = [torch.tensor([3.0, 4.0])]
+    reference = [torch.tensor([3.0, 5.0])]  # update (0, 1), weights of norm sqrt(34)
+    shrunk = [torch.tensor([3.0, 5.0]) * 0.99]  # error -0.01 * weights: a weight-decay error
+    layout = ParameterLayout(["w"], start)
+    flat = [FlatWeights.of(layout, t) for t in (start, reference, shrunk)]
+    (comparison,) = compare_weights(layout, *flat)
+    assert comparison.radial == pytest.approx(-0.01 * math.sqrt(34), rel=1e-5)
+    sideways = [torch.tensor([3.0 + 5.0 / 34, 5.0 - 3.0 / 34])]  # error orthogonal to weights
+    (orthogonal,) = compare_weights(layout, flat[0], flat[1], FlatWeights.of(layout, sideways))
+    assert orthogonal.radial == pytest.approx(0.0, abs=1e-6)  # float32 rounding
+    assert orthogonal.noise > 0
