@@ -120,6 +120,7 @@ class ConvergenceChecker:
             replay=lambda step: replay_step(resolved, candidate, step),
             known_good=known_good.name if known_good else None,
             label=label,
+            report_candidate=candidate,
         )
 
     def judge_run(
@@ -133,10 +134,15 @@ class ConvergenceChecker:
         replay: Callable[[int], ReplayFinding] | None = None,
         known_good: str | None = None,
         label: str | None = None,
+        report_candidate: Candidate | None = None,
     ) -> CheckResult:
         """The part of a check shared by every way of producing a co-simulation (one process,
         DDP): load or record the baseline at ``path`` (``known_good``: the candidate its region
-        is calibrated against, for provenance), run, judge, report, keep the result."""
+        is calibrated against, for provenance), run, judge, report, keep the result.
+
+        ``report_candidate``: the candidate, re-run on ``workload`` for the report folder's
+        loss-landscape and norm plots; None where it cannot run in this process (a DDP hook),
+        and the folder has the trace and LoGM plot only."""
         __tracebackhide__ = True
         if self.options.record:
             stored = self._record(workload, path, known_good, calibrate_region)
@@ -153,16 +159,26 @@ class ConvergenceChecker:
             recorded=self.options.record,
         )
         self.results.append(result)
-        context = self._context(path, stored, label)
+        # assert_within_region writes the report before it formats the message, which lists
+        # the files written.
+        written: list[Path] = []
+        context = self._context(path, stored, label, written)
+
+        def on_failure(failed: Verdict) -> None:
+            written.extend(
+                self._write_report(
+                    simulation,
+                    stored.region,
+                    failed,
+                    label,
+                    workload=workload,
+                    candidate=report_candidate,
+                )
+            )
+
         try:
             verdict = assert_within_region(
-                simulation,
-                stored.region,
-                context,
-                replay=replay,
-                on_failure=lambda failed: self._write_report(
-                    simulation, stored.region, failed, label
-                ),
+                simulation, stored.region, context, replay=replay, on_failure=on_failure
             )
         except ConvergenceError as error:
             result.verdict = "failed"
@@ -173,7 +189,14 @@ class ConvergenceChecker:
             raise
         result.worst_ratio = verdict.worst_ratio
         if self.options.always_report:
-            self._write_report(simulation, stored.region, verdict, label)
+            self._write_report(
+                simulation,
+                stored.region,
+                verdict,
+                label,
+                workload=workload,
+                candidate=report_candidate,
+            )
         return result
 
     def resolve(
@@ -255,7 +278,9 @@ class ConvergenceChecker:
             self.changes[path] = changes
         return stored
 
-    def _context(self, path: Path, stored: Baseline, label: str | None) -> FailureContext:
+    def _context(
+        self, path: Path, stored: Baseline, label: str | None, report_files: list[Path]
+    ) -> FailureContext:
         calibration = stored.region.calibration
         provenance = stored.provenance
         runs = len(calibration.seeds) * calibration.draws
@@ -271,6 +296,7 @@ class ConvergenceChecker:
             reproduce=self._reproduce(label),
             rerecord=self._rerecord(label),
             report_dir=self._report_folder(label),
+            report_files=report_files,
         )
 
     def _reproduce(self, label: str | None) -> str:
@@ -286,11 +312,27 @@ class ConvergenceChecker:
         return self.options.report_dir / name
 
     def _write_report(
-        self, run: CoSimulation, region: Region, verdict: Verdict, label: str | None
-    ) -> None:
+        self,
+        run: CoSimulation,
+        region: Region,
+        verdict: Verdict,
+        label: str | None,
+        *,
+        workload: Workload,
+        candidate: Candidate | None,
+    ) -> list[Path]:
+        """The report folder's files, if reports are on; diagnostics need the ``candidate``."""
         folder = self._report_folder(label)
-        if folder is not None:
-            write_report(run, region, verdict, folder)
+        if folder is None:
+            return []
+        return write_report(
+            run,
+            region,
+            verdict,
+            folder,
+            workload=workload if candidate is not None else None,
+            candidate=candidate,
+        )
 
 
 def _parse_dtype(name: str) -> torch.dtype:

@@ -78,7 +78,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--convergence-report",
         choices=REPORT_MODES,
         default="failures",
-        help="write a report folder (JSON trace, LoGM plot) for failures (default) or always.",
+        help="write a report folder (JSON trace, LoGM, loss-landscape and norm plots) for "
+        "failures (default) or always.",
     )
     group.addoption(
         "--convergence-report-dir",

@@ -2,23 +2,32 @@
 
 The message answers, in order: did the candidate leave the region; where first (step,
 parameter, module); by how much; how widespread; what the region tolerates; what to run next.
-The report folder keeps the JSON trace and a plot for a reviewer who was not at the terminal.
+The report folder keeps the JSON trace and a plot for a reviewer who was not at the terminal,
+and, where the candidate can be re-run in this process, the loss-landscape slice and norm
+evolution of :mod:`diagnostics`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pytest_convergence.candidates import Candidate
 from pytest_convergence.regions import Region, Verdict, Violation
 from pytest_convergence.replay import ReplayFinding
 from pytest_convergence.traces import CoSimulation, ParameterComparison
+from pytest_convergence.workloads import Workload
 
 __all__ = ["FailureContext", "format_failure", "write_report"]
 
 TABLE_ROWS = 10
+NOTES_FILE = "notes.txt"
+# Written by a diagnostic, or in its place: removed before a report is (re)written into a
+# folder, so a file left by an earlier run never sits beside a newer trace.
+DIAGNOSTIC_FILES = ("landscape.png", "landscape.json", "norms.png", "norms.json", NOTES_FILE)
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,9 @@ class FailureContext:
     reproduce: str
     rerecord: str
     report_dir: Path | None = None
+    # The files written into ``report_dir``. The checker fills this list when it writes the
+    # report, which happens before the message is formatted.
+    report_files: Sequence[Path] = ()
 
 
 def format_failure(
@@ -57,7 +69,7 @@ def format_failure(
         f"Region calibrated against: {region.calibration.description}; {context.provenance}"
     )
     if context.report_dir is not None:
-        lines.append(f"Report: {context.report_dir}")
+        lines.append(_report_line(context))
     lines.append(f"Reproduce:  {context.reproduce}")
     lines.append(f"If intended: {context.rerecord}  (review the diff, commit)")
     return "\n".join(lines)
@@ -79,6 +91,16 @@ def _first_violation_lines(run: CoSimulation, first: Violation, context: Failure
             f"{parameter.candidate_logm:.5f}, |diff| {abs(parameter.logm_gap):.2e}"
         )
     return f"{head}\n{detail}"
+
+
+def _report_line(context: FailureContext) -> str:
+    names = [path.name for path in context.report_files]
+    line = f"Report: {context.report_dir}"
+    if names:
+        line += f" ({', '.join(names)})"
+    if NOTES_FILE in names:
+        line += f"; {NOTES_FILE} says which diagnostics could not be computed"
+    return line
 
 
 def _spread_line(verdict: Verdict) -> str:
@@ -146,13 +168,100 @@ def _logm_text(value: float | None) -> str:
 
 
 def write_report(
-    run: CoSimulation, region: Region | None, verdict: Verdict | None, folder: Path
+    run: CoSimulation,
+    region: Region | None,
+    verdict: Verdict | None,
+    folder: Path,
+    *,
+    workload: Workload | None = None,
+    candidate: Candidate | None = None,
 ) -> list[Path]:
-    """Trace as JSON and a plot of per-step LoGM with the region band; returns the files."""
+    """Trace as JSON and a plot of per-step LoGM with the region band; returns the files.
+
+    Given the ``workload`` and ``candidate`` that produced ``run``, also the loss-landscape
+    slice at the first failing step (the worst step of a passing run) and the per-layer norm
+    evolution, each as a PNG and its JSON. A diagnostic that cannot be computed (a candidate
+    whose weights are NaN at that step, say) leaves its reason in ``notes.txt`` instead: a report
+    is never lost to a diagnostic.
+    """
+    if (workload is None) != (candidate is None):
+        raise ValueError(
+            "write_report: pass both workload= and candidate= (for the diagnostics) or neither"
+        )
     folder.mkdir(parents=True, exist_ok=True)
+    for name in DIAGNOSTIC_FILES:
+        (folder / name).unlink(missing_ok=True)
     written = [run.write(folder / "trace.json")]
     written.append(_plot_logm(run, region, folder / "logm.png"))
+    if workload is not None and candidate is not None:
+        written += _write_diagnostics(run, verdict, workload, candidate, folder)
     return written
+
+
+def _write_diagnostics(
+    run: CoSimulation,
+    verdict: Verdict | None,
+    workload: Workload,
+    candidate: Candidate,
+    folder: Path,
+) -> list[Path]:
+    from pytest_convergence import diagnostics
+
+    step = _diagnosed_step(run, verdict)
+    highlight = verdict.first_violation.parameter if verdict and verdict.first_violation else None
+    # Each file is listed as soon as it exists: a plot that fails keeps its JSON listed.
+    written: list[Path] = []
+
+    def landscape() -> None:
+        if step is None:
+            raise ValueError("no step ran, so there is no step to slice")
+        found = diagnostics.loss_landscape_slice(workload, candidate, step)
+        written.append(_write_text(folder / "landscape.json", found.to_json()))
+        written.append(diagnostics.plot_landscape(found, folder / "landscape.png"))
+
+    def norms() -> None:
+        evolution = diagnostics.free_running_norms(run, workload, candidate)
+        written.append(_write_text(folder / "norms.json", evolution.to_json()))
+        written.append(
+            diagnostics.plot_norm_evolution(evolution, folder / "norms.png", highlight=highlight)
+        )
+
+    notes = [
+        note
+        for files, write in (
+            ("landscape.png, landscape.json", landscape),
+            ("norms.png, norms.json", norms),
+        )
+        if (note := _attempt(files, write)) is not None
+    ]
+    if notes:
+        written.append(_write_text(folder / NOTES_FILE, "\n\n".join(notes) + "\n"))
+    return written
+
+
+def _attempt(files: str, write: Callable[[], None]) -> str | None:
+    """Run one diagnostic; on any error, a note with its reason and traceback instead."""
+    try:
+        write()
+    except Exception as error:  # a diagnostic must never cost the verdict its report
+        return f"{files}: not written, {type(error).__name__}: {error}\n\n" + "".join(
+            traceback.format_exception(type(error), error, error.__traceback__)
+        )
+    return None
+
+
+def _write_text(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _diagnosed_step(run: CoSimulation, verdict: Verdict | None) -> int | None:
+    """The first failing step; for a passing run, the step of its worst check, else the last."""
+    if verdict is not None:
+        worst = verdict.first_violation or verdict.worst
+        if worst is not None:
+            return worst.step
+    return run.comparisons[-1].step if run.comparisons else None
 
 
 def _plot_logm(run: CoSimulation, region: Region | None, path: Path) -> Path:

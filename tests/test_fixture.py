@@ -110,7 +110,14 @@ def test_a_divergent_candidate_fails_with_a_co_simulation_diff_and_a_report(
     )
     reports = list((project.path / "convergence-report").iterdir())
     assert len(reports) == 1
-    assert {p.name for p in reports[0].iterdir()} == {"trace.json", "logm.png"}
+    assert {p.name for p in reports[0].iterdir()} == {
+        "trace.json",
+        "logm.png",
+        "landscape.json",
+        "landscape.png",
+        "norms.json",
+        "norms.png",
+    }
 
 
 def test_nothing_is_written_in_ci_unless_recording_is_asked_for(
