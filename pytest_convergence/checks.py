@@ -287,7 +287,7 @@ class ConvergenceChecker:
         summary = (
             f"{runs} runs (seeds {', '.join(map(str, calibration.seeds))}), "
             f"{calibration.steps} steps, torch {provenance.torch_version}, {provenance.dtype} on "
-            f"{provenance.device}, {provenance.threads} threads, "
+            f"{provenance.device}, {provenance.threads} thread{_plural(provenance.threads)}, "
             f"pytest-convergence {provenance.plugin_version}"
         )
         return FailureContext(
@@ -333,6 +333,10 @@ class ConvergenceChecker:
             workload=workload if candidate is not None else None,
             candidate=candidate,
         )
+
+
+def _plural(count: int) -> str:
+    return "" if count == 1 else "s"
 
 
 def _parse_dtype(name: str) -> torch.dtype:

@@ -115,7 +115,7 @@ def _spread_line(verdict: Verdict) -> str:
 
 def _violation_table(run: CoSimulation, violations: Sequence[Violation]) -> list[str]:
     header = (
-        f"  {'step':>4}  {'parameter':<28} {'check':<36} {'value':>10} {'limit':>10}"
+        f"  {'step':>4}  {'parameter':<28} {'check':<42} {'value':>10} {'limit':>10}"
         f" {'ref LoGM':>10} {'cand LoGM':>10}"
     )
     rows = [header]
@@ -124,7 +124,7 @@ def _violation_table(run: CoSimulation, violations: Sequence[Violation]) -> list
         ref_logm = _logm_text(comparison.reference_logm if comparison else None)
         cand_logm = _logm_text(comparison.candidate_logm if comparison else None)
         rows.append(
-            f"  {violation.step:>4}  {violation.parameter:<28.28} {violation.check:<36.36} "
+            f"  {violation.step:>4}  {violation.parameter:<28.28} {violation.check:<42.42} "
             f"{_number(violation.value):>10} {_number(violation.limit):>10} "
             f"{ref_logm:>10} {cand_logm:>10}"
         )
