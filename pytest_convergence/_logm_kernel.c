@@ -134,9 +134,12 @@ MULTIVERSION static int f64_block(const uint64_t *words, Totals *t, double *prod
         u64x4 w[4];
         memcpy(w, words + i, sizeof w);
         for (int k = 0; k < 4; k++) {
-            u64x4 field = (w[k] & UINT64_C(0x7FFFFFFFFFFFFFFF)) >> 52;
-            special |= (i64x4)((field - 1u) >= 2046u);
-            exponents += (i64x4)field;
+            u64x4 magnitude = w[k] & UINT64_C(0x7FFFFFFFFFFFFFFF);
+            /* Normal nonzero finite: DBL_MIN <= |x| <= DBL_MAX (false for NaN). A floating
+             * compare, because 64-bit integer compares are slow or missing before AVX-512. */
+            f64x4 value = (f64x4)magnitude;
+            special |= ~((value >= 0x1p-1022) & (value <= 0x1.fffffffffffffp+1023));
+            exponents += (i64x4)(magnitude >> 52);
         }
         a *= MANTISSAS_F64(w[0]);
         b *= MANTISSAS_F64(w[1]);
@@ -244,8 +247,62 @@ static PyObject *log2_sum(PyObject *self, PyObject *args) {
                          (long long)totals.nans, (long long)totals.infs);
 }
 
+PyDoc_STRVAR(segment_log2_sums_doc,
+    "segment_log2_sums(buffer, itemsize, ends, out) -> None\n\n"
+    "Per segment of a float32 or float64 buffer (segment i ends before ends[i], an int64\n"
+    "buffer), writes exponent sum, mantissa log2 sum, zero count and non-finite count into\n"
+    "row i of out (a float64 buffer of 4 * len(ends) values). One call for all of a model's\n"
+    "parameters, flattened: per-step tracing costs one pass, not one call per parameter.");
+
+static PyObject *segment_log2_sums(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer view, ends_view, out_view;
+    int itemsize;
+    if (!PyArg_ParseTuple(args, "y*iy*w*", &view, &itemsize, &ends_view, &out_view)) return NULL;
+    Py_ssize_t segments = ends_view.len / (Py_ssize_t)sizeof(int64_t);
+    Py_ssize_t n = itemsize > 0 ? view.len / itemsize : 0;
+    const int64_t *ends = (const int64_t *)ends_view.buf;
+    int valid = (itemsize == 4 || itemsize == 8) && view.len % itemsize == 0 &&
+                out_view.len >= segments * 4 * (Py_ssize_t)sizeof(double);
+    for (Py_ssize_t i = 0; valid && i < segments; i++) {
+        if (ends[i] < (i ? ends[i - 1] : 0) || ends[i] > n) valid = 0;
+    }
+    if (!valid) {
+        PyBuffer_Release(&view);
+        PyBuffer_Release(&ends_view);
+        PyBuffer_Release(&out_view);
+        PyErr_SetString(PyExc_ValueError,
+                        "segment_log2_sums needs a float32/float64 buffer, non-decreasing int64 "
+                        "segment ends within it, and 4 float64 outputs per segment");
+        return NULL;
+    }
+    double *out = (double *)out_view.buf;
+    Py_BEGIN_ALLOW_THREADS
+    int64_t start = 0;
+    for (Py_ssize_t i = 0; i < segments; i++) {
+        Totals t = {0, 0.0, 0, 0, 0, 0};
+        Py_ssize_t length = (Py_ssize_t)(ends[i] - start);
+        if (itemsize == 4) {
+            f32_log2_sum((const uint32_t *)view.buf + start, length, &t);
+        } else {
+            f64_log2_sum((const uint64_t *)view.buf + start, length, &t);
+        }
+        out[4 * i] = (double)t.exponent_sum;
+        out[4 * i + 1] = t.mantissa_log2;
+        out[4 * i + 2] = (double)t.zeros;
+        out[4 * i + 3] = (double)(t.nans + t.infs);
+        start = ends[i];
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    PyBuffer_Release(&ends_view);
+    PyBuffer_Release(&out_view);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"log2_sum", log2_sum, METH_VARARGS, log2_sum_doc},
+    {"segment_log2_sums", segment_log2_sums, METH_VARARGS, segment_log2_sums_doc},
     {NULL, NULL, 0, NULL},
 };
 

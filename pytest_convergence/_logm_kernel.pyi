@@ -7,3 +7,6 @@ from numpy.typing import NDArray
 def log2_sum(
     buffer: NDArray[Any] | bytes | memoryview, itemsize: int, /
 ) -> tuple[int, float, int, int, int, int]: ...
+def segment_log2_sums(
+    buffer: NDArray[Any], itemsize: int, ends: NDArray[Any], out: NDArray[Any], /
+) -> None: ...

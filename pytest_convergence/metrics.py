@@ -44,11 +44,13 @@ __all__ = [
     "ParameterLogm",
     "ParameterStats",
     "WeightsLike",
+    "compiled_kernel_available",
     "logm",
     "logm_sum",
     "named_weights",
     "parameter_logms",
     "parameter_stats",
+    "segment_log2_sums",
 ]
 
 WeightsLike: TypeAlias = "torch.nn.Module | Mapping[str, Any] | torch.Tensor | NDArray[Any]"
@@ -252,6 +254,13 @@ def _compiled_log10_sum(tensor: torch.Tensor, name: str) -> LogmSum:
     if nans or infs:
         raise NonFiniteWeightError(name, nan_count=nans, inf_count=infs)
     return LogmSum((exponents + mantissas) * LOG10_2, nonzero, zeros)
+
+
+def segment_log2_sums(values: NDArray[Any], ends: NDArray[Any], out: NDArray[Any]) -> None:
+    """Row i of ``out``: exponent sum, mantissa log2 sum, zeros and non-finite count of
+    ``values[ends[i-1]:ends[i]]`` (float32 or float64, C-contiguous), by the compiled kernel."""
+    assert _logm_kernel is not None, "check compiled_kernel_available() first"
+    _logm_kernel.segment_log2_sums(values, values.itemsize, ends, out)
 
 
 def _native(tensor: torch.Tensor) -> bool:

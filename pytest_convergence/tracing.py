@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pytest_convergence import metrics
 from pytest_convergence.traces import ParameterComparison, ParameterStep, StepTrace
 
 __all__ = ["FlatWeights", "ParameterLayout", "compare_weights", "step_trace"]
@@ -31,6 +32,7 @@ class ParameterLayout:
         ends = list(itertools.accumulate(self.counts))
         self._bounds = list(zip([0, *ends[:-1]], ends, strict=True))
         self._starts = np.array([start for start, _ in self._bounds], dtype=np.int64)
+        self._ends = np.array(ends, dtype=np.int64)
         self._size = ends[-1] if ends else 0
         self._device = tensors[0].device if tensors else torch.device("cpu")
         self._rows = torch.empty(4, self._size, dtype=torch.float64, device=self._device)
@@ -59,6 +61,18 @@ class ParameterLayout:
         per_parameter = torch.stack([rows[:, a:b].sum(dim=1) for a, b in self._bounds], dim=1)
         return per_parameter.tolist()  # type: ignore[no-any-return,unused-ignore]
 
+    def log10_sums(self, values: torch.Tensor) -> tuple[list[float], list[int]]:
+        """Per-parameter sums of log10|w| over nonzero weights, and zero counts, of a flat CPU
+        vector, by the compiled kernel (non-finite weights give a NaN sum, as the tensor path
+        does: the verdict reports them)."""
+        out = np.empty((len(self._ends), 4), dtype=np.float64)
+        array = values.numpy()
+        metrics.segment_log2_sums(array, self._ends, out)
+        log10_sums = ((out[:, 0] + out[:, 1]) * metrics.LOG10_2).tolist()
+        for index in np.flatnonzero(out[:, 3]).tolist():
+            log10_sums[index] = math.nan
+        return log10_sums, out[:, 2].astype(np.int64).tolist()
+
     def sums(self, *vectors: torch.Tensor) -> list[list[float]]:
         """Per-parameter sums of each flat vector."""
         rows = self.rows(len(vectors))
@@ -79,13 +93,20 @@ class FlatWeights:
     @classmethod
     def of(cls, layout: ParameterLayout, tensors: Sequence[torch.Tensor]) -> FlatWeights:
         values = layout.flatten(tensors)
+        if values.device.type == "cpu" and metrics.compiled_kernel_available():
+            # One pass of the compiled kernel over all parameters: no float64 log10 at all.
+            log10_sums, zeros = layout.log10_sums(values)
+            rows = layout.rows(1)
+            torch.square(values, out=rows[0])
+            (squares,) = layout.sum_rows(rows)
+            return cls(values, log10_sums, zeros, squares)
         zero = values == 0
         rows = layout.rows(3)
         torch.abs(values, out=rows[0]).masked_fill_(zero, 1.0).log10_()
         rows[1].copy_(zero)
         torch.square(values, out=rows[2])
-        log10_sums, zeros, squares = layout.sum_rows(rows)
-        return cls(values, log10_sums, [int(z) for z in zeros], squares)
+        log10_sums, zero_sums, squares = layout.sum_rows(rows)
+        return cls(values, log10_sums, [int(z) for z in zero_sums], squares)
 
     @property
     def finite(self) -> list[bool]:
