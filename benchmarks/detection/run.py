@@ -73,11 +73,13 @@ def run_workload(
     base = get_workload(name)
     steps = base.steps
 
+    specs = [spec for spec in specs if spec.runs_on(name)]
     start = time.perf_counter()
     regions: dict[str, Region] = {"default": calibrate(base)}
     default_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    regions["int8"] = calibrate(base, candidate=int8_exchange())
+    if any(spec.region == "int8" for spec in specs):
+        regions["int8"] = calibrate(base, candidate=int8_exchange())
     int8_seconds = time.perf_counter() - start
     if log:
         print(
@@ -129,7 +131,7 @@ def run_workload(
         paper_seconds,
         reference_seconds,
         default_region=regions["default"].calibration.description,
-        int8_region=regions["int8"].calibration.description,
+        int8_region=regions["int8"].calibration.description if "int8" in regions else "-",
         paper_diverged_runs=sum(p.diverged_runs for p in paper.values()),
     )
     return outcomes, cost
@@ -283,6 +285,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--seeds", type=int, default=5, help="held-out seeds from 100")
     parser.add_argument(
+        "--suite",
+        choices=("main", "seeds"),
+        default="main",
+        help="main: the generic candidates on the paper's models; seeds: the seed papers' "
+        "workloads (quantized, pruned, parameterized, large-batch) with their own candidates; "
+        "each writes its own block of the --out file",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="smoke run: lenet5, 1 seed, a few candidates"
     )
     parser.add_argument("--out", type=Path, help="write the tables into this markdown file")
@@ -292,6 +302,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     names = [n for n in args.workloads.split(",") if n]
     specs: Sequence[suite.Spec] = suite.SPECS
+    if args.suite == "seeds":
+        specs = suite.SEED_SPECS
+        if args.workloads == ",".join(DEFAULT_WORKLOADS):
+            names = list(suite.SEED_WORKLOADS)
     seeds = list(range(FIRST_SEED, FIRST_SEED + args.seeds))
     if args.quick:
         names = ["lenet5"] if args.workloads == ",".join(DEFAULT_WORKLOADS) else names[:1]
@@ -335,10 +349,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         quick=args.quick,
     )
-    text = report.render(outcomes, costs, context)
+    text = report.render(outcomes, costs, context, block=args.suite)
     print(text)
     if args.out is not None:
-        report.write(args.out, text)
+        report.write(args.out, text, block=args.suite)
         print(f"wrote {args.out}")
     if args.json is not None:
         _write_json(args.json, dataclasses.asdict(context), costs, outcomes)

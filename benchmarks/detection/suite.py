@@ -17,6 +17,7 @@ from torch import nn
 from pytest_convergence.candidates import Candidate
 from pytest_convergence.workloads import Workload
 from pytest_convergence.zoo import candidates as zoo
+from pytest_convergence.zoo import large_batch, parameterizations, pruning, quantized
 
 Kind = Literal["bug", "clean", "gray"]
 RegionName = Literal["default", "int8"]
@@ -77,6 +78,11 @@ class Spec:
     build: Callable[[Workload], Candidate]
     applies: Callable[[nn.Module], str | None] = always
     affected: Callable[[Workload], list[str]] | None = None
+    # Workloads the row exists for (a candidate written for one training recipe); empty: all.
+    workloads: tuple[str, ...] = ()
+
+    def runs_on(self, workload: str) -> bool:
+        return not self.workloads or workload in self.workloads
 
 
 def _fixed(factory: Callable[[], Candidate]) -> Callable[[Workload], Candidate]:
@@ -138,6 +144,107 @@ SPECS: tuple[Spec, ...] = (
         "int8",
         _fixed(lambda: zoo.int8_exchange(last_partition_scale=2.0)),
         affected=last_partition,
+    ),
+)
+
+# The seeds' workloads (issue 6): each with its own legitimate candidate and realistic bug, plus
+# two generic legitimate variants that apply to every recipe.
+SEED_WORKLOADS = (
+    "binaryconnect-mlp",
+    "stochastic-rounding-lenet5",
+    "pruned-vgg16-mini",
+    "diracnet-mini",
+    "symmetric-mlp",
+    "large-batch-lenet5",
+    "mixup-lenet5",
+)
+_LARGE_BATCH = ("large-batch-lenet5", "mixup-lenet5")
+SEED_SPECS: tuple[Spec, ...] = (
+    Spec("threads-1", "clean", "default", _fixed(lambda: zoo.thread_count(1))),
+    Spec("unfold-conv2d", "clean", "default", _fixed(zoo.unfold_conv2d), has_conv),
+    Spec(
+        "popcount-binary-linear",
+        "clean",
+        "default",
+        _fixed(quantized.popcount_binary_linear),
+        workloads=("binaryconnect-mlp",),
+    ),
+    Spec(
+        "binarized-weight-update",
+        "bug",
+        "default",
+        _fixed(quantized.binarized_weight_update),
+        workloads=("binaryconnect-mlp",),
+    ),
+    Spec(
+        "fused-stochastic-rounding",
+        "clean",
+        "default",
+        _fixed(quantized.fused_stochastic_rounding),
+        workloads=("stochastic-rounding-lenet5",),
+    ),
+    Spec(
+        "round-to-nearest",
+        "bug",
+        "default",
+        _fixed(quantized.round_to_nearest),
+        workloads=("stochastic-rounding-lenet5",),
+    ),
+    Spec(
+        "physically-smaller-model",
+        "clean",
+        "default",
+        _fixed(pruning.physically_smaller_model),
+        workloads=("pruned-vgg16-mini",),
+    ),
+    Spec(
+        "mask-not-reapplied",
+        "bug",
+        "default",
+        _fixed(pruning.mask_not_reapplied),
+        workloads=("pruned-vgg16-mini",),
+    ),
+    Spec(
+        "dirac-folded",
+        "clean",
+        "default",
+        _fixed(parameterizations.dirac_folded),
+        workloads=("diracnet-mini",),
+    ),
+    Spec(
+        "dirac-wrong-normalization-axis",
+        "bug",
+        "default",
+        _fixed(parameterizations.dirac_wrong_normalization_axis),
+        workloads=("diracnet-mini",),
+    ),
+    Spec(
+        "symmetric-unfolded",
+        "clean",
+        "default",
+        _fixed(parameterizations.symmetric_unfolded),
+        workloads=("symmetric-mlp",),
+    ),
+    Spec(
+        "symmetric-diagonal-counted-twice",
+        "bug",
+        "default",
+        _fixed(parameterizations.symmetric_diagonal_counted_twice),
+        workloads=("symmetric-mlp",),
+    ),
+    Spec(
+        "gradient-accumulation-4",
+        "clean",
+        "default",
+        _fixed(lambda: large_batch.gradient_accumulation(4)),
+        workloads=_LARGE_BATCH,
+    ),
+    Spec(
+        "accumulation-without-division-4",
+        "bug",
+        "default",
+        _fixed(lambda: zoo.accumulation_without_division(4)),
+        workloads=_LARGE_BATCH,
     ),
 )
 
