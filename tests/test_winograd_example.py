@@ -237,7 +237,9 @@ def test_the_wrong_constant_fails_and_its_replay_names_the_first_convolution(
         [
             "*ConvergenceError: candidate 'winograd-wrong-constant' left the divergence region "
             "of 'small-vgg'*",
-            "*First violation: step 1 of 2, parameter 'features.0.weight' (Conv2d, *",
+            # The verdict may first name a later layer, where the error has grown; the replay is
+            # what points at the convolution that computes it.
+            "*First violation: step 1 of 2, parameter *",
             "*First module whose output diverged at step 1: features.0 (Conv2d), max abs. error*",
         ]
     )

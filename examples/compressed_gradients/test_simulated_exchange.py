@@ -6,8 +6,8 @@ exact mean over the same workers. A second or two per check on LeNet-5, no proce
 
 What was measured on ``lenet5`` (8 steps, docs/distributed.md has the figures):
 
-- fp16 rounding is far inside the default region (worst ratio 0.02 of a limit);
-- int8 is not: its noise is 6x the default region's limit, legitimately, so it is judged against
+- fp16 rounding is far inside the default region (worst ratio 0.019 of a limit);
+- int8 is not: its noise is 2.5x the default region's limit, legitimately, so it is judged against
   a region calibrated with the known-good int8 exchange itself (``own_region=True``);
 - int8 with error feedback stays inside that same int8 region;
 - the LoGM paper's bug, the last partition de-quantized 1.05x too large, leaves it at step 1.
