@@ -207,6 +207,25 @@ class _Implementation:
         return torch.stack(losses).mean()
 
 
+@dataclass(frozen=True)
+class _RandomState:
+    """The CPU generator's state and, once CUDA is in use, every device's."""
+
+    cpu: torch.Tensor
+    cuda: list[torch.Tensor] | None
+
+    @classmethod
+    def capture(cls) -> _RandomState:
+        cuda = torch.cuda.get_rng_state_all() if _cuda_initialized() else None
+        return cls(torch.get_rng_state(), cuda)
+
+    def restore(self) -> None:
+        """Back to this state: the same dropout masks, the same draws."""
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
 @dataclass
 class _State:
     """Everything a step depends on, captured before the reference takes it."""
@@ -214,8 +233,7 @@ class _State:
     parameters: list[torch.Tensor]
     buffers: dict[str, torch.Tensor]
     optimizer: dict[str, object]
-    rng: torch.Tensor
-    cuda_rng: list[torch.Tensor] | None
+    rng: _RandomState
 
     @classmethod
     def capture(cls, implementation: _Implementation) -> _State:
@@ -225,8 +243,7 @@ class _State:
             buffers={n: b.detach().clone() for n, b in model.named_buffers()},
             # Optimizer.state_dict() returns live momentum buffers: copy, never share.
             optimizer=copy.deepcopy(implementation.optimizer.state_dict()),
-            rng=torch.get_rng_state(),
-            cuda_rng=torch.cuda.get_rng_state_all() if _cuda_initialized() else None,
+            rng=_RandomState.capture(),
         )
 
     def restore(self, implementation: _Implementation) -> None:
@@ -248,9 +265,7 @@ class _State:
         optimizer.load_state_dict(copy.deepcopy(self.optimizer))
         for group, options in zip(optimizer.param_groups, own_options, strict=True):
             group.update(options)
-        torch.set_rng_state(self.rng)
-        if self.cuda_rng is not None:
-            torch.cuda.set_rng_state_all(self.cuda_rng)
+        self.rng.restore()
 
 
 @dataclass
@@ -303,6 +318,26 @@ class _CandidateSide:
         )
         self.implementation.optimizer.step()
         self.implementation.after_optimizer_step()
+
+
+@dataclass
+class _StepStart:
+    """Both sides built and the reference trained up to just before ``step``: where a replay or
+    a diagnostic of that step begins."""
+
+    reference: _Implementation
+    side: _CandidateSide
+    batch: Batch
+    state: _State
+
+
+def _start_of_step(workload: Workload, candidate: Candidate, step: int) -> _StepStart:
+    reference = _Implementation.build(workload, _reference_side(candidate))
+    side = _CandidateSide.build(workload, reference, candidate)
+    batches = workload.make_batches()
+    for index in range(step - 1):
+        reference.train_step(batches[index], index + 1, keep_gradients=False)
+    return _StepStart(reference, side, batches[step - 1], _State.capture(reference))
 
 
 def _check_same_parameters(reference: nn.Module, candidate: nn.Module, name: str) -> None:

@@ -40,11 +40,9 @@ from torch import nn
 
 from pytest_convergence.candidates import Candidate
 from pytest_convergence.cosim import (
-    _CandidateSide,
-    _cuda_initialized,
     _Implementation,
-    _reference_side,
-    _State,
+    _RandomState,
+    _start_of_step,
     train,
 )
 from pytest_convergence.errors import NonFiniteWeightError
@@ -232,7 +230,7 @@ class _LossProbe:
     implementation: _Implementation
     batch: Batch
     buffers: dict[str, torch.Tensor]
-    before: _State  # for its RNG states
+    rng: _RandomState  # the step's, so every point sees its dropout masks
 
     def loss(self, weights: Sequence[torch.Tensor]) -> float:
         model = self.implementation.model
@@ -241,9 +239,7 @@ class _LossProbe:
                 parameter.copy_(value)
             for name, buffer in model.named_buffers():
                 buffer.copy_(self.buffers[name])
-            torch.set_rng_state(self.before.rng)
-            if self.before.cuda_rng is not None:
-                torch.cuda.set_rng_state_all(self.before.cuda_rng)
+            self.rng.restore()
             model.train()
             inputs, targets = self.batch
             # Virtual workers (an exchanging candidate's reference) each see their own shard,
@@ -271,20 +267,15 @@ class _StepPoints:
 
 
 def _step_points(workload: Workload, candidate: Candidate, step: int) -> _StepPoints:
-    reference = _Implementation.build(workload, _reference_side(candidate))
-    side = _CandidateSide.build(workload, reference, candidate)
-    batches = workload.make_batches()
-    for index in range(step - 1):
-        reference.train_step(batches[index], index + 1, keep_gradients=False)
-    state = _State.capture(reference)
-    batch = batches[step - 1]
+    start = _start_of_step(workload, candidate, step)
+    reference, side, state, batch = start.reference, start.side, start.state, start.batch
     _, gradients = reference.train_step(batch, step, keep_gradients=True)
     reference_after = _weights(reference.model)
     buffers = {name: b.detach().clone() for name, b in reference.model.named_buffers()}
     side.step_from(state, batch, step, gradients)
     candidate_after = _weights(side.implementation.model)
     _require_finite(reference.model, candidate_after, step)
-    probe = _LossProbe(reference, batch, buffers, state)
+    probe = _LossProbe(reference, batch, buffers, state.rng)
     return _StepPoints(state.parameters, reference_after, candidate_after, probe)
 
 
@@ -332,14 +323,11 @@ def _require_finite(model: nn.Module, weights: Sequence[torch.Tensor], step: int
 @contextlib.contextmanager
 def _rng_preserved() -> Iterator[None]:
     """Diagnostics run after a verdict, in a test that may go on: leave its RNG as found."""
-    cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if _cuda_initialized() else None
+    found = _RandomState.capture()
     try:
         yield
     finally:
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
+        found.restore()
 
 
 def plot_landscape(landscape: LandscapeSlice, path: Path) -> Path:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pytest_convergence.candidates import Candidate
-from pytest_convergence.cosim import _CandidateSide, _Implementation, _reference_side, _State
+from pytest_convergence.cosim import _Implementation, _start_of_step
 from pytest_convergence.workloads import Workload
 
 __all__ = ["Divergence", "ReplayFinding", "replay_step"]
@@ -58,14 +58,10 @@ class ReplayFinding:
 
 def replay_step(workload: Workload, candidate: Candidate, step: int) -> ReplayFinding:
     """Re-run the reference to ``step`` and compare that step's forward and backward."""
-    reference = _Implementation.build(workload, _reference_side(candidate))
-    side = _CandidateSide.build(workload, reference, candidate)
-    batches = workload.make_batches()
-    for index in range(step - 1):
-        reference.train_step(batches[index], index + 1, keep_gradients=False)
-    state = _State.capture(reference)
+    start = _start_of_step(workload, candidate, step)
+    reference, side, state = start.reference, start.side, start.state
     threshold = math.sqrt(torch.finfo(workload.dtype).eps)
-    inputs, targets = batches[step - 1]
+    inputs, targets = start.batch
     state.restore(reference)
     reference_outputs, reference_order = _forward_backward(reference, inputs, targets, None)
     state.restore(side.implementation)
