@@ -254,7 +254,7 @@ def _parameter_region(
     error_scale = tuple(_median(p.relative_error for p in samples) for samples in per_step)
     noise_scale = tuple(_median(p.noise for p in samples) for samples in per_step)
     normalized = [
-        [_normalized_bias(sample, error_scale[s]) for sample in samples]
+        [_normalized(sample.bias, error_scale[s]) for sample in samples]
         for s, samples in enumerate(per_step)
     ]
     center, spread = _centers_and_pooled_spread(normalized, centered=centered)
@@ -328,10 +328,6 @@ def _finite(value: float) -> float:
     return value if math.isfinite(value) else 0.0
 
 
-def _normalized_bias(comparison: ParameterComparison, error_scale: float) -> float | None:
-    return _normalized(comparison.bias, error_scale)
-
-
 def _normalized(component: float | None, error_scale: float) -> float | None:
     """An error component (bias, radial shift) in units of the calibration's typical relative
     error at that step.
@@ -400,7 +396,7 @@ def _check(
         return outcomes
     outcomes.append(Violation(step, name, "update noise", parameter.noise, noise_limit))
     error_scale = bounds.error_scale[index]
-    normalized = _normalized_bias(parameter, error_scale)
+    normalized = _normalized(parameter.bias, error_scale)
     if normalized is not None:
         # A candidate noisier than calibration fluctuates more: widen the spread by its excess
         # noise (the part of its error off the update's direction), but keep measuring the shift
@@ -409,35 +405,24 @@ def _check(
         excess = max(1.0, parameter.noise / max(noise_scale, NOISE_FLOOR))
         score = (normalized - bounds.bias_center[index]) / (bounds.bias_spread * excess)
         history = cumulative.setdefault(name, [])
-        history.append(score)
-        outcomes.append(Violation(step, name, "update bias (z-score)", score, Z_LIMIT))
-        combined = sum(history) / math.sqrt(len(history))
-        outcomes.append(
-            Violation(step, name, f"update bias over steps 1-{step} (z-score)", combined, Z_LIMIT)
-        )
-        outcomes.extend(_radial_checks(step, parameter, bounds, excess, cumulative))
+        outcomes.extend(_z_checks(step, name, "update bias", score, history))
+        # The radial shift, in the same units: a weight-decay, clipping or scale error shrinks
+        # or grows the weights every step the same way, so it adds up over steps too.
+        radial = _normalized(parameter.radial, error_scale)
+        if radial is not None:
+            score = (radial - bounds.radial_center[index]) / (bounds.radial_spread * excess)
+            history = cumulative.setdefault(f"{name}\0radial", [])
+            outcomes.extend(_z_checks(step, name, "radial shift", score, history))
     return outcomes
 
 
-def _radial_checks(
-    step: int,
-    parameter: ParameterComparison,
-    bounds: ParameterRegion,
-    excess: float,
-    cumulative: dict[str, list[float]],
+def _z_checks(
+    step: int, name: str, statistic: str, score: float, history: list[float]
 ) -> list[Violation]:
-    """The radial shift's z-score at this step and over all steps so far: a weight-decay,
-    clipping or scale error shrinks or grows every step the same way, so it adds up."""
-    index = min(step, len(bounds.radial_center)) - 1
-    normalized = _normalized(parameter.radial, bounds.error_scale[index])
-    if normalized is None:
-        return []
-    name = parameter.name
-    score = (normalized - bounds.radial_center[index]) / (bounds.radial_spread * excess)
-    history = cumulative.setdefault(f"{name}\0radial", [])
+    """A z-score at this step, and combined with this parameter's earlier ones (Stouffer)."""
     history.append(score)
     combined = sum(history) / math.sqrt(len(history))
     return [
-        Violation(step, name, "radial shift (z-score)", score, Z_LIMIT),
-        Violation(step, name, f"radial shift over steps 1-{step} (z-score)", combined, Z_LIMIT),
+        Violation(step, name, f"{statistic} (z-score)", score, Z_LIMIT),
+        Violation(step, name, f"{statistic} over steps 1-{step} (z-score)", combined, Z_LIMIT),
     ]
