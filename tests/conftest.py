@@ -1,10 +1,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import settings
+
+from pytest_convergence import metrics
 
 pytest_plugins = ["pytester"]
 
@@ -24,6 +28,21 @@ def _import_lazy_torch_modules() -> None:
 
 
 _import_lazy_torch_modules()
+
+
+@pytest.fixture(scope="module", params=["compiled-kernel", "tensor-path"])
+def computation(request: pytest.FixtureRequest) -> Iterator[str]:
+    """LoGM and the traces' statistics come from the compiled kernel on CPU, and from tensor
+    operations on accelerators and in installs without a C compiler: a module that uses this
+    fixture runs every test on both."""
+    if request.param == "compiled-kernel":
+        assert metrics.compiled_kernel_available(), "the C kernel was not built at install"
+        yield request.param
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(metrics, "_logm_kernel", None)
+        yield request.param
+
 
 settings.register_profile("default", deadline=None, max_examples=40)
 settings.load_profile("default")

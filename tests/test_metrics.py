@@ -4,7 +4,6 @@ import importlib.util
 import itertools
 import math
 from collections import OrderedDict
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -21,16 +20,8 @@ EXACT = 1e-9
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
 
-@pytest.fixture(scope="module", autouse=True, params=["compiled-kernel", "tensor-path"])
-def computation(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Every test runs on both paths: the compiled CPU kernel, and the exact tensor path that
-    accelerators (and installs without a C compiler) use."""
-    if request.param == "compiled-kernel":
-        yield request.param
-        return
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(metrics, "_logm_kernel", None)
-        yield request.param
+# Every test on both paths: the compiled kernel and the tensor operations.
+pytestmark = pytest.mark.usefixtures("computation")
 
 
 def test_the_compiled_kernel_is_built_and_each_path_is_the_one_tested(computation: str) -> None:

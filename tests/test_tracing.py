@@ -1,30 +1,18 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pytest_convergence import metrics
 from pytest_convergence.metrics import parameter_logms
 from pytest_convergence.tracing import FlatWeights, ParameterLayout, compare_weights, step_trace
 from tests.conftest import reference_logm
 
-
-@pytest.fixture(scope="module", autouse=True, params=["compiled-kernel", "tensor-path"])
-def computation(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Statistics come from the compiled kernel on CPU and from tensor operations elsewhere:
-    every test runs on both."""
-    if request.param == "compiled-kernel":
-        assert metrics.compiled_kernel_available()
-        yield request.param
-        return
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(metrics, "_logm_kernel", None)
-        yield request.param
+# Every test on both paths: the compiled kernel and the tensor operations.
+pytestmark = pytest.mark.usefixtures("computation")
 
 
 @st.composite
