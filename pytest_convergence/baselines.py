@@ -54,9 +54,11 @@ __all__ = [
 ]
 
 SCHEMA = "pytest-convergence/baseline"
-# 2: per-parameter radial-shift region (radial_center, radial_spread). Older files lack it and
-# are refused with the command that re-records them: a region without it would judge less.
-SCHEMA_VERSION = 2
+# 2: per-parameter radial-shift region (radial_center, radial_spread).
+# 3: per-parameter z limits (bias_z_limit, radial_z_limit) from Student's t at the calibration's
+#    degrees of freedom.
+# Older files are refused with the command that re-records them: they would judge differently.
+SCHEMA_VERSION = 3
 MISMATCH_POLICIES = ("warn", "fail")
 RECORD_HINT = "pytest --convergence --convergence-record <the tests that use it>"
 # A re-record summary is read in a terminal and a pull request: the biggest changes, not all.
@@ -445,8 +447,10 @@ _PARAMETER_FIELDS: dict[str, _Parser] = {
     "count": _count,
     "bias_center": _reals,
     "bias_spread": _limit,
+    "bias_z_limit": _limit,
     "radial_center": _reals,
     "radial_spread": _limit,
+    "radial_z_limit": _limit,
     "error_scale": _limits,
     "noise_scale": _limits,
     "noise_limit": _limits,
@@ -718,7 +722,7 @@ def _interval_text(interval: tuple[float, float]) -> str:
 
 
 def _parameter_changes(old: Region, new: Region) -> Iterator[tuple[float, str]]:
-    """One (size, line) per parameter whose noise limit or bias spread moved noticeably."""
+    """One (size, line) per parameter whose noise limit, bias spread or z limit moved noticeably."""
     for name, after in new.parameters.items():
         before = old.parameters.get(name)
         if before is None:
@@ -731,6 +735,9 @@ def _parameter_changes(old: Region, new: Region) -> Iterator[tuple[float, str]]:
         spread = _relative_change(before.bias_spread, after.bias_spread)
         if spread is not None:
             parts.append((spread[0], f"bias spread {spread[1]}"))
+        z_limit = _relative_change(before.bias_z_limit, after.bias_z_limit)
+        if z_limit is not None:
+            parts.append((z_limit[0], f"bias z limit {z_limit[1]}"))
         if parts:
             yield max(size for size, _ in parts), f"{name}: " + ", ".join(t for _, t in parts)
 

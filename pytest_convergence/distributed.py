@@ -66,12 +66,13 @@ from pytest_convergence.cosim import (
     _State,
 )
 from pytest_convergence.regions import (
-    DEFAULT_CALIBRATION_SEEDS,
+    DEFAULT_CANDIDATE_CALIBRATION_SEEDS,
     DEFAULT_TOLERANCE,
     Calibration,
     Region,
     calibrate,
     region_from_runs,
+    require_candidate_seeds,
 )
 from pytest_convergence.traces import CoSimulation, StepComparison, Trace
 from pytest_convergence.tracing import FlatWeights, compare_weights, step_trace
@@ -915,7 +916,8 @@ def calibrate_distributed(
     are held to that behaviour step by step.
     """
     if seeds is None:
-        seeds = [workload.seed + offset for offset in range(DEFAULT_CALIBRATION_SEEDS)]
+        seeds = [workload.seed + offset for offset in range(DEFAULT_CANDIDATE_CALIBRATION_SEEDS)]
+    require_candidate_seeds(workload, hook.name, seeds)
     runs = [
         cosimulate_distributed(
             workload.with_options(seed=seed),

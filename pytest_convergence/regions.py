@@ -30,10 +30,12 @@ from dataclasses import dataclass, field
 
 from pytest_convergence.candidates import Candidate, arithmetic_noise
 from pytest_convergence.cosim import cosimulate, cosimulate_many
+from pytest_convergence.student_t import gaussian_two_sided_tail, limit_with_tail
 from pytest_convergence.traces import CoSimulation, ParameterComparison
 from pytest_convergence.workloads import Workload
 
 __all__ = [
+    "DEFAULT_CANDIDATE_CALIBRATION_SEEDS",
     "DEFAULT_DRAWS",
     "DEFAULT_GRADIENT_TOLERANCE",
     "DEFAULT_TOLERANCE",
@@ -46,6 +48,8 @@ __all__ = [
     "Violation",
     "calibrate",
     "judge",
+    "prediction_limit",
+    "require_candidate_seeds",
 ]
 
 # By default an implementation is legitimate when every operation is at least as accurate as fp16
@@ -57,13 +61,19 @@ DEFAULT_TOLERANCE = 2.0**-11
 DEFAULT_GRADIENT_TOLERANCE = 2.0**-8
 DEFAULT_DRAWS = 4
 DEFAULT_CALIBRATION_SEEDS = 3
+# A known-good candidate runs once per seed (no draws), and its spread is the seed-to-seed
+# variation around each step's center: 6 seeds over 8 steps leave 40 degrees of freedom, a z
+# limit of 8.3 (3 seeds: 16, a limit of 13.9; see prediction_limit).
+DEFAULT_CANDIDATE_CALIBRATION_SEEDS = 6
 # Bias z-scores beyond 6 have probability 2e-9 each under a Gaussian null: a family of a few
 # thousand checks per test keeps false alarms near one in a hundred thousand runs, with room for
-# tails heavier than Gaussian.
+# tails heavier than Gaussian. Spreads estimated from few samples make the scores t-distributed;
+# each limit is then the t quantile with this same tail probability (see prediction_limit).
 Z_LIMIT = 6.0
+FALSE_ALARM_PER_CHECK = gaussian_two_sided_tail(Z_LIMIT)
 # A candidate may be up to this many times noisier than the noisiest legitimate run seen...
 NOISE_MARGIN = 2.0
-# ...or than a log-normal fit of the calibration's noise extrapolated to Z_LIMIT deviations,
+# ...or than a log-normal fit of the calibration's noise extrapolated to the same tail,
 # whichever is larger: a few dozen samples of a heavy-tailed noise (a small tensor's share of a
 # lossy compression) do not show its tail, and twice their maximum is not a bound.
 MIN_NOISE_SAMPLES_FOR_FIT = 3
@@ -98,8 +108,10 @@ class ParameterRegion:
     count: int
     bias_center: tuple[float, ...]
     bias_spread: float
+    bias_z_limit: float
     radial_center: tuple[float, ...]
     radial_spread: float
+    radial_z_limit: float
     error_scale: tuple[float, ...]
     noise_scale: tuple[float, ...]
     noise_limit: tuple[float, ...]
@@ -176,7 +188,12 @@ def calibrate(
     not fit one trajectory.
     """
     if seeds is None:
-        seeds = [workload.seed + offset for offset in range(DEFAULT_CALIBRATION_SEEDS)]
+        count = (
+            DEFAULT_CALIBRATION_SEEDS if candidate is None else DEFAULT_CANDIDATE_CALIBRATION_SEEDS
+        )
+        seeds = [workload.seed + offset for offset in range(count)]
+    if candidate is not None:
+        require_candidate_seeds(workload, candidate.name, seeds)
     runs: list[CoSimulation] = []
     for seed in seeds:
         seeded = workload.with_options(seed=seed)
@@ -210,6 +227,16 @@ def calibrate(
         steps=workload.steps,
     )
     return region_from_runs(runs, calibration)
+
+
+def require_candidate_seeds(workload: Workload, candidate: str, seeds: Sequence[int]) -> None:
+    """Refuse a known-good candidate's calibration that cannot estimate a spread: the candidate
+    runs once per seed, so the seed-to-seed variation is all the spread there is."""
+    if len(set(seeds)) < 2:
+        raise ValueError(
+            f"calibrating {workload.name!r} against candidate {candidate!r} needs at least "
+            f"2 distinct seeds, got {list(seeds)}"
+        )
 
 
 def region_from_runs(runs: Sequence[CoSimulation], calibration: Calibration) -> Region:
@@ -257,8 +284,8 @@ def _parameter_region(
         [_normalized(sample.bias, error_scale[s]) for sample in samples]
         for s, samples in enumerate(per_step)
     ]
-    center, spread = _centers_and_pooled_spread(normalized, centered=centered)
-    radial_center, radial_spread = _centers_and_pooled_spread(
+    center, spread, z_limit = _centers_and_pooled_spread(normalized, centered=centered)
+    radial_center, radial_spread, radial_z_limit = _centers_and_pooled_spread(
         [
             [_normalized(sample.radial, error_scale[s]) for sample in samples]
             for s, samples in enumerate(per_step)
@@ -274,8 +301,10 @@ def _parameter_region(
         count=per_step[0][0].count,
         bias_center=center,
         bias_spread=max(spread, MIN_BIAS_SPREAD),
+        bias_z_limit=z_limit,
         radial_center=radial_center,
         radial_spread=max(radial_spread, MIN_BIAS_SPREAD),
+        radial_z_limit=radial_z_limit,
         error_scale=error_scale,
         noise_scale=noise_scale,
         noise_limit=noise_limit,
@@ -286,25 +315,53 @@ def _parameter_region(
 
 def _centers_and_pooled_spread(
     per_step: Sequence[Sequence[float | None]], *, centered: bool
-) -> tuple[tuple[float, ...], float]:
-    """Per-step mean of the normalized bias, and the spread of samples around their step's mean
-    pooled over steps: a lossy candidate's bias drifts from step to step in a way that repeats
-    across seeds, and that drift is not noise. ``centered``: means fixed at zero."""
+) -> tuple[tuple[float, ...], float, float]:
+    """Per-step mean of the normalized bias, the spread of samples around their step's mean
+    pooled over steps, and the z limit those estimates support.
+
+    Pooled around per-step means: a lossy candidate's bias drifts from step to step in a way
+    that repeats across seeds, and that drift is not noise. ``centered``: means fixed at zero.
+    """
     centers = []
     squares, degrees = 0.0, 0
+    fewest = math.inf
     for samples in per_step:
         usable = [value for value in samples if value is not None]
         center = statistics.fmean(usable) if usable and not centered else 0.0
         centers.append(center)
         squares += sum((value - center) ** 2 for value in usable)
         degrees += max(len(usable) - (0 if centered else 1), 0)
+        fewest = min(fewest, len(usable)) if usable else fewest
     spread = math.sqrt(squares / degrees) if degrees else 0.0
-    return tuple(centers), spread
+    # A new sample's distance from a center estimated from n samples has (1 + 1/n) times the
+    # variance of one sample's distance from the true center.
+    center_samples = None if centered or math.isinf(fewest) else int(fewest)
+    return tuple(centers), spread, prediction_limit(degrees, center_samples)
+
+
+def prediction_limit(degrees: int, center_samples: int | None = None) -> float:
+    """The z limit for a new sample scored against a spread estimated with ``degrees`` degrees
+    of freedom (and a center estimated from ``center_samples`` samples, None: known center).
+
+    It has the same false-alarm probability per check as Z_LIMIT under a Gaussian null: Student's
+    t quantile, widened by sqrt(1 + 1/n) for an estimated center. Without degrees of freedom
+    there is no spread estimate (the floor stands in for it) and Z_LIMIT is kept.
+    """
+    if degrees < 1:
+        return Z_LIMIT
+    limit = limit_with_tail(FALSE_ALARM_PER_CHECK, degrees)
+    if center_samples is not None:
+        limit *= math.sqrt(1.0 + 1.0 / center_samples)
+    return limit
 
 
 def _noise_limit(noises: Sequence[float]) -> float:
     """Largest legitimate update noise: NOISE_MARGIN times the largest seen, or the log-normal
-    extrapolation to Z_LIMIT deviations where the samples' spread says the tail is heavy."""
+    extrapolation to Z_LIMIT deviations where the samples' spread says the tail is heavy.
+
+    Not widened by Student's t like the z limits: this one-sided bound already extrapolates
+    far beyond its samples, and with the few samples of a short calibration a t quantile
+    would make it vacuous (5 samples: 340 deviations)."""
     margin = NOISE_MARGIN * max(noises, default=0.0)
     logs = [math.log(noise) for noise in noises if noise > 0]
     if len(logs) < MIN_NOISE_SAMPLES_FOR_FIT:
@@ -405,24 +462,31 @@ def _check(
         excess = max(1.0, parameter.noise / max(noise_scale, NOISE_FLOOR))
         score = (normalized - bounds.bias_center[index]) / (bounds.bias_spread * excess)
         history = cumulative.setdefault(name, [])
-        outcomes.extend(_z_checks(step, name, "update bias", score, history))
+        outcomes.extend(
+            _z_checks(step, name, "update bias", score, history, limit=bounds.bias_z_limit)
+        )
         # The radial shift, in the same units: a weight-decay, clipping or scale error shrinks
         # or grows the weights every step the same way, so it adds up over steps too.
         radial = _normalized(parameter.radial, error_scale)
         if radial is not None:
             score = (radial - bounds.radial_center[index]) / (bounds.radial_spread * excess)
             history = cumulative.setdefault(f"{name}\0radial", [])
-            outcomes.extend(_z_checks(step, name, "radial shift", score, history))
+            limit = bounds.radial_z_limit
+            outcomes.extend(_z_checks(step, name, "radial shift", score, history, limit=limit))
     return outcomes
 
 
 def _z_checks(
-    step: int, name: str, statistic: str, score: float, history: list[float]
+    step: int, name: str, statistic: str, score: float, history: list[float], *, limit: float
 ) -> list[Violation]:
-    """A z-score at this step, and combined with this parameter's earlier ones (Stouffer)."""
+    """A z-score at this step, and combined with this parameter's earlier ones (Stouffer).
+
+    One limit serves both: every score shares the region's spread estimate, so the combination
+    is t-distributed with the same degrees of freedom as each score.
+    """
     history.append(score)
     combined = sum(history) / math.sqrt(len(history))
     return [
-        Violation(step, name, f"{statistic} (z-score)", score, Z_LIMIT),
-        Violation(step, name, f"{statistic} over steps 1-{step} (z-score)", combined, Z_LIMIT),
+        Violation(step, name, f"{statistic} (z-score)", score, limit),
+        Violation(step, name, f"{statistic} over steps 1-{step} (z-score)", combined, limit),
     ]

@@ -67,8 +67,10 @@ def small_region(scale: float = 1.0) -> Region:
         count=12,
         bias_center=(0.0125, 0.0, -0.5),
         bias_spread=0.3 * scale,
+        bias_z_limit=6.6,
         radial_center=(0.0, 0.001, -0.002),
         radial_spread=0.02,
+        radial_z_limit=6.6,
         error_scale=(1e-3, 2e-3, 3e-3),
         noise_scale=(1e-3, 1e-3, 2e-3),
         noise_limit=(2e-3 * scale, 4e-3, 6e-3),
@@ -80,8 +82,10 @@ def small_region(scale: float = 1.0) -> Region:
         count=3,
         bias_center=(-0.02, -0.01, 0.0),
         bias_spread=0.25,
+        bias_z_limit=12.0,
         radial_center=(0.0, 0.0, 0.0),
         radial_spread=0.5,
+        radial_z_limit=13.5,
         error_scale=(0.1, 0.2, 0.3),
         noise_scale=(0.1, 0.1, 0.2),
         noise_limit=(0.2, 0.4, 0.6),
@@ -180,8 +184,10 @@ def regions(draw: st.DrawFn) -> Region:
             count=draw(st.integers(0, 2**40)),
             bias_center=draw(st.lists(finite, min_size=steps, max_size=steps).map(tuple)),
             bias_spread=draw(non_negative),
+            bias_z_limit=draw(non_negative),
             radial_center=draw(st.lists(finite, min_size=steps, max_size=steps).map(tuple)),
             radial_spread=draw(non_negative),
+            radial_z_limit=draw(non_negative),
             error_scale=draw(per_step),
             noise_scale=draw(per_step),
             noise_limit=draw(per_step),
@@ -259,10 +265,10 @@ def future_layout(document: dict[str, Any]) -> None:
 
 
 def past_layout(document: dict[str, Any]) -> None:
-    """A version-1 file: no radial-shift region."""
-    document["schema_version"] = 1
+    """A version-2 file: Gaussian z limits, not stored per parameter."""
+    document["schema_version"] = 2
     for parameter in document["parameters"].values():
-        del parameter["radial_center"], parameter["radial_spread"]
+        del parameter["bias_z_limit"], parameter["radial_z_limit"]
 
 
 MALFORMED: list[Any] = [
@@ -281,7 +287,7 @@ MALFORMED: list[Any] = [
     pytest.param(
         edited(past_layout),
         "written by an older pytest-convergence whose regions lack checks this version makes "
-        "(schema_version 2); re-record it: pytest --convergence --convergence-record",
+        "(schema_version 3); re-record it: pytest --convergence --convergence-record",
         id="past-schema-version",
     ),
     pytest.param(
@@ -551,8 +557,10 @@ def big_region(writer: int) -> Region:
             count=1000 + i,
             bias_center=tuple(writer + i / 7 + s for s in range(steps)),
             bias_spread=0.1 + writer / 3,
+            bias_z_limit=6 + writer,
             radial_center=tuple(writer - i / 5 - s for s in range(steps)),
             radial_spread=0.2 + writer / 5,
+            radial_z_limit=7 + writer,
             error_scale=tuple((writer + 1) * (s + 1) / 9 for s in range(steps)),
             noise_scale=tuple((writer + 1) * (s + 1) / 10 for s in range(steps)),
             noise_limit=tuple((writer + 1) * (s + 1) / 7 for s in range(steps)),
@@ -630,8 +638,8 @@ FOLDER = Path(FOLDER_TEXT)
 def region(value):
     calibration = Calibration("candidate", "generated", None, 1, "c", (0,), 2)
     parameter = ParameterRegion(
-        "w", 4, (value, value), 0.5, (0.0, 0.0), 0.25, (0.1, 0.2), (0.1, 0.2), (0.2, 0.4), 0,
-        0.0,
+        "w", 4, (value, value), 0.5, 6.0, (0.0, 0.0), 0.25, 6.0, (0.1, 0.2), (0.1, 0.2),
+        (0.2, 0.4), 0, 0.0,
     )
     return Region(calibration, {"w": parameter}, (-1.0, 1.0), 0.5)
 

@@ -99,7 +99,7 @@ def test_a_divergent_candidate_fails_with_a_co_simulation_diff_and_a_report(
             "*ConvergenceError: candidate 'halved-last-layer' left the divergence region of "
             "'tiny' (*baselines/tiny.json)",
             "*First violation: step 1 of 3, parameter '2.weight' (Linear, 64 weights)",
-            "*update bias (z-score) = *, limit 6.00e+00 (*x over)",
+            "*update bias (z-score) = *, limit 7.94e+00 (*x over)",
             "*Violations: * of * (step, parameter) checks*",
             "*Replay of step 1: forward outputs of * modules and all gradients agree*",
             "*Region calibrated against: reference with module outputs perturbed by relative*",
@@ -219,7 +219,8 @@ def test_a_known_good_candidate_has_its_own_region_that_judges_later_versions(
 
         @pytest.mark.convergence(workload="tiny")
         def test_next_version(convergence):
-            convergence.check(shrinking("shrink-v2", 0.7), known_good=GOOD)
+            # Overshoots where the good version shrinks.
+            convergence.check(shrinking("shrink-v2", 1.2), known_good=GOOD)
         """
     )
     project.runpytest(

@@ -94,12 +94,13 @@ def test_a_known_good_lossy_candidate_gets_its_own_region_centered_on_its_bias(
     workload: Workload,
 ) -> None:
     shrink = scale_gradient("fc3.weight", 0.9)
-    own = calibrate(workload, candidate=shrink, seeds=[0, 1])
+    own = calibrate(workload, candidate=shrink)
     assert own.calibration.kind == "candidate"
     assert own.calibration.candidate == shrink.name
+    assert own.calibration.seeds == (0, 1, 2, 3, 4, 5)
     assert max(own.parameters["fc3.weight"].bias_center) < 0
-    assert judge(cosimulate(workload.with_options(seed=5), shrink), own).passed
-    worse = judge(cosimulate(workload, scale_gradient("fc3.weight", 0.8)), own)
+    assert judge(cosimulate(workload.with_options(seed=9), shrink), own).passed
+    worse = judge(cosimulate(workload, scale_gradient("fc3.weight", 1.1)), own)
     assert not worse.passed
 
 
@@ -158,3 +159,44 @@ def test_noise_limits_extrapolate_a_heavy_tailed_calibration() -> None:
     assert _noise_limit(heavy) == pytest.approx(math.exp(mean + Z_LIMIT * sd))
     assert _noise_limit(heavy) > NOISE_MARGIN * 1.0
     assert _noise_limit([0.3, 0.0]) == pytest.approx(NOISE_MARGIN * 0.3)
+
+
+def test_z_limits_follow_the_calibrations_degrees_of_freedom(workload: Workload) -> None:
+    """Perturbation regions: 2 seeds x 3 draws per step, centered, over 4 steps = 24 degrees of
+    freedom. A known-good candidate on 3 seeds: 2 per step around an estimated center."""
+    from pytest_convergence.regions import prediction_limit
+
+    region = calibrate(workload, seeds=[0, 1], draws=3)
+    for parameter in region.parameters.values():
+        assert parameter.bias_z_limit == pytest.approx(prediction_limit(24))
+        assert parameter.radial_z_limit == pytest.approx(prediction_limit(24))
+    own = calibrate(workload, candidate=round_gradients(torch.bfloat16), seeds=[0, 1, 2])
+    for parameter in own.parameters.values():
+        assert parameter.bias_z_limit == pytest.approx(prediction_limit(8, 3))
+    assert prediction_limit(8, 3) > prediction_limit(24) > 6.0
+
+
+def test_a_candidate_region_needs_two_seeds(workload: Workload) -> None:
+    with pytest.raises(ValueError, match=r"needs at least 2 distinct seeds, got \[5, 5\]"):
+        calibrate(workload, candidate=round_gradients(torch.bfloat16), seeds=[5, 5])
+
+
+def test_the_region_z_limit_is_the_limit_a_verdict_uses(workload: Workload) -> None:
+    """A score between the Gaussian 6 and the region's t limit passes; beyond it, it fails."""
+    from dataclasses import replace
+
+    region = calibrate(workload, seeds=[0, 1], draws=3)
+    run = cosimulate(workload, scale_gradient("fc2.weight", 0.8))
+    worst = judge(run, region).worst
+    assert worst is not None
+    assert "bias" in worst.check
+    limits = {
+        name: replace(p, bias_z_limit=abs(worst.value) * 1.01)
+        for name, p in region.parameters.items()
+    }
+    assert judge(run, replace(region, parameters=limits)).worst_ratio < 1.0
+    limits = {
+        name: replace(p, bias_z_limit=abs(worst.value) * 0.99)
+        for name, p in region.parameters.items()
+    }
+    assert not judge(run, replace(region, parameters=limits)).passed
