@@ -12,7 +12,9 @@
  *
  * Zeros are counted and skipped, NaN and Inf counted (the caller raises), and subnormals take
  * log2 of the exact float64 value. A block holding any of these is redone element by element,
- * so the fast loop has no branches and vectorizes.
+ * so the fast loop has no branches and vectorizes. The element-by-element loop, which also
+ * takes each tensor's last n % BLOCK weights, multiplies mantissas the same way (folding every
+ * SCALAR_FOLD): a log2 per weight there would dominate the small tensors of a model's biases.
  *
  * Called from pytest_convergence.metrics with the GIL released, so several threads can each
  * take a slice of one tensor.
@@ -27,6 +29,7 @@
 
 #define LANES 4   /* running products kept across blocks */
 #define BLOCK 1024 /* per block each of 16 partial products takes 64 mantissas < 2: < 2^64 */
+#define SCALAR_FOLD 512 /* 512 mantissas < 2 on a product < 2: < 2^513, far from overflow */
 
 typedef struct {
     int64_t exponent_sum; /* sum of unbiased binary exponents of normal nonzero weights */
@@ -35,6 +38,7 @@ typedef struct {
     int64_t zeros;
     int64_t nans;
     int64_t infs;
+    double squares; /* sum of w^2 over all weights: NaN or Inf when any weight is */
 } Totals;
 
 static inline double mantissa_from_bits(uint64_t fraction_bits) {
@@ -45,35 +49,44 @@ static inline double mantissa_from_bits(uint64_t fraction_bits) {
     return value;
 }
 
-/* Fold each lane's product back to [1, 2): the exponent goes to the integer sum. */
+/* Fold a product (>= 1) back to [1, 2): the exponent goes to the integer sum. */
+static inline void fold(double *product, int64_t *exponent_sum) {
+    uint64_t bits;
+    memcpy(&bits, product, sizeof bits);
+    *exponent_sum += (int64_t)((bits >> 52) & 0x7FF) - 1023;
+    *product = mantissa_from_bits(bits & UINT64_C(0x000FFFFFFFFFFFFF));
+}
+
 static inline void fold_lanes(double *products, int64_t *exponent_sum) {
-    for (int lane = 0; lane < LANES; lane++) {
-        uint64_t bits;
-        memcpy(&bits, &products[lane], sizeof bits);
-        *exponent_sum += (int64_t)((bits >> 52) & 0x7FF) - 1023;
-        products[lane] = mantissa_from_bits(bits & UINT64_C(0x000FFFFFFFFFFFFF));
-    }
+    for (int lane = 0; lane < LANES; lane++) fold(&products[lane], exponent_sum);
 }
 
 /* ---- float32 ---------------------------------------------------------------------------- */
 
-static void f32_scalar(const uint32_t *words, Py_ssize_t n, Totals *t) {
+/* Element by element into one running product (>= 1, < 2 on entry). */
+static void f32_scalar(const uint32_t *words, Py_ssize_t n, Totals *t, double *product) {
+    int pending = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         uint32_t magnitude = words[i] & 0x7FFFFFFFu;
+        float weight;
+        memcpy(&weight, &magnitude, sizeof weight);
+        t->squares += (double)weight * (double)weight;
         uint32_t field = magnitude >> 23;
         if (magnitude == 0) {
             t->zeros++;
         } else if (field == 0xFF) {
             if (magnitude & 0x7FFFFFu) t->nans++; else t->infs++;
         } else if (field == 0) {
-            float value;
-            memcpy(&value, &magnitude, sizeof value);
-            t->mantissa_log2 += log2((double)value);
+            t->mantissa_log2 += log2((double)weight);
             t->nonzero++;
         } else {
             t->exponent_sum += (int64_t)field - 127;
-            t->mantissa_log2 += log2(mantissa_from_bits((uint64_t)(magnitude & 0x7FFFFFu) << 29));
+            *product *= mantissa_from_bits((uint64_t)(magnitude & 0x7FFFFFu) << 29);
             t->nonzero++;
+            if (++pending == SCALAR_FOLD) {
+                fold(product, &t->exponent_sum);
+                pending = 0;
+            }
         }
     }
 }
@@ -86,6 +99,12 @@ typedef uint32_t u32x4 __attribute__((vector_size(16)));
 typedef uint64_t u64x4 __attribute__((vector_size(32)));
 typedef int64_t i64x4 __attribute__((vector_size(32)));
 typedef double f64x4 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+/* Unaligned vector loads straight into registers: a memcpy into a vector array went through
+ * the stack in 16-byte halves, and reloading them as 32 bytes stalled store forwarding (it
+ * made the float64 loop 6x slower per weight). */
+typedef uint32_t u32x4_unaligned __attribute__((vector_size(16), aligned(4), may_alias));
+typedef uint64_t u64x4_unaligned __attribute__((vector_size(32), aligned(8), may_alias));
 #if defined(__x86_64__) && !defined(__clang__)
 #define MULTIVERSION __attribute__((target_clones("avx2", "default")))
 #else
@@ -100,15 +119,17 @@ typedef double f64x4 __attribute__((vector_size(32)));
 /* Returns 0 when the block holds only normal nonzero weights (and then adds it to t). */
 MULTIVERSION static int f32_block(const uint32_t *words, Totals *t, double *products) {
     u32x4 exponents = {0, 0, 0, 0}, special = {0, 0, 0, 0};
-    f64x4 a = {1, 1, 1, 1}, b = a, c = a, d = a;
+    f64x4 a = {1, 1, 1, 1}, b = a, c = a, d = a, squares = {0, 0, 0, 0};
     for (int i = 0; i < BLOCK; i += 16) {
         u32x4 w[4];
-        memcpy(w, words + i, sizeof w);
         for (int k = 0; k < 4; k++) {
+            w[k] = *(const u32x4_unaligned *)(words + i + 4 * k);
             u32x4 field = (w[k] & 0x7FFFFFFFu) >> 23;
             /* field 0 (zero, subnormal) or 255 (NaN, Inf): (field - 1) wraps to >= 254 */
             special |= (u32x4)((field - 1u) >= 254u);
             exponents += field;
+            f64x4 weight = __builtin_convertvector((f32x4)w[k], f64x4);
+            squares += weight * weight;
         }
         a *= MANTISSAS_F32(w[0]);
         b *= MANTISSAS_F32(w[1]);
@@ -118,6 +139,7 @@ MULTIVERSION static int f32_block(const uint32_t *words, Totals *t, double *prod
     if (special[0] | special[1] | special[2] | special[3]) return 1;
     t->exponent_sum += (int64_t)exponents[0] + exponents[1] + exponents[2] + exponents[3]
                        - (int64_t)127 * BLOCK;
+    t->squares += (squares[0] + squares[1]) + (squares[2] + squares[3]);
     f64x4 product = (a * b) * (c * d);
     for (int lane = 0; lane < 4; lane++) products[lane] *= product[lane];
     t->nonzero += BLOCK;
@@ -128,27 +150,29 @@ MULTIVERSION static int f32_block(const uint32_t *words, Totals *t, double *prod
     ((f64x4)(((magnitudes) & UINT64_C(0x000FFFFFFFFFFFFF)) | UINT64_C(0x3FF0000000000000)))
 
 MULTIVERSION static int f64_block(const uint64_t *words, Totals *t, double *products) {
-    i64x4 exponents = {0, 0, 0, 0}, special = {0, 0, 0, 0};
-    f64x4 a = {1, 1, 1, 1}, b = a, c = a, d = a;
+    i64x4 exponents = {0, 0, 0, 0}, normal = {-1, -1, -1, -1};
+    f64x4 a = {1, 1, 1, 1}, b = a, c = a, d = a, squares = {0, 0, 0, 0};
     for (int i = 0; i < BLOCK; i += 16) {
         u64x4 w[4];
-        memcpy(w, words + i, sizeof w);
         for (int k = 0; k < 4; k++) {
+            w[k] = *(const u64x4_unaligned *)(words + i + 4 * k);
             u64x4 magnitude = w[k] & UINT64_C(0x7FFFFFFFFFFFFFFF);
             /* Normal nonzero finite: DBL_MIN <= |x| <= DBL_MAX (false for NaN). A floating
              * compare, because 64-bit integer compares are slow or missing before AVX-512. */
             f64x4 value = (f64x4)magnitude;
-            special |= ~((value >= 0x1p-1022) & (value <= 0x1.fffffffffffffp+1023));
+            normal &= (value >= 0x1p-1022) & (value <= 0x1.fffffffffffffp+1023);
             exponents += (i64x4)(magnitude >> 52);
+            squares += value * value;
         }
         a *= MANTISSAS_F64(w[0]);
         b *= MANTISSAS_F64(w[1]);
         c *= MANTISSAS_F64(w[2]);
         d *= MANTISSAS_F64(w[3]);
     }
-    if (special[0] | special[1] | special[2] | special[3]) return 1;
+    if ((normal[0] & normal[1] & normal[2] & normal[3]) != -1) return 1;
     t->exponent_sum += exponents[0] + exponents[1] + exponents[2] + exponents[3]
                        - (int64_t)1023 * BLOCK;
+    t->squares += (squares[0] + squares[1]) + (squares[2] + squares[3]);
     f64x4 product = (a * b) * (c * d);
     for (int lane = 0; lane < 4; lane++) products[lane] *= product[lane];
     t->nonzero += BLOCK;
@@ -171,32 +195,38 @@ static void f32_log2_sum(const uint32_t *words, Py_ssize_t n, Totals *t) {
     for (int lane = 0; lane < LANES; lane++) products[lane] = 1.0;
     Py_ssize_t i = 0;
     for (; i + BLOCK <= n; i += BLOCK) {
-        if (f32_block(words + i, t, products)) f32_scalar(words + i, BLOCK, t);
+        if (f32_block(words + i, t, products)) f32_scalar(words + i, BLOCK, t, &products[0]);
         fold_lanes(products, &t->exponent_sum);
     }
-    f32_scalar(words + i, n - i, t);
+    f32_scalar(words + i, n - i, t, &products[0]);
     for (int lane = 0; lane < LANES; lane++) t->mantissa_log2 += log2(products[lane]);
 }
 
 /* ---- float64 ---------------------------------------------------------------------------- */
 
-static void f64_scalar(const uint64_t *words, Py_ssize_t n, Totals *t) {
+static void f64_scalar(const uint64_t *words, Py_ssize_t n, Totals *t, double *product) {
+    int pending = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         uint64_t magnitude = words[i] & UINT64_C(0x7FFFFFFFFFFFFFFF);
+        double weight;
+        memcpy(&weight, &magnitude, sizeof weight);
+        t->squares += weight * weight;
         uint64_t field = magnitude >> 52;
         if (magnitude == 0) {
             t->zeros++;
         } else if (field == 0x7FF) {
             if (magnitude & UINT64_C(0x000FFFFFFFFFFFFF)) t->nans++; else t->infs++;
         } else if (field == 0) {
-            double value;
-            memcpy(&value, &magnitude, sizeof value);
-            t->mantissa_log2 += log2(value);
+            t->mantissa_log2 += log2(weight);
             t->nonzero++;
         } else {
             t->exponent_sum += (int64_t)field - 1023;
-            t->mantissa_log2 += log2(mantissa_from_bits(magnitude & UINT64_C(0x000FFFFFFFFFFFFF)));
+            *product *= mantissa_from_bits(magnitude & UINT64_C(0x000FFFFFFFFFFFFF));
             t->nonzero++;
+            if (++pending == SCALAR_FOLD) {
+                fold(product, &t->exponent_sum);
+                pending = 0;
+            }
         }
     }
 }
@@ -206,10 +236,10 @@ static void f64_log2_sum(const uint64_t *words, Py_ssize_t n, Totals *t) {
     for (int lane = 0; lane < LANES; lane++) products[lane] = 1.0;
     Py_ssize_t i = 0;
     for (; i + BLOCK <= n; i += BLOCK) {
-        if (f64_block(words + i, t, products)) f64_scalar(words + i, BLOCK, t);
+        if (f64_block(words + i, t, products)) f64_scalar(words + i, BLOCK, t, &products[0]);
         fold_lanes(products, &t->exponent_sum);
     }
-    f64_scalar(words + i, n - i, t);
+    f64_scalar(words + i, n - i, t, &products[0]);
     for (int lane = 0; lane < LANES; lane++) t->mantissa_log2 += log2(products[lane]);
 }
 
@@ -232,7 +262,7 @@ static PyObject *log2_sum(PyObject *self, PyObject *args) {
                      itemsize, view.len);
         return NULL;
     }
-    Totals totals = {0, 0.0, 0, 0, 0, 0};
+    Totals totals = {0, 0.0, 0, 0, 0, 0, 0.0};
     Py_ssize_t n = view.len / itemsize;
     Py_BEGIN_ALLOW_THREADS
     if (itemsize == 4) {
@@ -250,9 +280,10 @@ static PyObject *log2_sum(PyObject *self, PyObject *args) {
 PyDoc_STRVAR(segment_log2_sums_doc,
     "segment_log2_sums(buffer, itemsize, ends, out) -> None\n\n"
     "Per segment of a float32 or float64 buffer (segment i ends before ends[i], an int64\n"
-    "buffer), writes exponent sum, mantissa log2 sum, zero count and non-finite count into\n"
-    "row i of out (a float64 buffer of 4 * len(ends) values). One call for all of a model's\n"
-    "parameters, flattened: per-step tracing costs one pass, not one call per parameter.");
+    "buffer), writes exponent sum, mantissa log2 sum, zero count, non-finite count and sum of\n"
+    "squares into row i of out (a float64 buffer of 5 * len(ends) values). One call for all\n"
+    "of a model's parameters, flattened: per-step tracing costs one pass, not one per\n"
+    "parameter and statistic.");
 
 static PyObject *segment_log2_sums(PyObject *self, PyObject *args) {
     (void)self;
@@ -263,7 +294,7 @@ static PyObject *segment_log2_sums(PyObject *self, PyObject *args) {
     Py_ssize_t n = itemsize > 0 ? view.len / itemsize : 0;
     const int64_t *ends = (const int64_t *)ends_view.buf;
     int valid = (itemsize == 4 || itemsize == 8) && view.len % itemsize == 0 &&
-                out_view.len >= segments * 4 * (Py_ssize_t)sizeof(double);
+                out_view.len >= segments * 5 * (Py_ssize_t)sizeof(double);
     for (Py_ssize_t i = 0; valid && i < segments; i++) {
         if (ends[i] < (i ? ends[i - 1] : 0) || ends[i] > n) valid = 0;
     }
@@ -273,24 +304,25 @@ static PyObject *segment_log2_sums(PyObject *self, PyObject *args) {
         PyBuffer_Release(&out_view);
         PyErr_SetString(PyExc_ValueError,
                         "segment_log2_sums needs a float32/float64 buffer, non-decreasing int64 "
-                        "segment ends within it, and 4 float64 outputs per segment");
+                        "segment ends within it, and 5 float64 outputs per segment");
         return NULL;
     }
     double *out = (double *)out_view.buf;
     Py_BEGIN_ALLOW_THREADS
     int64_t start = 0;
     for (Py_ssize_t i = 0; i < segments; i++) {
-        Totals t = {0, 0.0, 0, 0, 0, 0};
+        Totals t = {0, 0.0, 0, 0, 0, 0, 0.0};
         Py_ssize_t length = (Py_ssize_t)(ends[i] - start);
         if (itemsize == 4) {
             f32_log2_sum((const uint32_t *)view.buf + start, length, &t);
         } else {
             f64_log2_sum((const uint64_t *)view.buf + start, length, &t);
         }
-        out[4 * i] = (double)t.exponent_sum;
-        out[4 * i + 1] = t.mantissa_log2;
-        out[4 * i + 2] = (double)t.zeros;
-        out[4 * i + 3] = (double)(t.nans + t.infs);
+        out[5 * i] = (double)t.exponent_sum;
+        out[5 * i + 1] = t.mantissa_log2;
+        out[5 * i + 2] = (double)t.zeros;
+        out[5 * i + 3] = (double)(t.nans + t.infs);
+        out[5 * i + 4] = t.squares;
         start = ends[i];
     }
     Py_END_ALLOW_THREADS

@@ -257,8 +257,9 @@ def _compiled_log10_sum(tensor: torch.Tensor, name: str) -> LogmSum:
 
 
 def segment_log2_sums(values: NDArray[Any], ends: NDArray[Any], out: NDArray[Any]) -> None:
-    """Row i of ``out``: exponent sum, mantissa log2 sum, zeros and non-finite count of
-    ``values[ends[i-1]:ends[i]]`` (float32 or float64, C-contiguous), by the compiled kernel."""
+    """Row i of ``out``: exponent sum, mantissa log2 sum, zeros, non-finite count and sum of
+    squares of ``values[ends[i-1]:ends[i]]`` (float32 or float64, C-contiguous), by the
+    compiled kernel."""
     assert _logm_kernel is not None, "check compiled_kernel_available() first"
     _logm_kernel.segment_log2_sums(values, values.itemsize, ends, out)
 

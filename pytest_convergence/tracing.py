@@ -13,14 +13,20 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from pytest_convergence import metrics
 from pytest_convergence.traces import ParameterComparison, ParameterStep, StepTrace
 
 __all__ = ["FlatWeights", "ParameterLayout", "compare_weights", "step_trace"]
+
+# Models whose parameter views a layout keeps: the reference and candidate of a co-simulation,
+# and the one-off models of a replay or diagnostic.
+MAX_CACHED_VIEWS = 4
 
 
 class ParameterLayout:
@@ -36,13 +42,48 @@ class ParameterLayout:
         self._size = ends[-1] if ends else 0
         self._device = tensors[0].device if tensors else torch.device("cpu")
         self._rows = torch.empty(4, self._size, dtype=torch.float64, device=self._device)
+        # NumPy views of each model's parameters, by their storage addresses (see _views_of).
+        self._views: dict[tuple[int, ...], list[NDArray[Any]]] = {}
 
     def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """One float64 vector of all parameters, in layout order."""
         flat = torch.empty(self._size, dtype=torch.float64, device=self._device)
+        views = self._views_of(tensors) if tensors and self._device.type == "cpu" else None
+        if views is not None:
+            # One NumPy call instead of a torch copy per parameter: the fixed cost of a step's
+            # tracing, which small models notice.
+            np.concatenate(views, out=flat.numpy(), casting="same_kind")
+            return flat
         for tensor, (start, end) in zip(tensors, self._bounds, strict=True):
             flat[start:end].copy_(tensor.detach().reshape(-1))
         return flat
+
+    def _views_of(self, tensors: Sequence[torch.Tensor]) -> list[NDArray[Any]] | None:
+        """Flat NumPy views of contiguous float32/float64 CPU tensors, reused while every tensor
+        keeps its storage; None where one does not qualify.
+
+        An optimizer updates parameters in place, so the views stay current. A parameter whose
+        ``.data`` is reassigned gets a new address, and because the cached view holds on to the
+        old storage, no new tensor can take over that address while the entry exists. A few
+        entries: a co-simulation alternates between its two models.
+        """
+        key = tuple(tensor.data_ptr() for tensor in tensors)
+        views = self._views.get(key)
+        if views is not None:
+            return views
+        if len(tensors) != len(self.counts) or not all(
+            tensor.device.type == "cpu"
+            and tensor.dtype in (torch.float32, torch.float64)
+            and tensor.is_contiguous()
+            and tensor.numel() == count
+            for tensor, count in zip(tensors, self.counts, strict=True)
+        ):
+            return None
+        if len(self._views) >= MAX_CACHED_VIEWS:
+            self._views.pop(next(iter(self._views)))
+        views = [tensor.detach().numpy().reshape(-1) for tensor in tensors]
+        self._views[key] = views
+        return views
 
     def rows(self, count: int) -> torch.Tensor:
         """Scratch rows to write per-element statistics into before :meth:`sum_rows`."""
@@ -61,17 +102,16 @@ class ParameterLayout:
         per_parameter = torch.stack([rows[:, a:b].sum(dim=1) for a, b in self._bounds], dim=1)
         return per_parameter.tolist()  # type: ignore[no-any-return,unused-ignore]
 
-    def log10_sums(self, values: torch.Tensor) -> tuple[list[float], list[int]]:
-        """Per-parameter sums of log10|w| over nonzero weights, and zero counts, of a flat CPU
-        vector, by the compiled kernel (non-finite weights give a NaN sum, as the tensor path
-        does: the verdict reports them)."""
-        out = np.empty((len(self._ends), 4), dtype=np.float64)
-        array = values.numpy()
-        metrics.segment_log2_sums(array, self._ends, out)
+    def kernel_sums(self, values: torch.Tensor) -> tuple[list[float], list[int], list[float]]:
+        """Per-parameter sums of log10|w| over nonzero weights, zero counts and sums of squares
+        of a flat CPU vector, in one pass of the compiled kernel (non-finite weights give a NaN
+        log sum, as the tensor path does: the verdict reports them)."""
+        out = np.empty((len(self._ends), 5), dtype=np.float64)
+        metrics.segment_log2_sums(values.numpy(), self._ends, out)
         log10_sums = ((out[:, 0] + out[:, 1]) * metrics.LOG10_2).tolist()
         for index in np.flatnonzero(out[:, 3]).tolist():
             log10_sums[index] = math.nan
-        return log10_sums, out[:, 2].astype(np.int64).tolist()
+        return log10_sums, out[:, 2].astype(np.int64).tolist(), out[:, 4].tolist()
 
     def sums(self, *vectors: torch.Tensor) -> list[list[float]]:
         """Per-parameter sums of each flat vector."""
@@ -95,11 +135,7 @@ class FlatWeights:
         values = layout.flatten(tensors)
         if values.device.type == "cpu" and metrics.compiled_kernel_available():
             # One pass of the compiled kernel over all parameters: no float64 log10 at all.
-            log10_sums, zeros = layout.log10_sums(values)
-            rows = layout.rows(1)
-            torch.square(values, out=rows[0])
-            (squares,) = layout.sum_rows(rows)
-            return cls(values, log10_sums, zeros, squares)
+            return cls(values, *layout.kernel_sums(values))
         zero = values == 0
         rows = layout.rows(3)
         torch.abs(values, out=rows[0]).masked_fill_(zero, 1.0).log10_()

@@ -34,6 +34,8 @@ def test_flat_statistics_match_the_exact_per_parameter_logm(tensors: list[torch.
     expected = parameter_logms({f"p{i}": t for i, t in enumerate(tensors)})
     for index, part in enumerate(expected):
         assert flat.zeros[index] == part.zeros
+        squares = float(tensors[index].double().square().sum())
+        assert flat.squares[index] == pytest.approx(squares, rel=1e-12, abs=1e-300)
         actual = flat.logm(index, part.count)
         assert (actual is None) == (part.logm is None)
         if actual is not None:
@@ -98,3 +100,31 @@ def test_the_radial_shift_is_the_error_along_the_weights_relative_to_the_update(
     (orthogonal,) = compare_weights(layout, flat[0], flat[1], FlatWeights.of(layout, sideways))
     assert orthogonal.radial == pytest.approx(0.0, abs=1e-6)  # float32 rounding
     assert orthogonal.noise > 0
+
+
+def test_flattening_follows_in_place_updates_reassigned_data_and_other_models() -> None:
+    """Flat vectors come from cached views of the parameters' storage; each way a model's
+    weights can change between steps must show in the next vector."""
+    first = torch.nn.Linear(3, 2)
+    second = torch.nn.Linear(3, 2)
+    layout = ParameterLayout(["weight", "bias"], list(first.parameters()))
+
+    def flat(model: torch.nn.Module) -> list[float]:
+        return layout.flatten(list(model.parameters())).tolist()
+
+    def expected(model: torch.nn.Module) -> list[float]:
+        return [float(v) for p in model.parameters() for v in p.detach().reshape(-1)]
+
+    assert flat(first) == expected(first)
+    with torch.no_grad():
+        first.weight.mul_(2.0)  # an optimizer's in-place step
+    assert flat(first) == expected(first)
+    assert flat(second) == expected(second)  # the other side of a co-simulation
+    first.weight.data = torch.randn(2, 3)  # a reassigned tensor: a new storage
+    assert flat(first) == expected(first)
+    first.weight.data = torch.randn(3, 2).t()  # not contiguous: copied, not viewed
+    assert flat(first) == expected(first)
+    for _ in range(6):  # more models than the cache keeps
+        other = torch.nn.Linear(3, 2)
+        assert flat(other) == expected(other)
+    assert flat(second) == expected(second)
