@@ -39,9 +39,10 @@ class Outcome:
 class WorkloadCost:
     workload: str
     default_calibration: float
-    int8_calibration: float
+    # Every known-good candidate region the workload's rows need (suite.KNOWN_GOOD).
+    candidate_calibration: float
     paper_calibration: float
     reference_runs: float
     paper_diverged_runs: int = 0
     default_region: str = ""
-    int8_region: str = ""
+    candidate_regions: str = ""

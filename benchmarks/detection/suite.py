@@ -1,9 +1,9 @@
 """The detection benchmark's candidates: which are bugs, which are clean, which region judges them.
 
 Every row is declared here, before any run: its kind (``bug``, ``clean`` or ``gray``), the
-region it is judged against (``default``: the reference under arithmetic perturbations;
-``int8``: a known-good int8 gradient exchange) and, where a bug cannot exist in some model, the
-structural reason it does not apply there (decided from the model, never from a result).
+region it is judged against (``default``: the reference under arithmetic perturbations; or a
+known-good candidate's own region, ``KNOWN_GOOD``) and, where a bug cannot exist in some model,
+the structural reason it does not apply there (decided from the model, never from a result).
 """
 
 from __future__ import annotations
@@ -20,7 +20,14 @@ from pytest_convergence.zoo import candidates as zoo
 from pytest_convergence.zoo import large_batch, parameterizations, pruning, quantized
 
 Kind = Literal["bug", "clean", "gray"]
-RegionName = Literal["default", "int8"]
+RegionName = Literal["default", "int8", "error-feedback"]
+
+# The known-good candidates whose own regions judge rows: a correct lossy compression is held
+# to its own behaviour, not to the default region's float-rounding accuracy.
+KNOWN_GOOD: dict[str, Callable[[], Candidate]] = {
+    "int8": zoo.int8_exchange,
+    "error-feedback": zoo.error_feedback_int8_exchange,
+}
 
 # One mid-network weight per workload for the scaled-gradient bug: a layer whose gradient is
 # neither the largest (the classifier) nor the smallest (the first convolution).
@@ -100,9 +107,21 @@ SPECS: tuple[Spec, ...] = (
     Spec("fp16-exchange-4", "clean", "default", _fixed(zoo.fp16_exchange)),
     Spec("bf16-exchange-4", "clean", "default", _fixed(zoo.bf16_exchange)),
     Spec("int8-exchange-4x4", "clean", "int8", _fixed(zoo.int8_exchange)),
-    Spec("error-feedback-int8-4x4", "clean", "int8", _fixed(zoo.error_feedback_int8_exchange)),
-    # Gray zone: a reduced-precision kernel, reported apart from both counts.
+    Spec(
+        "error-feedback-int8-4x4",
+        "clean",
+        "error-feedback",
+        _fixed(zoo.error_feedback_int8_exchange),
+    ),
+    # Gray zone, reported apart from both counts: a reduced-precision kernel, and error feedback
+    # held to plain int8's step-by-step behaviour, which its carried residual changes by design.
     Spec("fp16-conv", "gray", "default", _fixed(zoo.fp16_conv_accumulation), has_conv),
+    Spec(
+        "error-feedback-vs-int8-region",
+        "gray",
+        "int8",
+        _fixed(zoo.error_feedback_int8_exchange),
+    ),
     # Bugs.
     Spec(
         "layer-gradient-x0.5",
@@ -252,6 +271,7 @@ QUICK_LABELS = (
     "unfold-conv2d",
     "bf16-exchange-4",
     "int8-exchange-4x4",
+    "error-feedback-int8-4x4",
     "fp16-conv",
     "layer-gradient-x0.5",
     "stale-gradient",
