@@ -36,12 +36,21 @@ class ParameterLayout:
         self.names = list(names)
         self.counts = [t.numel() for t in tensors]
         ends = list(itertools.accumulate(self.counts))
-        self._bounds = list(zip([0, *ends[:-1]], ends, strict=True))
-        self._starts = np.array([start for start, _ in self._bounds], dtype=np.int64)
+        self._bounds = list(zip([0, *ends[:-1]] if ends else [], ends, strict=True))
         self._ends = np.array(ends, dtype=np.int64)
+        # reduceat sums [start_i, start_i+1) but returns element start_i for an empty segment
+        # (and fails on one at the end): only non-empty parameters go through it.
+        self._nonempty = np.flatnonzero(np.array(self.counts, dtype=np.int64) > 0)
+        self._nonempty_starts = np.array([start for start, _ in self._bounds], dtype=np.int64)[
+            self._nonempty
+        ]
         self._size = ends[-1] if ends else 0
         self._device = tensors[0].device if tensors else torch.device("cpu")
         self._rows = torch.empty(4, self._size, dtype=torch.float64, device=self._device)
+        # Elementwise work on the CPU goes through NumPy views of the same rows: its
+        # single-threaded ufuncs cost a fraction of torch's per-call overhead, and do not wake
+        # an idle OpenMP pool, on the few thousand weights of a small model.
+        self._row_arrays = self._rows.numpy() if self._device.type == "cpu" else None
         # NumPy views of each model's parameters, by their storage addresses (see _views_of).
         self._views: dict[tuple[int, ...], list[NDArray[Any]]] = {}
 
@@ -89,18 +98,52 @@ class ParameterLayout:
         """Scratch rows to write per-element statistics into before :meth:`sum_rows`."""
         return self._rows[:count]
 
-    def sum_rows(self, rows: torch.Tensor) -> list[list[float]]:
+    def scratch(self, count: int) -> tuple[Any, Any]:
+        """The array module for elementwise work and its scratch rows: NumPy and views of the
+        rows on the CPU, torch and the rows elsewhere. Both spell ``subtract``, ``multiply`` and
+        ``square`` with ``out=`` the same way; pass operands through :meth:`operand`."""
+        if self._row_arrays is not None:
+            return np, self._row_arrays[:count]
+        return torch, self._rows[:count]
+
+    def operand(self, values: torch.Tensor) -> Any:
+        """``values`` as the array type :meth:`scratch` works in (no copy)."""
+        return values.numpy() if self._row_arrays is not None else values
+
+    def sum_rows(self, rows: torch.Tensor | NDArray[Any]) -> list[list[float]]:
         """Per-parameter sums of each row: one NumPy ``add.reduceat`` call on the CPU, a small
         reduction per parameter elsewhere (both cheaper than a scatter over the whole vector)."""
-        if not self._bounds:
-            return [[] for _ in range(rows.shape[0])]
-        if rows.device.type == "cpu":
+        if isinstance(rows, torch.Tensor) and rows.device.type != "cpu":
+            per_parameter = [rows[:, a:b].sum(dim=1) for a, b in self._bounds]
+            if not per_parameter:
+                return [[] for _ in range(rows.shape[0])]
+            return torch.stack(per_parameter, dim=1).tolist()
+        array = rows.numpy() if isinstance(rows, torch.Tensor) else rows
+        sums = np.zeros((array.shape[0], len(self.counts)), dtype=np.float64)
+        if len(self._nonempty):
             # A diverged candidate's NaN and Inf are data here, reported by the verdict.
             with np.errstate(invalid="ignore", over="ignore"):
-                sums = np.add.reduceat(rows.numpy(), self._starts, axis=1)
-            return sums.tolist()  # type: ignore[no-any-return]
-        per_parameter = torch.stack([rows[:, a:b].sum(dim=1) for a, b in self._bounds], dim=1)
-        return per_parameter.tolist()  # type: ignore[no-any-return,unused-ignore]
+                sums[:, self._nonempty] = np.add.reduceat(array, self._nonempty_starts, axis=1)
+        return sums.tolist()
+
+    def norms(self, tensors: Sequence[torch.Tensor]) -> list[float]:
+        """L2 norm of each tensor (one per parameter, in layout order), summed in float64."""
+        if self._row_arrays is not None and all(
+            tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64)
+            for tensor in tensors
+        ):
+            (row,) = self._row_arrays[:1]
+            np.concatenate(
+                [tensor.detach().numpy().reshape(-1) for tensor in tensors] or [row[:0]],
+                out=row,
+                casting="same_kind",
+            )
+            np.square(row, out=row)
+            (squares,) = self.sum_rows(self._row_arrays[:1])
+            return [math.sqrt(square) for square in squares]
+        # Half-precision norms would keep three digits: widen them first.
+        wide = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
+        return [float(norm) for norm in torch._foreach_norm(wide, 2.0)]
 
     def kernel_sums(self, values: torch.Tensor) -> tuple[list[float], list[int], list[float]]:
         """Per-parameter sums of log10|w| over nonzero weights, zero counts and sums of squares
@@ -112,13 +155,6 @@ class ParameterLayout:
         for index in np.flatnonzero(out[:, 3]).tolist():
             log10_sums[index] = math.nan
         return log10_sums, out[:, 2].astype(np.int64).tolist(), out[:, 4].tolist()
-
-    def sums(self, *vectors: torch.Tensor) -> list[list[float]]:
-        """Per-parameter sums of each flat vector."""
-        rows = self.rows(len(vectors))
-        for row, vector in zip(rows, vectors, strict=True):
-            row.copy_(vector)
-        return self.sum_rows(rows)
 
 
 @dataclass(frozen=True)
@@ -174,14 +210,13 @@ def step_trace(
 ) -> StepTrace:
     """One implementation's statistics after ``step``."""
     if before is not None:
-        rows = layout.rows(1)
-        torch.sub(weights.values, before.values, out=rows[0]).square_()
+        xp, rows = layout.scratch(1)
+        xp.subtract(layout.operand(weights.values), layout.operand(before.values), out=rows[0])
+        xp.square(rows[0], out=rows[0])
         (update_squares,) = layout.sum_rows(rows)
     else:
         update_squares = [0.0] * len(layout.counts)
-    grad_norms: list[float] | None = None
-    if gradients is not None:
-        grad_norms = [float(norm) for norm in torch._foreach_norm(list(gradients), 2.0)]
+    grad_norms = layout.norms(gradients) if gradients is not None else None
     records = tuple(
         ParameterStep(
             name=name,
@@ -203,14 +238,15 @@ def compare_weights(
     layout: ParameterLayout, start: FlatWeights, reference: FlatWeights, candidate: FlatWeights
 ) -> tuple[ParameterComparison, ...]:
     """Candidate against reference after one step taken from ``start`` by both."""
-    rows = layout.rows(4)
+    xp, rows = layout.scratch(4)
     update, error, projection, radial = rows
-    torch.sub(reference.values, start.values, out=update)
-    torch.sub(candidate.values, reference.values, out=error)
-    torch.mul(error, update, out=projection)
-    torch.mul(error, reference.values, out=radial)
-    update.square_()
-    error.square_()
+    before, after, other = (layout.operand(w.values) for w in (start, reference, candidate))
+    xp.subtract(after, before, out=update)
+    xp.subtract(other, after, out=error)
+    xp.multiply(error, update, out=projection)
+    xp.multiply(error, after, out=radial)
+    xp.square(update, out=update)
+    xp.square(error, out=error)
     update_squared, error_squared, projections, radials = layout.sum_rows(rows)
     return tuple(
         _comparison(

@@ -128,3 +128,31 @@ def test_flattening_follows_in_place_updates_reassigned_data_and_other_models() 
         other = torch.nn.Linear(3, 2)
         assert flat(other) == expected(other)
     assert flat(second) == expected(second)
+
+
+def test_empty_parameters_sum_to_zero_wherever_they_sit() -> None:
+    after = [torch.ones(3), torch.empty(0), torch.full((2,), 2.0), torch.empty(0)]
+    before = [torch.zeros(3), torch.empty(0), torch.full((2,), 1.0), torch.empty(0)]
+    layout = ParameterLayout(["a", "empty", "b", "last"], after)
+    trace = step_trace(
+        layout,
+        FlatWeights.of(layout, after),
+        step=1,
+        loss=None,
+        before=FlatWeights.of(layout, before),
+        gradients=after,
+    )
+    norms = [(p.weight_norm, p.update_norm, p.grad_norm) for p in trace.parameters]
+    root3, root8, root2 = math.sqrt(3), math.sqrt(8), math.sqrt(2)
+    assert norms == pytest.approx(
+        [(root3, root3, root3), (0, 0, 0), (root8, root2, root8), (0, 0, 0)]
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_gradient_norms_of_every_dtype(dtype: torch.dtype) -> None:
+    strided = torch.randn(3, 4).to(dtype).t()
+    gradients = [torch.randn(5, 7).to(dtype), strided, torch.zeros(4, dtype=dtype)]
+    layout = ParameterLayout(["w", "s", "z"], gradients)
+    expected = [float(torch.linalg.vector_norm(g.double())) for g in gradients]
+    assert layout.norms(gradients) == pytest.approx(expected, rel=1e-6)
