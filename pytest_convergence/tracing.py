@@ -9,9 +9,10 @@ parameters. Elementwise float64 log10 keeps LoGM exact.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,13 +99,17 @@ class ParameterLayout:
         """Scratch rows to write per-element statistics into before :meth:`sum_rows`."""
         return self._rows[:count]
 
-    def scratch(self, count: int) -> tuple[Any, Any]:
-        """The array module for elementwise work and its scratch rows: NumPy and views of the
-        rows on the CPU, torch and the rows elsewhere. Both spell ``subtract``, ``multiply`` and
-        ``square`` with ``out=`` the same way; pass operands through :meth:`operand`."""
-        if self._row_arrays is not None:
-            return np, self._row_arrays[:count]
-        return torch, self._rows[:count]
+    @contextlib.contextmanager
+    def elementwise(self, count: int) -> Iterator[tuple[Any, Any]]:
+        """The array module for elementwise work and ``count`` scratch rows: NumPy and views of
+        the rows on the CPU, torch and the rows elsewhere. Both spell ``subtract``, ``multiply``
+        and ``square`` with ``out=`` the same way; pass operands through :meth:`operand`.
+        A diverged candidate's NaN and Inf are data here, so NumPy does not warn about them."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            if self._row_arrays is not None:
+                yield np, self._row_arrays[:count]
+            else:
+                yield torch, self._rows[:count]
 
     def operand(self, values: torch.Tensor) -> Any:
         """``values`` as the array type :meth:`scratch` works in (no copy)."""
@@ -132,14 +137,14 @@ class ParameterLayout:
             tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64)
             for tensor in tensors
         ):
-            (row,) = self._row_arrays[:1]
-            np.concatenate(
-                [tensor.detach().numpy().reshape(-1) for tensor in tensors] or [row[:0]],
-                out=row,
-                casting="same_kind",
-            )
-            np.square(row, out=row)
-            (squares,) = self.sum_rows(self._row_arrays[:1])
+            with self.elementwise(1) as (_, rows):
+                np.concatenate(
+                    [tensor.detach().numpy().reshape(-1) for tensor in tensors] or [rows[0, :0]],
+                    out=rows[0],
+                    casting="same_kind",
+                )
+                np.square(rows, out=rows)
+            (squares,) = self.sum_rows(rows)
             return [math.sqrt(square) for square in squares]
         # Half-precision norms would keep three digits: widen them first.
         wide = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
@@ -210,9 +215,10 @@ def step_trace(
 ) -> StepTrace:
     """One implementation's statistics after ``step``."""
     if before is not None:
-        xp, rows = layout.scratch(1)
-        xp.subtract(layout.operand(weights.values), layout.operand(before.values), out=rows[0])
-        xp.square(rows[0], out=rows[0])
+        with layout.elementwise(1) as (xp, rows):
+            after, earlier = layout.operand(weights.values), layout.operand(before.values)
+            xp.subtract(after, earlier, out=rows[0])
+            xp.square(rows, out=rows)
         (update_squares,) = layout.sum_rows(rows)
     else:
         update_squares = [0.0] * len(layout.counts)
@@ -238,15 +244,15 @@ def compare_weights(
     layout: ParameterLayout, start: FlatWeights, reference: FlatWeights, candidate: FlatWeights
 ) -> tuple[ParameterComparison, ...]:
     """Candidate against reference after one step taken from ``start`` by both."""
-    xp, rows = layout.scratch(4)
-    update, error, projection, radial = rows
-    before, after, other = (layout.operand(w.values) for w in (start, reference, candidate))
-    xp.subtract(after, before, out=update)
-    xp.subtract(other, after, out=error)
-    xp.multiply(error, update, out=projection)
-    xp.multiply(error, after, out=radial)
-    xp.square(update, out=update)
-    xp.square(error, out=error)
+    with layout.elementwise(4) as (xp, rows):
+        update, error, projection, radial = rows
+        before, after, other = (layout.operand(w.values) for w in (start, reference, candidate))
+        xp.subtract(after, before, out=update)
+        xp.subtract(other, after, out=error)
+        xp.multiply(error, update, out=projection)
+        xp.multiply(error, after, out=radial)
+        xp.square(update, out=update)
+        xp.square(error, out=error)
     update_squared, error_squared, projections, radials = layout.sum_rows(rows)
     return tuple(
         _comparison(

@@ -156,3 +156,19 @@ def test_gradient_norms_of_every_dtype(dtype: torch.dtype) -> None:
     layout = ParameterLayout(["w", "s", "z"], gradients)
     expected = [float(torch.linalg.vector_norm(g.double())) for g in gradients]
     assert layout.norms(gradients) == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_diverged_candidate_is_data_not_a_warning() -> None:
+    """inf - inf and inf * 0 give NaN without a NumPy warning (the suite turns warnings into
+    errors, as a user's may): the verdict reports the non-finite weights."""
+    start = [torch.tensor([1.0, 1.0]), torch.tensor([2.0])]
+    reference = [torch.tensor([math.inf, 1.0]), torch.tensor([3.0])]
+    candidate = [torch.tensor([math.inf, math.nan]), torch.tensor([4.0])]
+    layout = ParameterLayout(["w", "b"], start)
+    flat = [FlatWeights.of(layout, side) for side in (start, reference, candidate)]
+    comparisons = compare_weights(layout, *flat)
+    assert [c.non_finite for c in comparisons] == [True, False]
+    trace = step_trace(layout, flat[2], step=1, loss=None, before=flat[1], gradients=candidate)
+    assert math.isnan(trace.parameters[0].grad_norm)
+    assert math.isnan(trace.parameters[0].update_norm)
+    assert trace.parameters[1].update_norm == 1.0
