@@ -124,12 +124,17 @@ class ParameterLayout:
                 return [[] for _ in range(rows.shape[0])]
             return torch.stack(per_parameter, dim=1).tolist()
         array = rows.numpy() if isinstance(rows, torch.Tensor) else rows
-        sums = np.zeros((array.shape[0], len(self.counts)), dtype=np.float64)
-        if len(self._nonempty):
-            # A diverged candidate's NaN and Inf are data here, reported by the verdict.
-            with np.errstate(invalid="ignore", over="ignore"):
-                sums[:, self._nonempty] = np.add.reduceat(array, self._nonempty_starts, axis=1)
-        return sums.tolist()
+        # A diverged candidate's NaN and Inf are data here, reported by the verdict.
+        with np.errstate(invalid="ignore", over="ignore"):
+            if len(self._nonempty) == len(self.counts) > 0:
+                sums = np.add.reduceat(array, self._nonempty_starts, axis=1)
+            else:
+                sums = np.zeros((array.shape[0], len(self.counts)), dtype=np.float64)
+                if len(self._nonempty):
+                    some = np.add.reduceat(array, self._nonempty_starts, axis=1)
+                    sums[:, self._nonempty] = some
+        result: list[list[float]] = sums.tolist()
+        return result
 
     def norms(self, tensors: Sequence[torch.Tensor]) -> list[float]:
         """L2 norm of each tensor (one per parameter, in layout order), summed in float64."""
