@@ -335,8 +335,9 @@ def render(
         "shared 2-core machine slow a 2-thread run down, so treat times as upper bounds).",
         "",
         "Regions (as calibrated by the library at the time of the run): default = "
-        f"{costs[0].default_region if costs else '-'}; "
-        f"{costs[0].candidate_regions if costs else '-'}.",
+        f"{costs[0].default_region if costs else '-'}"
+        + (f"; {costs[0].candidate_regions}" if costs and costs[0].candidate_regions != "-" else "")
+        + ".",
         "",
         f"Targets (>= 95% of bug runs caught within 8 steps, 0 clean runs flagged): **{target}** "
         f"({caught}/{len(bugs)} bug runs caught, {flagged}/{len(clean)} clean runs flagged).",
