@@ -137,21 +137,13 @@ class ParameterLayout:
         return result
 
     def norms(self, tensors: Sequence[torch.Tensor]) -> list[float]:
-        """L2 norm of each tensor (one per parameter, in layout order), summed in float64."""
-        if self._row_arrays is not None and all(
-            tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64)
-            for tensor in tensors
-        ):
-            with self.elementwise(1) as (_, rows):
-                np.concatenate(
-                    [tensor.detach().numpy().reshape(-1) for tensor in tensors] or [rows[0, :0]],
-                    out=rows[0],
-                    casting="same_kind",
-                )
-                np.square(rows, out=rows)
-            (squares,) = self.sum_rows(rows)
-            return [math.sqrt(square) for square in squares]
-        # Half-precision norms would keep three digits: widen them first.
+        """L2 norm of each tensor (one per parameter, in layout order).
+
+        torch's fused ``_foreach_norm``: measured right after a training step it costs a third
+        of a NumPy float64 sum on small models. Float32 gradients are summed in float32 (the
+        norms are reported, never judged); half-precision ones are widened first, or their
+        norms would keep three digits.
+        """
         wide = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
         return [float(norm) for norm in torch._foreach_norm(wide, 2.0)]
 
@@ -227,18 +219,30 @@ def step_trace(
         (update_squares,) = layout.sum_rows(rows)
     else:
         update_squares = [0.0] * len(layout.counts)
-    grad_norms = layout.norms(gradients) if gradients is not None else None
+    grad_norms: Sequence[float | None] = (
+        layout.norms(gradients) if gradients is not None else [None] * len(layout.counts)
+    )
     records = tuple(
         ParameterStep(
             name=name,
             count=count,
-            zeros=weights.zeros[i],
+            zeros=zeros,
             logm=weights.logm(i, count),
-            weight_norm=math.sqrt(weights.squares[i]),
-            update_norm=math.sqrt(update_squares[i]),
-            grad_norm=grad_norms[i] if grad_norms is not None else None,
+            weight_norm=math.sqrt(square),
+            update_norm=math.sqrt(update_square),
+            grad_norm=grad_norm,
         )
-        for i, (name, count) in enumerate(zip(layout.names, layout.counts, strict=True))
+        for i, (name, count, zeros, square, update_square, grad_norm) in enumerate(
+            zip(
+                layout.names,
+                layout.counts,
+                weights.zeros,
+                weights.squares,
+                update_squares,
+                grad_norms,
+                strict=True,
+            )
+        )
     )
     return StepTrace(
         step=step, loss=loss, global_logm=weights.global_logm(layout.counts), parameters=records
