@@ -104,6 +104,8 @@ typedef float f32x4 __attribute__((vector_size(16)));
  * the stack in 16-byte halves, and reloading them as 32 bytes stalled store forwarding (it
  * made the float64 loop 6x slower per weight). */
 typedef uint32_t u32x4_unaligned __attribute__((vector_size(16), aligned(4), may_alias));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef uint32_t u32x8_unaligned __attribute__((vector_size(32), aligned(4), may_alias));
 typedef uint64_t u64x4_unaligned __attribute__((vector_size(32), aligned(8), may_alias));
 #if defined(__x86_64__) && !defined(__clang__)
 #define MULTIVERSION __attribute__((target_clones("avx2", "default")))
@@ -119,16 +121,19 @@ typedef uint64_t u64x4_unaligned __attribute__((vector_size(32), aligned(8), may
 /* Returns 0 when the block holds only normal nonzero weights (and then adds it to t). */
 MULTIVERSION static int f32_block(const uint32_t *words, Totals *t, double *products,
                                   int with_squares) {
-    u32x4 exponents = {0, 0, 0, 0}, special = {0, 0, 0, 0};
+    u32x8 exponents = {0, 0, 0, 0, 0, 0, 0, 0}, special = exponents;
     f64x4 a = {1, 1, 1, 1}, b = a, c = a, d = a, squares = {0, 0, 0, 0};
     for (int i = 0; i < BLOCK; i += 16) {
+        /* Exponent fields 8 at a time; field 0 (zero, subnormal) or 255 (NaN, Inf) is special
+         * (equality compares: AVX2 has no unsigned ordering compare). */
+        for (int half = 0; half < 2; half++) {
+            u32x8 field = (*(const u32x8_unaligned *)(words + i + 8 * half) & 0x7FFFFFFFu) >> 23;
+            special |= (u32x8)((field == 0u) | (field == 255u));
+            exponents += field;
+        }
         u32x4 w[4];
         for (int k = 0; k < 4; k++) {
             w[k] = *(const u32x4_unaligned *)(words + i + 4 * k);
-            u32x4 field = (w[k] & 0x7FFFFFFFu) >> 23;
-            /* field 0 (zero, subnormal) or 255 (NaN, Inf): (field - 1) wraps to >= 254 */
-            special |= (u32x4)((field - 1u) >= 254u);
-            exponents += field;
             if (with_squares) { /* loop-invariant: -O3 unswitches the loop */
                 f64x4 weight = __builtin_convertvector((f32x4)w[k], f64x4);
                 squares += weight * weight;
@@ -139,9 +144,14 @@ MULTIVERSION static int f32_block(const uint32_t *words, Totals *t, double *prod
         c *= MANTISSAS_F32(w[2]);
         d *= MANTISSAS_F32(w[3]);
     }
-    if (special[0] | special[1] | special[2] | special[3]) return 1;
-    t->exponent_sum += (int64_t)exponents[0] + exponents[1] + exponents[2] + exponents[3]
-                       - (int64_t)127 * BLOCK;
+    uint32_t any_special = 0;
+    int64_t exponent_total = 0;
+    for (int lane = 0; lane < 8; lane++) {
+        any_special |= special[lane];
+        exponent_total += exponents[lane];
+    }
+    if (any_special) return 1;
+    t->exponent_sum += exponent_total - (int64_t)127 * BLOCK;
     t->squares += (squares[0] + squares[1]) + (squares[2] + squares[3]);
     f64x4 product = (a * b) * (c * d);
     for (int lane = 0; lane < 4; lane++) products[lane] *= product[lane];
