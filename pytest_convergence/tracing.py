@@ -4,7 +4,9 @@ A model has tens to hundreds of parameter tensors; computing LoGM, zero counts a
 tensor at a time costs a few small operations each and would dominate a small model's training
 step. Instead all parameters are flattened into one float64 vector and every statistic is a
 segment sum over it: a fixed handful of vectorized operations per step, whatever the number of
-parameters. Elementwise float64 log10 keeps LoGM exact.
+parameters. On the CPU one pass of the compiled kernel gives every parameter's LoGM sum, zero
+count and sum of squares, and the other sums are NumPy ``reduceat`` calls; elsewhere (CUDA, or
+no compiler) elementwise float64 log10 keeps LoGM exact.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ class ParameterLayout:
                 yield torch, self._rows[:count]
 
     def operand(self, values: torch.Tensor) -> Any:
-        """``values`` as the array type :meth:`scratch` works in (no copy)."""
+        """``values`` as the array type :meth:`elementwise` works in (no copy)."""
         return values.numpy() if self._row_arrays is not None else values
 
     def sum_rows(self, rows: torch.Tensor | NDArray[Any]) -> list[list[float]]:
