@@ -57,8 +57,9 @@ SCHEMA = "pytest-convergence/baseline"
 # 2: per-parameter radial-shift region (radial_center, radial_spread).
 # 3: per-parameter z limits (bias_z_limit, radial_z_limit) from Student's t at the calibration's
 #    degrees of freedom.
+# 4: per-step rounding_scale, the floor under a parameter's error scale, spreads and noise limit.
 # Older files are refused with the command that re-records them: they would judge differently.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MISMATCH_POLICIES = ("warn", "fail")
 RECORD_HINT = "pytest --convergence --convergence-record <the tests that use it>"
 # A re-record summary is read in a terminal and a pull request: the biggest changes, not all.
@@ -283,7 +284,8 @@ def _parameters(value: object, steps: int) -> dict[str, ParameterRegion]:
 def _check_steps(parameter: ParameterRegion, where: str, steps: int) -> None:
     """Per-step limits are looked up by step index: a short list would judge later steps
     against the wrong step's limit."""
-    for key in ("bias_center", "radial_center", "error_scale", "noise_scale", "noise_limit"):
+    per_step = ("bias_center", "radial_center", "error_scale", "noise_scale", "noise_limit")
+    for key in (*per_step, "rounding_scale"):
         found = len(getattr(parameter, key))
         if found != steps:
             raise _InvalidError(
@@ -456,6 +458,7 @@ _PARAMETER_FIELDS: dict[str, _Parser] = {
     "noise_limit": _limits,
     "zero_change_limit": _count,
     "logm_gap_limit": _limit,
+    "rounding_scale": _limits,
 }
 
 

@@ -81,6 +81,14 @@ MIN_NOISE_SAMPLES_FOR_FIT = 3
 MIN_BIAS_SPREAD = 1e-6
 # Error scale floor, about float32's resolution: an exact calibration has no error at all.
 NOISE_FLOOR = 1e-7
+# Two correct implementations may round each weight differently after a step: an error of a
+# few units in the last place of the weights, which relative to the update is
+# unit roundoff x |w| / |u| (the parameter's "rounding scale"). A region whose calibration saw
+# no error at all on a parameter (a bias all-reduced uncompressed, a small tensor on a
+# stochastic-rounding grid) would otherwise flag the first rounding difference with an
+# arbitrary z-score. Noise up to this many rounding scales is rounding.
+ROUNDING_NOISE_MARGIN = 16.0
+UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 # Exact zeros come and go legitimately in small numbers (a zero-initialized bias whose quantized
 # gradient rounds to zero stays zero); masks that stop applying or dead units move them wholesale.
 ZERO_SLACK_FRACTION = 0.01
@@ -117,6 +125,7 @@ class ParameterRegion:
     noise_limit: tuple[float, ...]
     zero_change_limit: int
     logm_gap_limit: float
+    rounding_scale: tuple[float, ...]
 
 
 @dataclass(frozen=True)
@@ -278,7 +287,11 @@ def _parameter_region(
 ) -> ParameterRegion:
     steps = min(len(run.comparisons) for run in runs)
     per_step = [[run.comparisons[s].parameters[index] for run in runs] for s in range(steps)]
-    error_scale = tuple(_median(p.relative_error for p in samples) for samples in per_step)
+    rounding = _rounding_scale(runs, index, steps)
+    error_scale = tuple(
+        max(_median(p.relative_error for p in samples), rounding[s])
+        for s, samples in enumerate(per_step)
+    )
     noise_scale = tuple(_median(p.noise for p in samples) for samples in per_step)
     normalized = [
         [_normalized(sample.bias, error_scale[s]) for sample in samples]
@@ -294,7 +307,8 @@ def _parameter_region(
     )
     # Pooled over steps: a handful of runs per step is too few to set a per-step maximum.
     noises = [_finite(p.noise) for samples in per_step for p in samples]
-    noise_limit = tuple(_noise_limit(noises) for _ in per_step)
+    pooled_limit = _noise_limit(noises)
+    noise_limit = tuple(max(pooled_limit, ROUNDING_NOISE_MARGIN * r) for r in rounding)
     gaps = [abs(p.logm_gap) for samples in per_step for p in samples if p.logm_gap is not None]
     return ParameterRegion(
         name=name,
@@ -310,7 +324,25 @@ def _parameter_region(
         noise_limit=noise_limit,
         zero_change_limit=_zero_change_limit(per_step),
         logm_gap_limit=NOISE_MARGIN * max(gaps, default=0.0),
+        rounding_scale=rounding,
     )
+
+
+def _rounding_scale(runs: Sequence[CoSimulation], index: int, steps: int) -> tuple[float, ...]:
+    """Per step, the median over runs of unit roundoff x |w| / |u| of the reference: the
+    relative update error that rounding each weight once more or less would make."""
+    scales = []
+    for step in range(1, steps + 1):
+        samples = []
+        for run in runs:
+            if step >= len(run.reference.steps):
+                continue
+            record = run.reference.steps[step].parameters[index]
+            roundoff = UNIT_ROUNDOFF.get(run.dtype, UNIT_ROUNDOFF["float32"])
+            if record.update_norm > 0 and math.isfinite(record.weight_norm):
+                samples.append(roundoff * record.weight_norm / record.update_norm)
+        scales.append(_median(samples))
+    return tuple(scales)
 
 
 def _centers_and_pooled_spread(
@@ -460,7 +492,10 @@ def _check(
         # of its center in calibration units, so a deterministic scale error stands out.
         noise_scale = bounds.noise_scale[index]
         excess = max(1.0, parameter.noise / max(noise_scale, NOISE_FLOOR))
-        score = (normalized - bounds.bias_center[index]) / (bounds.bias_spread * excess)
+        # Rounding-level errors are about one rounding scale either way: no spread is smaller.
+        floor = bounds.rounding_scale[index] / max(error_scale, NOISE_FLOOR)
+        spread = max(bounds.bias_spread, floor)
+        score = (normalized - bounds.bias_center[index]) / (spread * excess)
         history = cumulative.setdefault(name, [])
         outcomes.extend(
             _z_checks(step, name, "update bias", score, history, limit=bounds.bias_z_limit)
@@ -469,7 +504,8 @@ def _check(
         # or grows the weights every step the same way, so it adds up over steps too.
         radial = _normalized(parameter.radial, error_scale)
         if radial is not None:
-            score = (radial - bounds.radial_center[index]) / (bounds.radial_spread * excess)
+            radial_spread = max(bounds.radial_spread, floor)
+            score = (radial - bounds.radial_center[index]) / (radial_spread * excess)
             history = cumulative.setdefault(f"{name}\0radial", [])
             limit = bounds.radial_z_limit
             outcomes.extend(_z_checks(step, name, "radial shift", score, history, limit=limit))

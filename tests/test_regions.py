@@ -200,3 +200,22 @@ def test_the_region_z_limit_is_the_limit_a_verdict_uses(workload: Workload) -> N
         for name, p in region.parameters.items()
     }
     assert not judge(run, replace(region, parameters=limits)).passed
+
+
+def test_a_region_that_saw_no_error_still_tolerates_rounding(workload: Workload) -> None:
+    """A known-good candidate identical to the reference leaves every parameter's calibration
+    error exactly zero; a later run that rounds the weights differently (one unit in the last
+    place) must pass, and a real bug must still fail."""
+    exact = Candidate("exact", gradient_transform=lambda named, step: None)
+    region = calibrate(workload, candidate=exact, seeds=[0, 1, 2])
+    assert all(max(p.rounding_scale) > 0 for p in region.parameters.values())
+
+    def one_ulp_up(model: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.copy_(torch.nextafter(parameter, parameter + parameter.sign()))
+
+    rounded = judge(cosimulate(workload, Candidate("ulp", after_step=one_ulp_up)), region)
+    assert rounded.passed, rounded.first_violation
+    assert rounded.worst_ratio < 0.5
+    assert not judge(cosimulate(workload, scale_gradient("fc2.weight", 0.99)), region).passed
