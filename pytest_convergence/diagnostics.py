@@ -27,7 +27,6 @@ function): the landscape is one function, and the candidate's weights are a poin
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,7 +45,7 @@ from pytest_convergence.cosim import (
     train,
 )
 from pytest_convergence.errors import NonFiniteWeightError
-from pytest_convergence.traces import CoSimulation, Trace, _finite_or_text, _text_to_float
+from pytest_convergence.traces import CoSimulation, Trace, dump_with_schema, load_with_schema
 from pytest_convergence.workloads import Batch, Workload
 
 if TYPE_CHECKING:
@@ -113,15 +112,12 @@ class LandscapeSlice:
     candidate_losses: tuple[tuple[float, ...], ...]
 
     def to_json(self) -> str:
-        payload = {"schema": LANDSCAPE_SCHEMA, **asdict(self)}
-        return json.dumps(_finite_or_text(payload), indent=1)
+        return dump_with_schema(LANDSCAPE_SCHEMA, asdict(self))
 
     @classmethod
     def from_json(cls, text: str, *, source: str = "<string>") -> LandscapeSlice:
         try:
-            data = _text_to_float(json.loads(text))
-            if data.pop("schema", None) != LANDSCAPE_SCHEMA:
-                raise ValueError(f"not a {LANDSCAPE_SCHEMA} file")
+            data = load_with_schema(LANDSCAPE_SCHEMA, text)
             for key in ("alphas", "line_losses", "betas"):
                 data[key] = tuple(data[key])
             for key in ("reference_losses", "candidate_losses"):
@@ -462,15 +458,12 @@ class NormEvolution:
         return [p for p in self.points if p.parameter == parameter]
 
     def to_json(self) -> str:
-        payload = {"schema": NORMS_SCHEMA, **asdict(self)}
-        return json.dumps(_finite_or_text(payload), indent=1)
+        return dump_with_schema(NORMS_SCHEMA, asdict(self))
 
     @classmethod
     def from_json(cls, text: str, *, source: str = "<string>") -> NormEvolution:
         try:
-            data = _text_to_float(json.loads(text))
-            if data.pop("schema", None) != NORMS_SCHEMA:
-                raise ValueError(f"not a {NORMS_SCHEMA} file")
+            data = load_with_schema(NORMS_SCHEMA, text)
             data["parameters"] = tuple(data["parameters"])
             data["points"] = tuple(NormPoint(**p) for p in data["points"])
             return cls(**data)

@@ -143,8 +143,7 @@ class CoSimulation:
     module_types: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        payload = {"schema": TRACE_SCHEMA, "schema_version": TRACE_SCHEMA_VERSION, **asdict(self)}
-        return json.dumps(_finite_or_text(payload), indent=1)
+        return dump_with_schema(TRACE_SCHEMA, asdict(self), schema_version=TRACE_SCHEMA_VERSION)
 
     def write(self, path: Path) -> Path:
         path.write_text(self.to_json(), encoding="utf-8")
@@ -153,9 +152,7 @@ class CoSimulation:
     @classmethod
     def from_json(cls, text: str, *, source: str = "<string>") -> CoSimulation:
         try:
-            data = _text_to_float(json.loads(text))
-            if data.pop("schema", None) != TRACE_SCHEMA:
-                raise ValueError(f"not a {TRACE_SCHEMA} file")
+            data = load_with_schema(TRACE_SCHEMA, text)
             data.pop("schema_version", None)
             reference = Trace(
                 label=data["reference"]["label"],
@@ -176,6 +173,21 @@ def _step_trace(data: dict[str, Any]) -> StepTrace:
 def _step_comparison(data: dict[str, Any]) -> StepComparison:
     parameters = tuple(ParameterComparison(**p) for p in data.pop("parameters"))
     return StepComparison(**data, parameters=parameters)
+
+
+def dump_with_schema(schema: str, fields: dict[str, Any], **header: Any) -> str:
+    """A JSON document of ``fields`` under a ``schema`` tag (and ``header`` entries), with Inf
+    and NaN stored as text."""
+    return json.dumps(_finite_or_text({"schema": schema, **header, **fields}), indent=1)
+
+
+def load_with_schema(schema: str, text: str) -> dict[str, Any]:
+    """The fields of a :func:`dump_with_schema` document, Inf and NaN restored; ValueError
+    when it is tagged with another schema (the caller names the file)."""
+    data = _text_to_float(json.loads(text))
+    if data.pop("schema", None) != schema:
+        raise ValueError(f"not a {schema} file")
+    return data  # type: ignore[no-any-return]
 
 
 def _finite_or_text(value: Any) -> Any:
