@@ -11,10 +11,17 @@
  * block is all the transcendental work.
  *
  * Zeros are counted and skipped, NaN and Inf counted (the caller raises), and subnormals take
- * log2 of the exact float64 value. A block holding any of these is redone element by element,
- * so the fast loop has no branches and vectorizes. The element-by-element loop, which also
- * takes each tensor's last n % BLOCK weights, multiplies mantissas the same way (folding every
- * SCALAR_FOLD): a log2 per weight there would dominate the small tensors of a model's biases.
+ * log2 of the exact float64 value. A block holding NaN, Inf or a subnormal is redone element by
+ * element, so the fast loop has no branches and vectorizes; zeros stay on it (pruned and
+ * quantized models have many). The element-by-element loop, which also takes each tensor's
+ * last n % 16 weights, multiplies mantissas the same way (folding every SCALAR_FOLD): a log2
+ * per weight there would dominate the small tensors of a model's biases.
+ *
+ * trace_parameters does a co-simulation step's bookkeeping in the same pass: each weight,
+ * widened to float64 once, also goes into the step's flat snapshot and into its parameter's
+ * sums of squares and of squared change since the previous snapshot. A small model's training
+ * step takes a few hundred microseconds, so this, not the per-call cost of many tensor
+ * operations, is what a trace may cost (benchmarks/tracing_overhead.py).
  *
  * Called from pytest_convergence.metrics with the GIL released, so several threads can each
  * take a slice of one tensor.
@@ -38,7 +45,6 @@ typedef struct {
     int64_t zeros;
     int64_t nans;
     int64_t infs;
-    double squares; /* with_squares: sum of w^2 (NaN or Inf when any weight is); else partial */
 } Totals;
 
 static inline double mantissa_from_bits(uint64_t fraction_bits) {
@@ -61,6 +67,153 @@ static inline void fold_lanes(double *products, int64_t *exponent_sum) {
     for (int lane = 0; lane < LANES; lane++) fold(&products[lane], exponent_sum);
 }
 
+/* The next block of the fast loop over `left` weights: BLOCK, or the multiple of 16 that
+ * remains (0 when fewer than 16 remain for the element-by-element loop). A tensor's tail and
+ * a model's small biases stay vectorized. */
+static inline int block_length(Py_ssize_t left) {
+    return left >= BLOCK ? BLOCK : (int)(left & ~(Py_ssize_t)15);
+}
+
+/* The fast loops use GCC/Clang vector extensions (SSE2 everywhere on x86-64, AVX2 through
+ * target_clones where the CPU has it); other compilers take the scalar path, still exact. */
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__aarch64__)) && !defined(LOGM_SCALAR_ONLY)
+#define VECTORIZED 1
+typedef uint32_t u32x4 __attribute__((vector_size(16)));
+typedef uint64_t u64x4 __attribute__((vector_size(32)));
+typedef int64_t i64x4 __attribute__((vector_size(32)));
+typedef double f64x4 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+/* Unaligned vector loads straight into registers: a memcpy into a vector array went through
+ * the stack in 16-byte halves, and reloading them as 32 bytes stalled store forwarding (it
+ * made the float64 loop 6x slower per weight). */
+typedef uint32_t u32x4_unaligned __attribute__((vector_size(16), aligned(4), may_alias));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef uint32_t u32x8_unaligned __attribute__((vector_size(32), aligned(4), may_alias));
+typedef uint64_t u64x4_unaligned __attribute__((vector_size(32), aligned(8), may_alias));
+typedef float f32x4_unaligned __attribute__((vector_size(16), aligned(4), may_alias));
+typedef double f64x4_unaligned __attribute__((vector_size(32), aligned(8), may_alias));
+#if defined(__x86_64__) && !defined(__clang__)
+#define MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define MULTIVERSION
+#endif
+#else
+#define VECTORIZED 0
+#define MULTIVERSION
+#endif
+
+/* ---- widening copies and sums of squares: a step's snapshot and norms ------------------ */
+
+/* Copies n weights, widened to float64, to dst; adds their squares to *squares and, with prev,
+ * the squares of (dst - prev) to *update: a step's flat snapshot, weight norms and update
+ * norms in one pass. (float32 blocks do this inside f32_block; this takes the rest.) */
+MULTIVERSION static void f32_widen(const float *src, double *dst, const double *prev,
+                                   Py_ssize_t n, double *squares, double *update) {
+    Py_ssize_t i = 0;
+#if VECTORIZED
+    f64x4 s0 = {0, 0, 0, 0}, s1 = s0, u0 = s0, u1 = s0;
+    for (; i + 8 <= n; i += 8) {
+        f64x4 x0 = __builtin_convertvector(*(const f32x4_unaligned *)(src + i), f64x4);
+        f64x4 x1 = __builtin_convertvector(*(const f32x4_unaligned *)(src + i + 4), f64x4);
+        *(f64x4_unaligned *)(dst + i) = x0;
+        *(f64x4_unaligned *)(dst + i + 4) = x1;
+        s0 += x0 * x0;
+        s1 += x1 * x1;
+        if (prev) { /* loop-invariant: -O3 unswitches the loop */
+            f64x4 d0 = x0 - *(const f64x4_unaligned *)(prev + i);
+            f64x4 d1 = x1 - *(const f64x4_unaligned *)(prev + i + 4);
+            u0 += d0 * d0;
+            u1 += d1 * d1;
+        }
+    }
+    s0 += s1;
+    u0 += u1;
+    *squares += (s0[0] + s0[1]) + (s0[2] + s0[3]);
+    *update += (u0[0] + u0[1]) + (u0[2] + u0[3]);
+#endif
+    double tail_squares = 0.0, tail_update = 0.0; /* locals: dst might alias the outputs */
+    for (; i < n; i++) {
+        double x = (double)src[i];
+        dst[i] = x;
+        tail_squares += x * x;
+        if (prev) tail_update += (x - prev[i]) * (x - prev[i]);
+    }
+    *squares += tail_squares;
+    *update += tail_update;
+}
+
+MULTIVERSION static void f64_widen(const double *src, double *dst, const double *prev,
+                                   Py_ssize_t n, double *squares, double *update) {
+    Py_ssize_t i = 0;
+#if VECTORIZED
+    f64x4 s0 = {0, 0, 0, 0}, s1 = s0, u0 = s0, u1 = s0;
+    for (; i + 8 <= n; i += 8) {
+        f64x4 x0 = *(const f64x4_unaligned *)(src + i);
+        f64x4 x1 = *(const f64x4_unaligned *)(src + i + 4);
+        *(f64x4_unaligned *)(dst + i) = x0;
+        *(f64x4_unaligned *)(dst + i + 4) = x1;
+        s0 += x0 * x0;
+        s1 += x1 * x1;
+        if (prev) {
+            f64x4 d0 = x0 - *(const f64x4_unaligned *)(prev + i);
+            f64x4 d1 = x1 - *(const f64x4_unaligned *)(prev + i + 4);
+            u0 += d0 * d0;
+            u1 += d1 * d1;
+        }
+    }
+    s0 += s1;
+    u0 += u1;
+    *squares += (s0[0] + s0[1]) + (s0[2] + s0[3]);
+    *update += (u0[0] + u0[1]) + (u0[2] + u0[3]);
+#endif
+    double tail_squares = 0.0, tail_update = 0.0; /* locals: dst might alias the outputs */
+    for (; i < n; i++) {
+        double x = src[i];
+        dst[i] = x;
+        tail_squares += x * x;
+        if (prev) tail_update += (x - prev[i]) * (x - prev[i]);
+    }
+    *squares += tail_squares;
+    *update += tail_update;
+}
+
+/* Sum of squares in float64 (a gradient's norm, squared). */
+MULTIVERSION static double f32_squares(const float *src, Py_ssize_t n) {
+    double total = 0.0;
+    Py_ssize_t i = 0;
+#if VECTORIZED
+    f64x4 s0 = {0, 0, 0, 0}, s1 = s0;
+    for (; i + 8 <= n; i += 8) {
+        f64x4 x0 = __builtin_convertvector(*(const f32x4_unaligned *)(src + i), f64x4);
+        f64x4 x1 = __builtin_convertvector(*(const f32x4_unaligned *)(src + i + 4), f64x4);
+        s0 += x0 * x0;
+        s1 += x1 * x1;
+    }
+    s0 += s1;
+    total = (s0[0] + s0[1]) + (s0[2] + s0[3]);
+#endif
+    for (; i < n; i++) total += (double)src[i] * (double)src[i];
+    return total;
+}
+
+MULTIVERSION static double f64_squares(const double *src, Py_ssize_t n) {
+    double total = 0.0;
+    Py_ssize_t i = 0;
+#if VECTORIZED
+    f64x4 s0 = {0, 0, 0, 0}, s1 = s0;
+    for (; i + 8 <= n; i += 8) {
+        f64x4 x0 = *(const f64x4_unaligned *)(src + i);
+        f64x4 x1 = *(const f64x4_unaligned *)(src + i + 4);
+        s0 += x0 * x0;
+        s1 += x1 * x1;
+    }
+    s0 += s1;
+    total = (s0[0] + s0[1]) + (s0[2] + s0[3]);
+#endif
+    for (; i < n; i++) total += src[i] * src[i];
+    return total;
+}
+
 /* ---- float32 ---------------------------------------------------------------------------- */
 
 /* Element by element into one running product (>= 1, < 2 on entry). */
@@ -70,7 +223,6 @@ static void f32_scalar(const uint32_t *words, Py_ssize_t n, Totals *t, double *p
         uint32_t magnitude = words[i] & 0x7FFFFFFFu;
         float weight;
         memcpy(&weight, &magnitude, sizeof weight);
-        t->squares += (double)weight * (double)weight;
         uint32_t field = magnitude >> 23;
         if (magnitude == 0) {
             t->zeros++;
@@ -91,131 +243,139 @@ static void f32_scalar(const uint32_t *words, Py_ssize_t n, Totals *t, double *p
     }
 }
 
-/* The fast loops use GCC/Clang vector extensions (SSE2 everywhere on x86-64, AVX2 through
- * target_clones where the CPU has it); other compilers take the scalar path, still exact. */
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__aarch64__)) && !defined(LOGM_SCALAR_ONLY)
-#define VECTORIZED 1
-typedef uint32_t u32x4 __attribute__((vector_size(16)));
-typedef uint64_t u64x4 __attribute__((vector_size(32)));
-typedef int64_t i64x4 __attribute__((vector_size(32)));
-typedef double f64x4 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-/* Unaligned vector loads straight into registers: a memcpy into a vector array went through
- * the stack in 16-byte halves, and reloading them as 32 bytes stalled store forwarding (it
- * made the float64 loop 6x slower per weight). */
-typedef uint32_t u32x4_unaligned __attribute__((vector_size(16), aligned(4), may_alias));
-typedef uint32_t u32x8 __attribute__((vector_size(32)));
-typedef uint32_t u32x8_unaligned __attribute__((vector_size(32), aligned(4), may_alias));
-typedef uint64_t u64x4_unaligned __attribute__((vector_size(32), aligned(8), may_alias));
-#if defined(__x86_64__) && !defined(__clang__)
-#define MULTIVERSION __attribute__((target_clones("avx2", "default")))
-#else
-#define MULTIVERSION
-#endif
+#if VECTORIZED
+/* Mantissas in [1, 2) of float64 values (as many as the vector holds). A macro, not a
+ * function: a 32-byte vector passed by value changes the ABI without AVX. */
+#define MANTISSAS(values)                                                                  \
+    ((f64x4)(((u64x4)(values) & UINT64_C(0x000FFFFFFFFFFFFF)) | UINT64_C(0x3FF0000000000000)))
 
-/* Macros, not functions: a 32-byte vector passed by value changes the ABI without AVX. */
-#define MANTISSAS_F32(magnitudes)                                                          \
-    ((f64x4)((__builtin_convertvector((magnitudes) & 0x7FFFFFu, u64x4) << 29) |           \
-             UINT64_C(0x3FF0000000000000)))
-
-/* Returns 0 when the block holds only normal nonzero weights (and then adds it to t). */
-MULTIVERSION static int f32_block(const uint32_t *words, Totals *t, double *products,
-                                  int with_squares) {
-    u32x8 exponents = {0, 0, 0, 0, 0, 0, 0, 0}, special = exponents;
-    f64x4 a = {1, 1, 1, 1}, b = a, c = a, d = a, squares = {0, 0, 0, 0};
-    for (int i = 0; i < BLOCK; i += 16) {
-        /* Exponent fields 8 at a time; field 0 (zero, subnormal) or 255 (NaN, Inf) is special
+/* Returns 0 when the block holds only zeros and normal weights (and then adds it to t).
+ * A zero's exponent field is 0 and its mantissa 1: it adds nothing but a count, so pruned and
+ * quantized weights stay on the fast path. With dst (a trace), each weight is widened to
+ * float64 once, exactly, for its mantissa, its copy in dst and its square (and, with prev, its
+ * squared change), added to widened[0] (and widened[1]) whatever the block holds: a step's
+ * snapshot and norms in the same pass. */
+MULTIVERSION static int f32_block(const uint32_t *words, int count, Totals *t, double *products,
+                                  double *dst, const double *prev, double *widened) {
+    u32x8 exponents = {0, 0, 0, 0, 0, 0, 0, 0}, special = exponents, zeros = exponents;
+    f64x4 a = {1, 1, 1, 1}, b = a, c = a, d = a;
+    f64x4 squares[2] = {{0, 0, 0, 0}, {0, 0, 0, 0}}, update[2] = {{0, 0, 0, 0}, {0, 0, 0, 0}};
+    for (int i = 0; i < count; i += 16) {
+        /* Exponent fields 8 at a time; field 0 (subnormal) or 255 (NaN, Inf) is special
          * (equality compares: AVX2 has no unsigned ordering compare). */
         for (int half = 0; half < 2; half++) {
-            u32x8 field = (*(const u32x8_unaligned *)(words + i + 8 * half) & 0x7FFFFFFFu) >> 23;
-            special |= (u32x8)((field == 0u) | (field == 255u));
+            u32x8 magnitude = *(const u32x8_unaligned *)(words + i + 8 * half) & 0x7FFFFFFFu;
+            u32x8 field = magnitude >> 23, zero = (u32x8)(magnitude == 0u);
+            special |= (u32x8)(((field == 0u) & ~zero) | (field == 255u));
+            zeros -= zero; /* a true compare is all ones: -1 */
             exponents += field;
         }
-        u32x4 w[4];
+        f64x4 mantissas[4];
         for (int k = 0; k < 4; k++) {
-            w[k] = *(const u32x4_unaligned *)(words + i + 4 * k);
-            if (with_squares) { /* loop-invariant: -O3 unswitches the loop */
-                f64x4 weight = __builtin_convertvector((f32x4)w[k], f64x4);
-                squares += weight * weight;
+            const float *at = (const float *)words + i + 4 * k;
+            if (dst) { /* loop-invariant: -O3 unswitches the loop */
+                f64x4 x = __builtin_convertvector(*(const f32x4_unaligned *)at, f64x4);
+                *(f64x4_unaligned *)(dst + i + 4 * k) = x;
+                squares[k & 1] += x * x;
+                if (prev) {
+                    f64x4 change = x - *(const f64x4_unaligned *)(prev + i + 4 * k);
+                    update[k & 1] += change * change;
+                }
+                mantissas[k] = MANTISSAS(x); /* exact widening keeps the float32's bits */
+            } else { /* cheaper than widening when nothing else needs the float64 */
+                u32x4 fraction = *(const u32x4_unaligned *)at & 0x7FFFFFu;
+                mantissas[k] = (f64x4)((__builtin_convertvector(fraction, u64x4) << 29) |
+                                       UINT64_C(0x3FF0000000000000));
             }
         }
-        a *= MANTISSAS_F32(w[0]);
-        b *= MANTISSAS_F32(w[1]);
-        c *= MANTISSAS_F32(w[2]);
-        d *= MANTISSAS_F32(w[3]);
+        a *= mantissas[0];
+        b *= mantissas[1];
+        c *= mantissas[2];
+        d *= mantissas[3];
+    }
+    if (dst) {
+        f64x4 square_sum = squares[0] + squares[1], update_sum = update[0] + update[1];
+        widened[0] += (square_sum[0] + square_sum[1]) + (square_sum[2] + square_sum[3]);
+        widened[1] += (update_sum[0] + update_sum[1]) + (update_sum[2] + update_sum[3]);
     }
     uint32_t any_special = 0;
-    int64_t exponent_total = 0;
+    int64_t exponent_total = 0, zero_total = 0;
     for (int lane = 0; lane < 8; lane++) {
         any_special |= special[lane];
         exponent_total += exponents[lane];
+        zero_total += zeros[lane];
     }
     if (any_special) return 1;
-    t->exponent_sum += exponent_total - (int64_t)127 * BLOCK;
-    t->squares += (squares[0] + squares[1]) + (squares[2] + squares[3]);
+    t->exponent_sum += exponent_total - (int64_t)127 * (count - zero_total);
     f64x4 product = (a * b) * (c * d);
     for (int lane = 0; lane < 4; lane++) products[lane] *= product[lane];
-    t->nonzero += BLOCK;
+    t->nonzero += count - zero_total;
+    t->zeros += zero_total;
     return 0;
 }
 
-#define MANTISSAS_F64(magnitudes)                                                          \
-    ((f64x4)(((magnitudes) & UINT64_C(0x000FFFFFFFFFFFFF)) | UINT64_C(0x3FF0000000000000)))
-
-MULTIVERSION static int f64_block(const uint64_t *words, Totals *t, double *products,
-                                  int with_squares) {
-    i64x4 exponents = {0, 0, 0, 0}, normal = {-1, -1, -1, -1};
-    f64x4 a = {1, 1, 1, 1}, b = a, c = a, d = a, squares = {0, 0, 0, 0};
-    for (int i = 0; i < BLOCK; i += 16) {
+MULTIVERSION static int f64_block(const uint64_t *words, int count, Totals *t, double *products) {
+    i64x4 exponents = {0, 0, 0, 0}, normal = {-1, -1, -1, -1}, zeros = exponents;
+    f64x4 a = {1, 1, 1, 1}, b = a, c = a, d = a;
+    for (int i = 0; i < count; i += 16) {
         u64x4 w[4];
         for (int k = 0; k < 4; k++) {
             w[k] = *(const u64x4_unaligned *)(words + i + 4 * k);
             u64x4 magnitude = w[k] & UINT64_C(0x7FFFFFFFFFFFFFFF);
-            /* Normal nonzero finite: DBL_MIN <= |x| <= DBL_MAX (false for NaN). A floating
-             * compare, because 64-bit integer compares are slow or missing before AVX-512. */
+            /* Zero, or normal and finite: DBL_MIN <= |x| <= DBL_MAX (false for NaN). Floating
+             * compares, because 64-bit integer compares are slow or missing before AVX-512. */
             f64x4 value = (f64x4)magnitude;
-            normal &= (value >= 0x1p-1022) & (value <= 0x1.fffffffffffffp+1023);
+            i64x4 zero = value == 0.0;
+            normal &= ((value >= 0x1p-1022) & (value <= 0x1.fffffffffffffp+1023)) | zero;
+            zeros -= zero;
             exponents += (i64x4)(magnitude >> 52);
-            if (with_squares) squares += value * value;
         }
-        a *= MANTISSAS_F64(w[0]);
-        b *= MANTISSAS_F64(w[1]);
-        c *= MANTISSAS_F64(w[2]);
-        d *= MANTISSAS_F64(w[3]);
+        a *= MANTISSAS(w[0]);
+        b *= MANTISSAS(w[1]);
+        c *= MANTISSAS(w[2]);
+        d *= MANTISSAS(w[3]);
     }
     if ((normal[0] & normal[1] & normal[2] & normal[3]) != -1) return 1;
+    int64_t zero_total = zeros[0] + zeros[1] + zeros[2] + zeros[3];
     t->exponent_sum += exponents[0] + exponents[1] + exponents[2] + exponents[3]
-                       - (int64_t)1023 * BLOCK;
-    t->squares += (squares[0] + squares[1]) + (squares[2] + squares[3]);
+                       - (int64_t)1023 * (count - zero_total);
     f64x4 product = (a * b) * (c * d);
     for (int lane = 0; lane < 4; lane++) products[lane] *= product[lane];
-    t->nonzero += BLOCK;
+    t->nonzero += count - zero_total;
+    t->zeros += zero_total;
     return 0;
 }
 #else
-#define VECTORIZED 0
-static int f32_block(const uint32_t *words, Totals *t, double *products, int with_squares) {
-    (void)words, (void)t, (void)products, (void)with_squares;
+static int f32_block(const uint32_t *words, int count, Totals *t, double *products,
+                     double *dst, const double *prev, double *widened) {
+    (void)t, (void)products;
+    if (dst) f32_widen((const float *)words, dst, prev, count, &widened[0], &widened[1]);
     return 1;
 }
-static int f64_block(const uint64_t *words, Totals *t, double *products, int with_squares) {
-    (void)words, (void)t, (void)products, (void)with_squares;
+static int f64_block(const uint64_t *words, int count, Totals *t, double *products) {
+    (void)words, (void)count, (void)t, (void)products;
     return 1;
 }
 #endif
 
-/* with_squares: also sum w^2 (segment_log2_sums; it costs log2_sum a third of its speed). */
-static void f32_log2_sum(const uint32_t *words, Py_ssize_t n, Totals *t, int with_squares) {
+/* Sum of log2|w| into t. With dst, also the widening pass of f32_widen, fused with it. */
+static void f32_log2_sum(const uint32_t *words, Py_ssize_t n, Totals *t, double *dst,
+                         const double *prev, double *widened) {
     double products[LANES];
     for (int lane = 0; lane < LANES; lane++) products[lane] = 1.0;
     Py_ssize_t i = 0;
-    for (; i + BLOCK <= n; i += BLOCK) {
-        if (f32_block(words + i, t, products, with_squares)) {
-            f32_scalar(words + i, BLOCK, t, &products[0]);
+    for (int count; (count = block_length(n - i)) > 0; i += count) {
+        if (f32_block(words + i, count, t, products, dst ? dst + i : NULL,
+                      prev ? prev + i : NULL, widened)) {
+            f32_scalar(words + i, count, t, &products[0]);
         }
         fold_lanes(products, &t->exponent_sum);
     }
     f32_scalar(words + i, n - i, t, &products[0]);
+    if (dst) {
+        f32_widen((const float *)words + i, dst + i, prev ? prev + i : NULL, n - i, &widened[0],
+                  &widened[1]);
+    }
     for (int lane = 0; lane < LANES; lane++) t->mantissa_log2 += log2(products[lane]);
 }
 
@@ -227,7 +387,6 @@ static void f64_scalar(const uint64_t *words, Py_ssize_t n, Totals *t, double *p
         uint64_t magnitude = words[i] & UINT64_C(0x7FFFFFFFFFFFFFFF);
         double weight;
         memcpy(&weight, &magnitude, sizeof weight);
-        t->squares += weight * weight;
         uint64_t field = magnitude >> 52;
         if (magnitude == 0) {
             t->zeros++;
@@ -248,13 +407,13 @@ static void f64_scalar(const uint64_t *words, Py_ssize_t n, Totals *t, double *p
     }
 }
 
-static void f64_log2_sum(const uint64_t *words, Py_ssize_t n, Totals *t, int with_squares) {
+static void f64_log2_sum(const uint64_t *words, Py_ssize_t n, Totals *t) {
     double products[LANES];
     for (int lane = 0; lane < LANES; lane++) products[lane] = 1.0;
     Py_ssize_t i = 0;
-    for (; i + BLOCK <= n; i += BLOCK) {
-        if (f64_block(words + i, t, products, with_squares)) {
-            f64_scalar(words + i, BLOCK, t, &products[0]);
+    for (int count; (count = block_length(n - i)) > 0; i += count) {
+        if (f64_block(words + i, count, t, products)) {
+            f64_scalar(words + i, count, t, &products[0]);
         }
         fold_lanes(products, &t->exponent_sum);
     }
@@ -281,13 +440,13 @@ static PyObject *log2_sum(PyObject *self, PyObject *args) {
                      itemsize, view.len);
         return NULL;
     }
-    Totals totals = {0, 0.0, 0, 0, 0, 0, 0.0};
+    Totals totals = {0, 0.0, 0, 0, 0, 0};
     Py_ssize_t n = view.len / itemsize;
     Py_BEGIN_ALLOW_THREADS
     if (itemsize == 4) {
-        f32_log2_sum((const uint32_t *)view.buf, n, &totals, 0);
+        f32_log2_sum((const uint32_t *)view.buf, n, &totals, NULL, NULL, NULL);
     } else {
-        f64_log2_sum((const uint64_t *)view.buf, n, &totals, 0);
+        f64_log2_sum((const uint64_t *)view.buf, n, &totals);
     }
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&view);
@@ -330,18 +489,21 @@ static PyObject *segment_log2_sums(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     int64_t start = 0;
     for (Py_ssize_t i = 0; i < segments; i++) {
-        Totals t = {0, 0.0, 0, 0, 0, 0, 0.0};
+        Totals t = {0, 0.0, 0, 0, 0, 0};
         Py_ssize_t length = (Py_ssize_t)(ends[i] - start);
+        double squares;
         if (itemsize == 4) {
-            f32_log2_sum((const uint32_t *)view.buf + start, length, &t, 1);
+            f32_log2_sum((const uint32_t *)view.buf + start, length, &t, NULL, NULL, NULL);
+            squares = f32_squares((const float *)view.buf + start, length);
         } else {
-            f64_log2_sum((const uint64_t *)view.buf + start, length, &t, 1);
+            f64_log2_sum((const uint64_t *)view.buf + start, length, &t);
+            squares = f64_squares((const double *)view.buf + start, length);
         }
         out[5 * i] = (double)t.exponent_sum;
         out[5 * i + 1] = t.mantissa_log2;
         out[5 * i + 2] = (double)t.zeros;
         out[5 * i + 3] = (double)(t.nans + t.infs);
-        out[5 * i + 4] = t.squares;
+        out[5 * i + 4] = squares;
         start = ends[i];
     }
     Py_END_ALLOW_THREADS
@@ -351,9 +513,195 @@ static PyObject *segment_log2_sums(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* A C-contiguous float32 or float64 buffer ("f" or "d", native byte order), or 0 with no
+ * error set when obj exports another kind (the caller takes its general path). */
+static int float_buffer(PyObject *obj, Py_buffer *view) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+        /* NumPy refuses a strided array with ValueError; objects without buffers, TypeError */
+        if (!PyErr_ExceptionMatches(PyExc_BufferError) &&
+            !PyErr_ExceptionMatches(PyExc_TypeError) &&
+            !PyErr_ExceptionMatches(PyExc_ValueError)) {
+            return -1;
+        }
+        PyErr_Clear();
+        return 0;
+    }
+    const char *format = view->format ? view->format : "B";
+    if (*format == '=' || *format == '@' || *format == '<') format++;
+    if ((strcmp(format, "f") == 0 && view->itemsize == 4) ||
+        (strcmp(format, "d") == 0 && view->itemsize == 8)) {
+        return 1;
+    }
+    PyBuffer_Release(view);
+    return 0;
+}
+
+static void release_all(Py_buffer *views, Py_ssize_t count) {
+    for (Py_ssize_t i = 0; i < count; i++) PyBuffer_Release(&views[i]);
+}
+
+/* Exports a buffer per item of a sequence: 1 when every item is a float buffer (all held), 0
+ * when one is not (none held), -1 with an error set (none held). */
+static int float_buffers(PyObject *items, Py_ssize_t n, Py_buffer *views) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int status = float_buffer(PySequence_Fast_GET_ITEM(items, i), &views[i]);
+        if (status != 1) {
+            release_all(views, i);
+            return status;
+        }
+    }
+    return 1;
+}
+
+#define TRACE_COLUMNS 5
+
+/* The columns of trace_parameters as a tuple of five lists (zero counts as ints). */
+static PyObject *trace_lists(const double *columns, Py_ssize_t n) {
+    PyObject *lists = PyTuple_New(TRACE_COLUMNS);
+    if (!lists) return NULL;
+    for (int column = 0; column < TRACE_COLUMNS; column++) {
+        PyObject *list = PyList_New(n);
+        if (!list) {
+            Py_DECREF(lists);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(lists, column, list);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            double value = columns[column * n + i];
+            PyObject *item = column == 1 ? PyLong_FromDouble(value) : PyFloat_FromDouble(value);
+            if (!item) {
+                Py_DECREF(lists);
+                return NULL;
+            }
+            PyList_SET_ITEM(list, i, item);
+        }
+    }
+    return lists;
+}
+
+PyDoc_STRVAR(trace_parameters_doc,
+    "trace_parameters(weights, gradients, previous, out)\n"
+    "    -> (log10_sums, zeros, squares, update_norms, gradient_norms) | None\n\n"
+    "One step's trace of a model's parameters in one call. weights: a sequence of C-contiguous\n"
+    "float32 or float64 buffers, one per parameter. Copies them, widened to float64, into out\n"
+    "(a float64 buffer of their total length), and returns one list per statistic, one value\n"
+    "per parameter: sum of log10|w| over nonzero weights (NaN when any is NaN or Inf), zero\n"
+    "count, sum of squares, norm of the change from previous (a float64 buffer like out, or\n"
+    "None: 0) and norm of gradients[i] (a sequence of buffers like weights, or None: 0).\n"
+    "Returns None, having written nothing, when an item of weights or gradients is not a\n"
+    "C-contiguous float32/float64 buffer or a gradient's length differs from its weight's.\n"
+    "Releases the GIL.");
+
+static PyObject *trace_parameters(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *weights_arg, *gradients_arg, *previous_arg;
+    Py_buffer out_view, previous_view;
+    if (!PyArg_ParseTuple(args, "OOOw*", &weights_arg, &gradients_arg, &previous_arg, &out_view)) {
+        return NULL;
+    }
+    PyObject *weights = NULL, *gradients = NULL, *result = NULL;
+    Py_buffer *views = NULL, *gradient_views = NULL;
+    double *columns = NULL;
+    Py_ssize_t n = 0, held = 0, gradients_held = 0;
+    int has_previous = 0, ok;
+    weights = PySequence_Fast(weights_arg, "trace_parameters: weights must be a sequence");
+    if (!weights) goto done;
+    n = PySequence_Fast_GET_SIZE(weights);
+    if (gradients_arg != Py_None) {
+        gradients = PySequence_Fast(gradients_arg, "trace_parameters: gradients: a sequence");
+        if (!gradients) goto done;
+        if (PySequence_Fast_GET_SIZE(gradients) != n) {
+            PyErr_SetString(PyExc_ValueError, "trace_parameters: one gradient per weight");
+            goto done;
+        }
+    }
+    if (previous_arg != Py_None) {
+        if (PyObject_GetBuffer(previous_arg, &previous_view, PyBUF_C_CONTIGUOUS) < 0) goto done;
+        has_previous = 1;
+    }
+    views = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Py_buffer));
+    gradient_views = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Py_buffer));
+    columns = PyMem_Calloc((size_t)(n ? n : 1) * TRACE_COLUMNS, sizeof(double));
+    if (!views || !gradient_views || !columns) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    ok = float_buffers(weights, n, views);
+    if (ok < 0) goto done;
+    held = ok ? n : 0;
+    if (ok && gradients) {
+        ok = float_buffers(gradients, n, gradient_views);
+        if (ok < 0) goto done;
+        gradients_held = ok ? n : 0;
+    }
+    Py_ssize_t total = 0;
+    for (Py_ssize_t i = 0; ok && i < n; i++) {
+        Py_ssize_t length = views[i].len / views[i].itemsize;
+        if (gradients && gradient_views[i].len / gradient_views[i].itemsize != length) ok = 0;
+        total += length;
+    }
+    if (!ok) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    if (out_view.len != total * (Py_ssize_t)sizeof(double) ||
+        (has_previous && previous_view.len != out_view.len)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "trace_parameters: out (and previous) must hold every weight as float64");
+        goto done;
+    }
+    double *out = (double *)out_view.buf;
+    const double *previous = has_previous ? (const double *)previous_view.buf : NULL;
+    Py_BEGIN_ALLOW_THREADS
+    Py_ssize_t start = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Totals t = {0, 0.0, 0, 0, 0, 0};
+        Py_ssize_t length = views[i].len / views[i].itemsize;
+        const double *since = previous ? previous + start : NULL;
+        double squares = 0.0, update = 0.0;
+        if (views[i].itemsize == 4) {
+            double widened[2] = {0.0, 0.0};
+            f32_log2_sum((const uint32_t *)views[i].buf, length, &t, out + start, since, widened);
+            squares = widened[0];
+            update = widened[1];
+        } else {
+            const double *values = (const double *)views[i].buf;
+            f64_log2_sum((const uint64_t *)values, length, &t);
+            f64_widen(values, out + start, since, length, &squares, &update);
+        }
+        double gradient = 0.0;
+        if (gradients) {
+            const void *buf = gradient_views[i].buf;
+            gradient = gradient_views[i].itemsize == 4 ? f32_squares((const float *)buf, length)
+                                                       : f64_squares((const double *)buf, length);
+        }
+        double log2_total = (double)t.exponent_sum + t.mantissa_log2;
+        columns[i] = t.nans + t.infs ? NAN : log2_total * 0.30102999566398119521; /* log10(2) */
+        columns[n + i] = (double)t.zeros;
+        columns[2 * n + i] = squares;
+        columns[3 * n + i] = sqrt(update);
+        columns[4 * n + i] = sqrt(gradient);
+        start += length;
+    }
+    Py_END_ALLOW_THREADS
+    result = trace_lists(columns, n);
+done:
+    if (views) release_all(views, held);
+    if (gradient_views) release_all(gradient_views, gradients_held);
+    PyMem_Free(views);
+    PyMem_Free(gradient_views);
+    PyMem_Free(columns);
+    if (has_previous) PyBuffer_Release(&previous_view);
+    Py_XDECREF(weights);
+    Py_XDECREF(gradients);
+    PyBuffer_Release(&out_view);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"log2_sum", log2_sum, METH_VARARGS, log2_sum_doc},
     {"segment_log2_sums", segment_log2_sums, METH_VARARGS, segment_log2_sums_doc},
+    {"trace_parameters", trace_parameters, METH_VARARGS, trace_parameters_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -365,4 +713,12 @@ static struct PyModuleDef module = {
     .m_methods = methods,
 };
 
-PyMODINIT_FUNC PyInit__logm_kernel(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__logm_kernel(void) {
+    PyObject *created = PyModule_Create(&module);
+    /* Whether the vector loops were compiled in (tests and benchmarks report it). */
+    if (created && PyModule_AddIntConstant(created, "VECTORIZED", VECTORIZED) < 0) {
+        Py_DECREF(created);
+        return NULL;
+    }
+    return created;
+}

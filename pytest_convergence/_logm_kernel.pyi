@@ -1,8 +1,11 @@
 """Type stub of the compiled LoGM kernel (see _logm_kernel.c)."""
 
+from collections.abc import Sequence
 from typing import Any
 
 from numpy.typing import NDArray
+
+VECTORIZED: int
 
 def log2_sum(
     buffer: NDArray[Any] | bytes | memoryview, itemsize: int, /
@@ -10,3 +13,10 @@ def log2_sum(
 def segment_log2_sums(
     buffer: NDArray[Any], itemsize: int, ends: NDArray[Any], out: NDArray[Any], /
 ) -> None: ...
+def trace_parameters(
+    weights: Sequence[NDArray[Any]],
+    gradients: Sequence[NDArray[Any]] | None,
+    previous: NDArray[Any] | None,
+    out: NDArray[Any],
+    /,
+) -> tuple[list[float], list[int], list[float], list[float], list[float]] | None: ...

@@ -65,7 +65,7 @@ def cosimulate_many(workload: Workload, candidates: Sequence[Candidate]) -> list
     ]
     layout = _layout(reference.model)
     previous = FlatWeights.of(layout, list(reference.model.parameters()))
-    initial = step_trace(layout, previous, step=0, loss=None, before=None, gradients=None)
+    initial = step_trace(layout, previous, step=0, loss=None)
     for result in results:
         result.reference.steps.append(initial)
     stopped = [False] * len(sides)
@@ -73,11 +73,11 @@ def cosimulate_many(workload: Workload, candidates: Sequence[Candidate]) -> list
         step = index + 1
         before = _State.capture(reference)
         loss, gradients = reference.train_step(batch, step, keep_gradients=True)
-        after = FlatWeights.of(layout, list(reference.model.parameters()))
-        _require_finite(layout, after, reference.model, step)
-        reference_trace = step_trace(
-            layout, after, step=step, loss=loss, before=previous, gradients=gradients
+        after = FlatWeights.of(
+            layout, list(reference.model.parameters()), previous=previous, gradients=gradients
         )
+        _require_finite(layout, after, reference.model, step)
+        reference_trace = step_trace(layout, after, step=step, loss=loss)
         for position, (side, result) in enumerate(zip(sides, results, strict=True)):
             if stopped[position]:
                 continue
@@ -105,17 +105,15 @@ def train(workload: Workload, candidate: Candidate = REFERENCE) -> tuple[Trace, 
     trace = Trace(label=candidate.name)
     layout = _layout(implementation.model)
     previous = FlatWeights.of(layout, list(implementation.model.parameters()))
-    trace.steps.append(step_trace(layout, previous, step=0, loss=None, before=None, gradients=None))
+    trace.steps.append(step_trace(layout, previous, step=0, loss=None))
     for index, batch in enumerate(workload.make_batches()):
         loss, gradients = implementation.train_step(batch, index + 1, keep_gradients=True)
-        after = FlatWeights.of(layout, list(implementation.model.parameters()))
+        after = FlatWeights.of(
+            layout, list(implementation.model.parameters()), previous=previous, gradients=gradients
+        )
         if not math.isfinite(loss) or not all(after.finite):
             break
-        trace.steps.append(
-            step_trace(
-                layout, after, step=index + 1, loss=loss, before=previous, gradients=gradients
-            )
-        )
+        trace.steps.append(step_trace(layout, after, step=index + 1, loss=loss))
         previous = after
     return trace, implementation.model
 

@@ -804,9 +804,7 @@ class _Rank:
         )
         previous = FlatWeights.of(layout, list(self.reference.model.parameters()))
         if keep:
-            result.reference.steps.append(
-                step_trace(layout, previous, step=0, loss=None, before=None, gradients=None)
-            )
+            result.reference.steps.append(step_trace(layout, previous, step=0, loss=None))
         stopped = False
         for index, (inputs, targets) in enumerate(self.shards):
             step = index + 1
@@ -815,7 +813,12 @@ class _Rank:
             reference_loss, gradients = _ddp_step(
                 self.reference_ddp, self.reference, inputs, targets, keep_gradients=keep
             )
-            after = FlatWeights.of(layout, list(self.reference.model.parameters()))
+            after = FlatWeights.of(
+                layout,
+                list(self.reference.model.parameters()),
+                previous=previous,
+                gradients=gradients,
+            )
             _require_finite(layout, after, self.reference.model, step)
             self.progress(f"step {step}: candidate (comm hook {self.hook.name})")
             before.restore(self.candidate)
@@ -828,14 +831,7 @@ class _Rank:
             reference_mean, candidate_mean = (losses / self.config.world_size).tolist()
             if keep:
                 result.reference.steps.append(
-                    step_trace(
-                        layout,
-                        after,
-                        step=step,
-                        loss=reference_mean,
-                        before=previous,
-                        gradients=gradients,
-                    )
+                    step_trace(layout, after, step=step, loss=reference_mean)
                 )
                 if not stopped:
                     candidate = FlatWeights.of(layout, list(self.candidate.model.parameters()))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -51,6 +51,7 @@ __all__ = [
     "parameter_logms",
     "parameter_stats",
     "segment_log2_sums",
+    "trace_parameters",
 ]
 
 WeightsLike: TypeAlias = "torch.nn.Module | Mapping[str, Any] | torch.Tensor | NDArray[Any]"
@@ -262,6 +263,24 @@ def segment_log2_sums(values: NDArray[Any], ends: NDArray[Any], out: NDArray[Any
     compiled kernel."""
     assert _logm_kernel is not None, "check compiled_kernel_available() first"
     _logm_kernel.segment_log2_sums(values, values.itemsize, ends, out)
+
+
+TraceSums: TypeAlias = tuple[list[float], list[int], list[float], list[float], list[float]]
+
+
+def trace_parameters(
+    weights: Sequence[NDArray[Any]],
+    gradients: Sequence[NDArray[Any]] | None,
+    previous: NDArray[Any] | None,
+    out: NDArray[Any],
+) -> TraceSums | None:
+    """One step's trace of flat NumPy views of a model's parameters, by the compiled kernel:
+    ``out`` gets their float64 concatenation; returned, per parameter, the sum of log10|w|
+    over nonzero weights (NaN when one is not finite), zero counts, sums of squares, norms of
+    the change from ``previous`` and norms of ``gradients``. None, with nothing written, when
+    a view is not a C-contiguous float32/float64 array (the caller takes the general path)."""
+    assert _logm_kernel is not None, "check compiled_kernel_available() first"
+    return _logm_kernel.trace_parameters(weights, gradients, previous, out)
 
 
 def _native(tensor: torch.Tensor) -> bool:

@@ -26,9 +26,14 @@ TRACE_SCHEMA = "pytest-convergence/trace"
 TRACE_SCHEMA_VERSION = 1
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ParameterStep:
-    """One parameter of one implementation after one step."""
+    """One parameter of one implementation after one step.
+
+    Not frozen, unlike the comparison records: a trace builds one per parameter per step, and a
+    frozen dataclass's constructor costs five times as much, a measurable share of a small
+    model's training step (benchmarks/tracing_overhead.py). Treat it as read-only all the same.
+    """
 
     name: str
     count: int
@@ -39,9 +44,10 @@ class ParameterStep:
     grad_norm: float | None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StepTrace:
-    """One implementation after ``step`` steps (step 0: the initial weights)."""
+    """One implementation after ``step`` steps (step 0: the initial weights). Read-only by
+    convention, not frozen, for the reason given at :class:`ParameterStep`."""
 
     step: int
     loss: float | None

@@ -1,12 +1,15 @@
 """Per-step statistics of every parameter at once, for traces and comparisons.
 
-A model has tens to hundreds of parameter tensors; computing LoGM, zero counts and norms one
-tensor at a time costs a few small operations each and would dominate a small model's training
-step. Instead all parameters are flattened into one float64 vector and every statistic is a
-segment sum over it: a fixed handful of vectorized operations per step, whatever the number of
-parameters. On the CPU one pass of the compiled kernel gives every parameter's LoGM sum, zero
-count and sum of squares, and the other sums are NumPy ``reduceat`` calls; elsewhere (CUDA, or
-no compiler) elementwise float64 log10 keeps LoGM exact.
+A model has tens to hundreds of parameter tensors, and a small model's whole training step
+takes a few hundred microseconds: computing LoGM, zero counts and norms one tensor and one
+statistic at a time would cost more than the step. On the CPU one compiled call per step
+(:meth:`ParameterLayout.compiled_trace`) reads the parameters and gradients in place and
+returns every parameter's LoGM sum, zero count, weight, update and gradient norm, with the
+step's float64 snapshot. Elsewhere (CUDA, no compiler, half precision or strided tensors) the
+parameters are flattened into one float64 vector and every statistic is a segment sum over it
+(the kernel's segmented pass where it exists, exact float64 tensor operations otherwise): a fixed
+handful of vectorized operations per step, whatever the number of parameters. Comparisons of two
+snapshots are segment sums over their flat vectors everywhere.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
@@ -26,6 +29,10 @@ from pytest_convergence import metrics
 from pytest_convergence.traces import ParameterComparison, ParameterStep, StepTrace
 
 __all__ = ["FlatWeights", "ParameterLayout", "compare_weights", "step_trace"]
+
+# A model's weights as one float64 vector: NumPy where the compiled kernel wrote it, a tensor
+# where tensor operations did (on an accelerator, a tensor on its device).
+FlatVector: TypeAlias = "torch.Tensor | NDArray[np.float64]"
 
 # Models whose parameter views a layout keeps: the reference and candidate of a co-simulation,
 # and the one-off models of a replay or diagnostic.
@@ -79,7 +86,7 @@ class ParameterLayout:
         old storage, no new tensor can take over that address while the entry exists. A few
         entries: a co-simulation alternates between its two models.
         """
-        key = tuple(tensor.data_ptr() for tensor in tensors)
+        key = tuple(map(torch.Tensor.data_ptr, tensors))
         views = self._views.get(key)
         if views is not None:
             return views
@@ -113,8 +120,10 @@ class ParameterLayout:
             else:
                 yield torch, self._rows[:count]
 
-    def operand(self, values: torch.Tensor) -> Any:
+    def operand(self, values: FlatVector) -> Any:
         """``values`` as the array type :meth:`elementwise` works in (no copy)."""
+        if isinstance(values, np.ndarray):
+            return values
         return values.numpy() if self._row_arrays is not None else values
 
     def sum_rows(self, rows: torch.Tensor | NDArray[Any]) -> list[list[float]]:
@@ -138,6 +147,14 @@ class ParameterLayout:
         result: list[list[float]] = sums.tolist()
         return result
 
+    def update_norms(self, values: FlatVector, before: FlatVector) -> list[float]:
+        """Per-parameter norm of ``values - before``, two flat vectors of this layout."""
+        with self.elementwise(1) as (xp, rows):
+            xp.subtract(self.operand(values), self.operand(before), out=rows[0])
+            xp.square(rows, out=rows)
+        (squares,) = self.sum_rows(rows)
+        return [math.sqrt(square) for square in squares]
+
     def norms(self, tensors: Sequence[torch.Tensor]) -> list[float]:
         """L2 norm of each tensor (one per parameter, in layout order).
 
@@ -160,29 +177,84 @@ class ParameterLayout:
             log10_sums[index] = math.nan
         return log10_sums, out[:, 2].astype(np.int64).tolist(), out[:, 4].tolist()
 
+    def compiled_trace(
+        self,
+        tensors: Sequence[torch.Tensor],
+        previous: FlatVector | None,
+        gradients: Sequence[torch.Tensor] | None,
+    ) -> tuple[NDArray[np.float64], metrics.TraceSums] | None:
+        """The flat vector and :func:`metrics.trace_parameters`' sums, read straight from the
+        parameters' storage in one compiled call; None where the kernel cannot take them (no
+        compiler, an accelerator, a dtype other than float32/float64, a strided tensor).
 
-@dataclass(frozen=True)
+        A small model's whole training step takes a few hundred microseconds, so the fixed
+        cost matters as much as the cost per weight: each weight is read once, and the
+        statistics come back as lists, ready for the trace's records.
+        """
+        if not metrics.compiled_kernel_available() or self._row_arrays is None or not tensors:
+            return None
+        views = self._views_of(tensors)
+        if views is None:
+            return None
+        gradient_views = None
+        if gradients is not None:
+            try:
+                gradient_views = list(map(torch.Tensor.numpy, gradients))
+            except (TypeError, RuntimeError):  # an accelerator, bfloat16, or autograd history
+                return None
+        # A NumPy vector: a tensor would cost three more binding calls per step.
+        values = np.empty(self._size, dtype=np.float64)
+        since = self.operand(previous) if previous is not None else None
+        sums = metrics.trace_parameters(views, gradient_views, since, values)
+        return (values, sums) if sums is not None else None
+
+
+@dataclass(slots=True)
 class FlatWeights:
-    """A weight vector with its per-parameter LoGM sums, zero counts and squared norms."""
+    """A weight vector with its per-parameter LoGM sums, zero counts and squared norms and, when
+    taken after a step, each parameter's update and gradient norms for that step.
 
-    values: torch.Tensor
+    Read-only by convention, not frozen: one is built per model per step, and a frozen
+    dataclass's constructor costs a few microseconds more, which a small model's step notices.
+    """
+
+    values: FlatVector
     log10_sums: list[float]
     zeros: list[int]
     squares: list[float]
+    update_norms: list[float] | None = None
+    gradient_norms: list[float] | None = None
 
     @classmethod
-    def of(cls, layout: ParameterLayout, tensors: Sequence[torch.Tensor]) -> FlatWeights:
-        values = layout.flatten(tensors)
-        if values.device.type == "cpu" and metrics.compiled_kernel_available():
-            # One pass of the compiled kernel over all parameters: no float64 log10 at all.
-            return cls(values, *layout.kernel_sums(values))
-        zero = values == 0
-        rows = layout.rows(3)
-        torch.abs(values, out=rows[0]).masked_fill_(zero, 1.0).log10_()
-        rows[1].copy_(zero)
-        torch.square(values, out=rows[2])
-        log10_sums, zero_sums, squares = layout.sum_rows(rows)
-        return cls(values, log10_sums, [int(z) for z in zero_sums], squares)
+    def of(
+        cls,
+        layout: ParameterLayout,
+        tensors: Sequence[torch.Tensor],
+        *,
+        previous: FlatWeights | None = None,
+        gradients: Sequence[torch.Tensor] | None = None,
+    ) -> FlatWeights:
+        """Snapshot of ``tensors``; with ``previous`` (the snapshot before the step) the update
+        norms, with ``gradients`` (the step's) their norms, taken in the same pass."""
+        before = previous.values if previous is not None else None
+        compiled = layout.compiled_trace(tensors, before, gradients)
+        if compiled is not None:
+            values, (log10_sums, zeros, squares, update_norms, gradient_norms) = compiled
+            return cls(
+                values,
+                log10_sums,
+                zeros,
+                squares,
+                update_norms if previous is not None else None,
+                gradient_norms if gradients is not None else None,
+            )
+        flat = layout.flatten(tensors)
+        return cls(
+            flat,
+            *_weight_sums(layout, flat),
+            layout.update_norms(flat, before) if before is not None else None,
+            layout.norms(gradients) if gradients is not None else None,
+        )
 
     @property
     def finite(self) -> list[bool]:
@@ -196,54 +268,59 @@ class FlatWeights:
             return None
         return self.log10_sums[index] / nonzero
 
+    def logms(self, counts: Sequence[int]) -> list[float | None]:
+        """:meth:`logm` of every parameter."""
+        return [
+            total / (count - zeros) if count != zeros and math.isfinite(square) else None
+            for total, count, zeros, square in zip(
+                self.log10_sums, counts, self.zeros, self.squares, strict=True
+            )
+        ]
+
     def global_logm(self, counts: Sequence[int]) -> float | None:
-        if not all(self.finite):
+        if not all(map(math.isfinite, self.squares)):  # as `finite`, without the list
             return None
         nonzero = sum(counts) - sum(self.zeros)
         return math.fsum(self.log10_sums) / nonzero if nonzero else None
 
 
+def _weight_sums(
+    layout: ParameterLayout, values: torch.Tensor
+) -> tuple[list[float], list[int], list[float]]:
+    """LoGM sums, zero counts and sums of squares of a flat vector, where the compiled trace
+    did not apply: the kernel over the float64 copy on the CPU, float64 tensor operations
+    elsewhere."""
+    if values.device.type == "cpu" and metrics.compiled_kernel_available():
+        return layout.kernel_sums(values)
+    zero = values == 0
+    rows = layout.rows(3)
+    torch.abs(values, out=rows[0]).masked_fill_(zero, 1.0).log10_()
+    rows[1].copy_(zero)
+    torch.square(values, out=rows[2])
+    log10_sums, zero_sums, squares = layout.sum_rows(rows)
+    return log10_sums, [int(z) for z in zero_sums], squares
+
+
 def step_trace(
-    layout: ParameterLayout,
-    weights: FlatWeights,
-    *,
-    step: int,
-    loss: float | None,
-    before: FlatWeights | None,
-    gradients: Sequence[torch.Tensor] | None,
+    layout: ParameterLayout, weights: FlatWeights, *, step: int, loss: float | None
 ) -> StepTrace:
-    """One implementation's statistics after ``step``."""
-    if before is not None:
-        with layout.elementwise(1) as (xp, rows):
-            after, earlier = layout.operand(weights.values), layout.operand(before.values)
-            xp.subtract(after, earlier, out=rows[0])
-            xp.square(rows, out=rows)
-        (update_squares,) = layout.sum_rows(rows)
-    else:
-        update_squares = [0.0] * len(layout.counts)
-    grad_norms: Sequence[float | None] = (
-        layout.norms(gradients) if gradients is not None else [None] * len(layout.counts)
-    )
+    """One implementation's statistics after ``step``: update and gradient norms are those
+    ``weights`` was taken with (0 and None without)."""
+    parameters = len(layout.counts)
+    update_norms = weights.update_norms or [0.0] * parameters
+    grad_norms: Sequence[float | None] = weights.gradient_norms or [None] * parameters
+    # map over the columns, positionally: the cheapest way to build a record per parameter,
+    # which a small model's step notices. Every column has one value per parameter.
     records = tuple(
-        ParameterStep(
-            name=name,
-            count=count,
-            zeros=zeros,
-            logm=weights.logm(i, count),
-            weight_norm=math.sqrt(square),
-            update_norm=math.sqrt(update_square),
-            grad_norm=grad_norm,
-        )
-        for i, (name, count, zeros, square, update_square, grad_norm) in enumerate(
-            zip(
-                layout.names,
-                layout.counts,
-                weights.zeros,
-                weights.squares,
-                update_squares,
-                grad_norms,
-                strict=True,
-            )
+        map(
+            ParameterStep,
+            layout.names,
+            layout.counts,
+            weights.zeros,
+            weights.logms(layout.counts),
+            map(math.sqrt, weights.squares),
+            update_norms,
+            grad_norms,
         )
     )
     return StepTrace(

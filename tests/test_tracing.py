@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -25,6 +26,93 @@ def parameter_lists(draw: st.DrawFn) -> list[torch.Tensor]:
         tensor[torch.rand(size, generator=generator) < draw(st.sampled_from([0.0, 0.3]))] = 0
         tensors.append(tensor)
     return tensors
+
+
+@st.composite
+def steps(draw: st.DrawFn) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Weights before and after a step, and its gradients, of mixed float32/float64
+    parameters (each kind of parameter takes its own loop in the compiled trace)."""
+    before = draw(parameter_lists())
+    dtypes = [draw(st.sampled_from([torch.float32, torch.float64])) for _ in before]
+    before = [tensor.to(dtype) for tensor, dtype in zip(before, dtypes, strict=True)]
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    gradients = [torch.randn(t.shape, generator=generator).to(t.dtype) for t in before]
+    after = [t - 0.01 * g for t, g in zip(before, gradients, strict=True)]
+    return before, after, gradients
+
+
+@given(steps())
+def test_a_snapshot_taken_after_a_step_carries_its_update_and_gradient_norms(
+    step: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]],
+) -> None:
+    before, after, gradients = step
+    layout = ParameterLayout([f"p{i}" for i in range(len(after))], after)
+    weights = FlatWeights.of(
+        layout, after, previous=FlatWeights.of(layout, before), gradients=gradients
+    )
+    concatenated = torch.cat([t.double().reshape(-1) for t in after])
+    assert np.array_equal(np.asarray(weights.values), concatenated.numpy())
+    updates = [float((a.double() - b.double()).norm()) for a, b in zip(after, before, strict=True)]
+    assert weights.update_norms == pytest.approx(updates, rel=1e-12)
+    # Gradient norms are reported, never judged: the tensor path sums float32 in float32.
+    assert weights.gradient_norms == pytest.approx(
+        [float(g.double().norm()) for g in gradients], rel=1e-6
+    )
+    parts = parameter_logms({f"p{i}": t for i, t in enumerate(after)})
+    assert weights.zeros == [part.zeros for part in parts]
+    assert weights.logms(layout.counts) == pytest.approx([part.logm for part in parts], abs=1e-12)
+
+
+def test_tensors_the_compiled_trace_cannot_read_take_the_general_path() -> None:
+    """Half precision, strided and bfloat16 tensors are not float32/float64 C-contiguous
+    buffers: the snapshot is still complete and exact."""
+    weights = [torch.randn(40, 30), torch.randn(30, 40).t(), torch.randn(7).half()]
+    gradients = [torch.randn(40, 30).bfloat16(), torch.randn(30, 40).t(), torch.randn(7).half()]
+    previous = [torch.zeros(40, 30), torch.zeros(40, 30), torch.zeros(7).half()]
+    layout = ParameterLayout(["a", "strided", "half"], weights)
+    for grads in (gradients, [g.float() for g in gradients]):
+        snapshot = FlatWeights.of(
+            layout, weights, previous=FlatWeights.of(layout, previous), gradients=grads
+        )
+        assert snapshot.update_norms == pytest.approx([float(w.double().norm()) for w in weights])
+        assert snapshot.gradient_norms == pytest.approx(
+            [float(g.double().norm()) for g in grads], rel=1e-6
+        )
+        assert snapshot.logms(layout.counts) == pytest.approx(
+            [reference_logm(w) for w in weights], abs=1e-12
+        )
+
+
+def test_the_compiled_trace_refuses_what_it_cannot_read_and_rejects_wrong_sizes() -> None:
+    """None (nothing written) sends the caller to the general path; a size that does not add
+    up is a caller's bug and raises."""
+    kernel = pytest.importorskip("pytest_convergence._logm_kernel")
+    weights = [np.ones(3, dtype=np.float32), np.full(2, 2.0)]
+    out = np.full(5, -1.0)
+    for unreadable in (
+        [np.ones(3, dtype=np.float16), weights[1]],
+        [np.ones((3, 2))[:, 0], weights[1]],
+    ):
+        assert kernel.trace_parameters(unreadable, None, None, out) is None
+        assert out.tolist() == [-1.0] * 5
+    assert kernel.trace_parameters(weights, [np.ones(3, np.float32), np.ones(3)], None, out) is None
+    log10_sums, zeros, squares, update_norms, gradient_norms = kernel.trace_parameters(
+        weights, [np.ones(3, np.float32), np.ones(2)], np.zeros(5), out
+    )
+    assert out.tolist() == [1.0, 1.0, 1.0, 2.0, 2.0]
+    assert (log10_sums, zeros, squares) == (
+        [0.0, pytest.approx(2 * math.log10(2))],
+        [0, 0],
+        [3.0, 8.0],
+    )
+    assert (update_norms, gradient_norms) == (
+        [math.sqrt(3), math.sqrt(8)],
+        [math.sqrt(3), math.sqrt(2)],
+    )
+    with pytest.raises(ValueError, match="out"):
+        kernel.trace_parameters(weights, None, None, np.empty(4))
+    with pytest.raises(ValueError, match="one gradient per weight"):
+        kernel.trace_parameters(weights, [np.ones(3, np.float32)], None, out)
 
 
 @given(parameter_lists())
@@ -57,14 +145,11 @@ def test_a_step_trace_records_norms_of_weights_updates_and_gradients() -> None:
     before = [torch.tensor([3.0, 4.0]), torch.tensor([0.0, 1.0])]
     after = [torch.tensor([3.0, 5.0]), torch.tensor([0.0, 1.0])]
     layout = ParameterLayout(["w", "b"], before)
-    trace = step_trace(
-        layout,
-        FlatWeights.of(layout, after),
-        step=1,
-        loss=0.5,
-        before=FlatWeights.of(layout, before),
-        gradients=[torch.tensor([0.0, 2.0]), torch.zeros(2)],
+    gradients = [torch.tensor([0.0, 2.0]), torch.zeros(2)]
+    weights = FlatWeights.of(
+        layout, after, previous=FlatWeights.of(layout, before), gradients=gradients
     )
+    trace = step_trace(layout, weights, step=1, loss=0.5)
     weight, bias = trace.parameters
     assert (weight.weight_norm, weight.update_norm, weight.grad_norm) == pytest.approx(
         (math.sqrt(34), 1.0, 2.0)
@@ -110,7 +195,10 @@ def test_flattening_follows_in_place_updates_reassigned_data_and_other_models() 
     layout = ParameterLayout(["weight", "bias"], list(first.parameters()))
 
     def flat(model: torch.nn.Module) -> list[float]:
-        return layout.flatten(list(model.parameters())).tolist()
+        flattened = layout.flatten(list(model.parameters())).tolist()
+        snapshot = np.asarray(FlatWeights.of(layout, list(model.parameters())).values).tolist()
+        assert snapshot == flattened  # the compiled trace reads the same cached views
+        return flattened
 
     def expected(model: torch.nn.Module) -> list[float]:
         return [float(v) for p in model.parameters() for v in p.detach().reshape(-1)]
@@ -134,14 +222,10 @@ def test_empty_parameters_sum_to_zero_wherever_they_sit() -> None:
     after = [torch.ones(3), torch.empty(0), torch.full((2,), 2.0), torch.empty(0)]
     before = [torch.zeros(3), torch.empty(0), torch.full((2,), 1.0), torch.empty(0)]
     layout = ParameterLayout(["a", "empty", "b", "last"], after)
-    trace = step_trace(
-        layout,
-        FlatWeights.of(layout, after),
-        step=1,
-        loss=None,
-        before=FlatWeights.of(layout, before),
-        gradients=after,
+    weights = FlatWeights.of(
+        layout, after, previous=FlatWeights.of(layout, before), gradients=after
     )
+    trace = step_trace(layout, weights, step=1, loss=None)
     norms = [norm for p in trace.parameters for norm in (p.weight_norm, p.update_norm, p.grad_norm)]
     root3, root8, root2 = math.sqrt(3), math.sqrt(8), math.sqrt(2)
     expected = [root3, root3, root3, 0, 0, 0, root8, root2, root8, 0, 0, 0]
@@ -167,7 +251,8 @@ def test_a_diverged_candidate_is_data_not_a_warning() -> None:
     flat = [FlatWeights.of(layout, side) for side in (start, reference, candidate)]
     comparisons = compare_weights(layout, *flat)
     assert [c.non_finite for c in comparisons] == [True, False]
-    trace = step_trace(layout, flat[2], step=1, loss=None, before=flat[1], gradients=candidate)
+    diverged = FlatWeights.of(layout, candidate, previous=flat[1], gradients=candidate)
+    trace = step_trace(layout, diverged, step=1, loss=None)
     assert math.isnan(trace.parameters[0].grad_norm)
     assert math.isnan(trace.parameters[0].update_norm)
     assert trace.parameters[1].update_norm == 1.0
