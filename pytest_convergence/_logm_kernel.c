@@ -536,17 +536,94 @@ static int float_buffer(PyObject *obj, Py_buffer *view) {
     return 0;
 }
 
-static void release_all(Py_buffer *views, Py_ssize_t count) {
-    for (Py_ssize_t i = 0; i < count; i++) PyBuffer_Release(&views[i]);
+/* DLPack's tensor description (the unversioned ABI, stable since DLPack 0.2), so that a torch
+ * tensor can be read through torch.utils.dlpack.to_dlpack: a third of the cost of
+ * Tensor.numpy() per tensor, which a step's gradients, new tensors every step, pay each time. */
+typedef struct {
+    int32_t device_type;
+    int32_t device_id;
+} DLDevice;
+typedef struct {
+    uint8_t code;
+    uint8_t bits;
+    uint16_t lanes;
+} DLDataType;
+typedef struct {
+    void *data;
+    DLDevice device;
+    int32_t ndim;
+    DLDataType dtype;
+    int64_t *shape;
+    int64_t *strides; /* in elements; NULL: compact row-major */
+    uint64_t byte_offset;
+} DLTensor;
+typedef struct DLManagedTensor {
+    DLTensor dl_tensor;
+    void *manager_ctx;
+    void (*deleter)(struct DLManagedTensor *self);
+} DLManagedTensor;
+#define DLPACK_CPU 1
+#define DLPACK_FLOAT 2
+
+/* Weights or gradients to read: a buffer (held until released) or a DLPack capsule (borrowed:
+ * the caller's capsule outlives the call, and its destructor frees the tensor). */
+typedef struct {
+    const void *data;
+    Py_ssize_t length;
+    Py_ssize_t itemsize;
+    int held;
+    Py_buffer view;
+} FloatArray;
+
+/* A CPU float32/float64 tensor in compact row-major order from a DLPack capsule; 0 for
+ * anything else (another device or dtype, strided, a consumed capsule). */
+static int dlpack_array(PyObject *capsule, FloatArray *array) {
+    if (!PyCapsule_IsValid(capsule, "dltensor")) return 0;
+    const DLManagedTensor *managed = PyCapsule_GetPointer(capsule, "dltensor");
+    if (!managed) return -1;
+    const DLTensor *tensor = &managed->dl_tensor;
+    if (tensor->device.device_type != DLPACK_CPU || tensor->dtype.code != DLPACK_FLOAT ||
+        tensor->dtype.lanes != 1 || (tensor->dtype.bits != 32 && tensor->dtype.bits != 64)) {
+        return 0;
+    }
+    int64_t length = 1;
+    for (int32_t dim = tensor->ndim - 1; dim >= 0; dim--) {
+        int64_t size = tensor->shape[dim];
+        if (tensor->strides && size > 1 && tensor->strides[dim] != length) return 0;
+        length *= size;
+    }
+    array->data = (const char *)tensor->data + tensor->byte_offset;
+    array->length = (Py_ssize_t)length;
+    array->itemsize = tensor->dtype.bits / 8;
+    array->held = 0;
+    return 1;
 }
 
-/* Exports a buffer per item of a sequence: 1 when every item is a float buffer (all held), 0
- * when one is not (none held), -1 with an error set (none held). */
-static int float_buffers(PyObject *items, Py_ssize_t n, Py_buffer *views) {
+static int float_array(PyObject *obj, FloatArray *array) {
+    if (PyCapsule_CheckExact(obj)) return dlpack_array(obj, array);
+    int status = float_buffer(obj, &array->view);
+    if (status != 1) return status;
+    array->data = array->view.buf;
+    array->itemsize = array->view.itemsize;
+    array->length = array->view.len / array->view.itemsize;
+    array->held = 1;
+    return 1;
+}
+
+static void release_all(FloatArray *arrays, Py_ssize_t count) {
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (arrays[i].held) PyBuffer_Release(&arrays[i].view);
+        arrays[i].held = 0;
+    }
+}
+
+/* Reads every item of a sequence: 1 when each is a float array (buffers held), 0 when one is
+ * not (none held), -1 with an error set (none held). */
+static int float_arrays(PyObject *items, Py_ssize_t n, FloatArray *arrays) {
     for (Py_ssize_t i = 0; i < n; i++) {
-        int status = float_buffer(PySequence_Fast_GET_ITEM(items, i), &views[i]);
+        int status = float_array(PySequence_Fast_GET_ITEM(items, i), &arrays[i]);
         if (status != 1) {
-            release_all(views, i);
+            release_all(arrays, i);
             return status;
         }
     }
@@ -583,13 +660,13 @@ PyDoc_STRVAR(trace_parameters_doc,
     "trace_parameters(weights, gradients, previous, out)\n"
     "    -> (log10_sums, zeros, squares, update_norms, gradient_norms) | None\n\n"
     "One step's trace of a model's parameters in one call. weights: a sequence of C-contiguous\n"
-    "float32 or float64 buffers, one per parameter. Copies them, widened to float64, into out\n"
-    "(a float64 buffer of their total length), and returns one list per statistic, one value\n"
-    "per parameter: sum of log10|w| over nonzero weights (NaN when any is NaN or Inf), zero\n"
-    "count, sum of squares, norm of the change from previous (a float64 buffer like out, or\n"
-    "None: 0) and norm of gradients[i] (a sequence of buffers like weights, or None: 0).\n"
-    "Returns None, having written nothing, when an item of weights or gradients is not a\n"
-    "C-contiguous float32/float64 buffer or a gradient's length differs from its weight's.\n"
+    "float32 or float64 buffers or DLPack capsules of such CPU tensors, one per parameter.\n"
+    "Copies them, widened to float64, into out (a float64 buffer of their total length), and\n"
+    "returns one list per statistic, one value per parameter: sum of log10|w| over nonzero\n"
+    "weights (NaN when any is NaN or Inf), zero count, sum of squares, norm of the change from\n"
+    "previous (a float64 buffer like out, or None: 0) and norm of gradients[i] (a sequence\n"
+    "like weights, or None: 0). Returns None, having written nothing, when an item of weights\n"
+    "or gradients is none of these or a gradient's length differs from its weight's.\n"
     "Releases the GIL.");
 
 static PyObject *trace_parameters(PyObject *self, PyObject *args) {
@@ -600,7 +677,7 @@ static PyObject *trace_parameters(PyObject *self, PyObject *args) {
         return NULL;
     }
     PyObject *weights = NULL, *gradients = NULL, *result = NULL;
-    Py_buffer *views = NULL, *gradient_views = NULL;
+    FloatArray *views = NULL, *gradient_views = NULL;
     double *columns = NULL;
     Py_ssize_t n = 0, held = 0, gradients_held = 0;
     int has_previous = 0, ok;
@@ -619,26 +696,25 @@ static PyObject *trace_parameters(PyObject *self, PyObject *args) {
         if (PyObject_GetBuffer(previous_arg, &previous_view, PyBUF_C_CONTIGUOUS) < 0) goto done;
         has_previous = 1;
     }
-    views = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Py_buffer));
-    gradient_views = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Py_buffer));
+    views = PyMem_Calloc((size_t)(n ? n : 1), sizeof(FloatArray));
+    gradient_views = PyMem_Calloc((size_t)(n ? n : 1), sizeof(FloatArray));
     columns = PyMem_Calloc((size_t)(n ? n : 1) * TRACE_COLUMNS, sizeof(double));
     if (!views || !gradient_views || !columns) {
         PyErr_NoMemory();
         goto done;
     }
-    ok = float_buffers(weights, n, views);
+    ok = float_arrays(weights, n, views);
     if (ok < 0) goto done;
     held = ok ? n : 0;
     if (ok && gradients) {
-        ok = float_buffers(gradients, n, gradient_views);
+        ok = float_arrays(gradients, n, gradient_views);
         if (ok < 0) goto done;
         gradients_held = ok ? n : 0;
     }
     Py_ssize_t total = 0;
     for (Py_ssize_t i = 0; ok && i < n; i++) {
-        Py_ssize_t length = views[i].len / views[i].itemsize;
-        if (gradients && gradient_views[i].len / gradient_views[i].itemsize != length) ok = 0;
-        total += length;
+        if (gradients && gradient_views[i].length != views[i].length) ok = 0;
+        total += views[i].length;
     }
     if (!ok) {
         result = Py_NewRef(Py_None);
@@ -656,22 +732,22 @@ static PyObject *trace_parameters(PyObject *self, PyObject *args) {
     Py_ssize_t start = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         Totals t = {0, 0.0, 0, 0, 0, 0};
-        Py_ssize_t length = views[i].len / views[i].itemsize;
+        Py_ssize_t length = views[i].length;
         const double *since = previous ? previous + start : NULL;
         double squares = 0.0, update = 0.0;
         if (views[i].itemsize == 4) {
             double widened[2] = {0.0, 0.0};
-            f32_log2_sum((const uint32_t *)views[i].buf, length, &t, out + start, since, widened);
+            f32_log2_sum((const uint32_t *)views[i].data, length, &t, out + start, since, widened);
             squares = widened[0];
             update = widened[1];
         } else {
-            const double *values = (const double *)views[i].buf;
+            const double *values = (const double *)views[i].data;
             f64_log2_sum((const uint64_t *)values, length, &t);
             f64_widen(values, out + start, since, length, &squares, &update);
         }
         double gradient = 0.0;
         if (gradients) {
-            const void *buf = gradient_views[i].buf;
+            const void *buf = gradient_views[i].data;
             gradient = gradient_views[i].itemsize == 4 ? f32_squares((const float *)buf, length)
                                                        : f64_squares((const double *)buf, length);
         }

@@ -17,13 +17,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
+from torch.utils import dlpack
 
 from pytest_convergence import metrics
 from pytest_convergence.traces import ParameterComparison, ParameterStep, StepTrace
@@ -33,6 +34,9 @@ __all__ = ["FlatWeights", "ParameterLayout", "compare_weights", "step_trace"]
 # A model's weights as one float64 vector: NumPy where the compiled kernel wrote it, a tensor
 # where tensor operations did (on an accelerator, a tensor on its device).
 FlatVector: TypeAlias = "torch.Tensor | NDArray[np.float64]"
+
+# torch's documented legacy DLPack export, absent from torch.utils.dlpack's __all__.
+_to_dlpack: Callable[[torch.Tensor], Any] = dlpack.to_dlpack  # type: ignore[attr-defined]
 
 # Models whose parameter views a layout keeps: the reference and candidate of a co-simulation,
 # and the one-off models of a replay or diagnostic.
@@ -198,9 +202,11 @@ class ParameterLayout:
             return None
         gradient_views = None
         if gradients is not None:
+            # DLPack capsules: new tensors every step, and a third of Tensor.numpy()'s cost.
+            # The kernel reads CPU float32/float64 compact ones and refuses the rest.
             try:
-                gradient_views = list(map(torch.Tensor.numpy, gradients))
-            except (TypeError, RuntimeError):  # an accelerator, bfloat16, or autograd history
+                gradient_views = list(map(_to_dlpack, gradients))
+            except (TypeError, RuntimeError, BufferError):
                 return None
         # A NumPy vector: a tensor would cost three more binding calls per step.
         values = np.empty(self._size, dtype=np.float64)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.utils.dlpack import to_dlpack  # type: ignore[attr-defined]
 
 from pytest_convergence.metrics import parameter_logms
 from pytest_convergence.tracing import FlatWeights, ParameterLayout, compare_weights, step_trace
@@ -85,7 +86,8 @@ def test_tensors_the_compiled_trace_cannot_read_take_the_general_path() -> None:
 
 def test_the_compiled_trace_refuses_what_it_cannot_read_and_rejects_wrong_sizes() -> None:
     """None (nothing written) sends the caller to the general path; a size that does not add
-    up is a caller's bug and raises."""
+    up is a caller's bug and raises. Gradients may come as DLPack capsules: only CPU
+    float32/float64 tensors in compact row-major order are read."""
     kernel = pytest.importorskip("pytest_convergence._logm_kernel")
     weights = [np.ones(3, dtype=np.float32), np.full(2, 2.0)]
     out = np.full(5, -1.0)
@@ -109,6 +111,14 @@ def test_the_compiled_trace_refuses_what_it_cannot_read_and_rejects_wrong_sizes(
         [math.sqrt(3), math.sqrt(8)],
         [math.sqrt(3), math.sqrt(2)],
     )
+    offset = torch.arange(10.0)[4:7]  # a view into the middle of its storage
+    capsules = [to_dlpack(offset), to_dlpack(torch.ones(1, 2, dtype=torch.float64))]
+    from_capsules = kernel.trace_parameters(weights, capsules, None, out)
+    assert from_capsules[4] == [math.sqrt(16 + 25 + 36), math.sqrt(2)]  # gradient norms
+    for refused in (torch.ones(3).bfloat16(), torch.ones(3, 2)[:, 0], torch.ones(2, 3)):
+        assert (
+            kernel.trace_parameters(weights, [to_dlpack(refused), capsules[1]], None, out) is None
+        )
     with pytest.raises(ValueError, match="out"):
         kernel.trace_parameters(weights, None, None, np.empty(4))
     with pytest.raises(ValueError, match="one gradient per weight"):
