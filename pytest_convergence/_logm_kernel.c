@@ -106,42 +106,22 @@ typedef double f64x4_unaligned __attribute__((vector_size(32), aligned(8), may_a
 
 /* Copies n weights, widened to float64, to dst; adds their squares to *squares and, with prev,
  * the squares of (dst - prev) to *update: a step's flat snapshot, weight norms and update
- * norms in one pass. (float32 blocks do this inside f32_block; this takes the rest.) */
-MULTIVERSION static void f32_widen(const float *src, double *dst, const double *prev,
-                                   Py_ssize_t n, double *squares, double *update) {
-    Py_ssize_t i = 0;
-#if VECTORIZED
-    f64x4 s0 = {0, 0, 0, 0}, s1 = s0, u0 = s0, u1 = s0;
-    for (; i + 8 <= n; i += 8) {
-        f64x4 x0 = __builtin_convertvector(*(const f32x4_unaligned *)(src + i), f64x4);
-        f64x4 x1 = __builtin_convertvector(*(const f32x4_unaligned *)(src + i + 4), f64x4);
-        *(f64x4_unaligned *)(dst + i) = x0;
-        *(f64x4_unaligned *)(dst + i + 4) = x1;
-        s0 += x0 * x0;
-        s1 += x1 * x1;
-        if (prev) { /* loop-invariant: -O3 unswitches the loop */
-            f64x4 d0 = x0 - *(const f64x4_unaligned *)(prev + i);
-            f64x4 d1 = x1 - *(const f64x4_unaligned *)(prev + i + 4);
-            u0 += d0 * d0;
-            u1 += d1 * d1;
-        }
-    }
-    s0 += s1;
-    u0 += u1;
-    *squares += (s0[0] + s0[1]) + (s0[2] + s0[3]);
-    *update += (u0[0] + u0[1]) + (u0[2] + u0[3]);
-#endif
-    double tail_squares = 0.0, tail_update = 0.0; /* locals: dst might alias the outputs */
-    for (; i < n; i++) {
+ * norms. For float32 f32_block does this for all but a tensor's last n % 16 weights, so this
+ * loop takes only those (and everything in a build without the vector loops). */
+static void f32_widen(const float *src, double *dst, const double *prev, Py_ssize_t n,
+                      double *squares, double *update) {
+    double square_sum = 0.0, update_sum = 0.0; /* locals: dst might alias the outputs */
+    for (Py_ssize_t i = 0; i < n; i++) {
         double x = (double)src[i];
         dst[i] = x;
-        tail_squares += x * x;
-        if (prev) tail_update += (x - prev[i]) * (x - prev[i]);
+        square_sum += x * x;
+        if (prev) update_sum += (x - prev[i]) * (x - prev[i]);
     }
-    *squares += tail_squares;
-    *update += tail_update;
+    *squares += square_sum;
+    *update += update_sum;
 }
 
+/* As f32_widen, for float64 weights (a whole tensor: no log2 block widens them). */
 MULTIVERSION static void f64_widen(const double *src, double *dst, const double *prev,
                                    Py_ssize_t n, double *squares, double *update) {
     Py_ssize_t i = 0;
