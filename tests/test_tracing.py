@@ -82,6 +82,11 @@ def test_tensors_the_compiled_trace_cannot_read_take_the_general_path() -> None:
         assert snapshot.logms(layout.counts) == pytest.approx(
             [reference_logm(w) for w in weights], abs=1e-12
         )
+    readable = [torch.randn(40, 30), torch.randn(7)]  # weights the kernel reads, but
+    strided = [torch.randn(30, 40).t(), torch.randn(7)]  # a gradient it refuses
+    layout = ParameterLayout(["w", "b"], readable)
+    snapshot = FlatWeights.of(layout, readable, gradients=strided)
+    assert snapshot.gradient_norms == pytest.approx([float(g.norm()) for g in strided], rel=1e-6)
 
 
 def test_the_compiled_trace_refuses_what_it_cannot_read_and_rejects_wrong_sizes() -> None:
