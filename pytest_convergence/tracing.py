@@ -268,14 +268,8 @@ class FlatWeights:
         weights cannot overflow it in float64; NaN and Inf propagate)."""
         return [math.isfinite(square) for square in self.squares]
 
-    def logm(self, index: int, count: int) -> float | None:
-        nonzero = count - self.zeros[index]
-        if not nonzero or not math.isfinite(self.squares[index]):
-            return None
-        return self.log10_sums[index] / nonzero
-
     def logms(self, counts: Sequence[int]) -> list[float | None]:
-        """:meth:`logm` of every parameter."""
+        """Each parameter's LoGM: None where it has no nonzero weight or a non-finite one."""
         return [
             total / (count - zeros) if count != zeros and math.isfinite(square) else None
             for total, count, zeros, square in zip(
@@ -348,6 +342,8 @@ def compare_weights(
         xp.square(update, out=update)
         xp.square(error, out=error)
     update_squared, error_squared, projections, radials = layout.sum_rows(rows)
+    reference_logms = reference.logms(layout.counts)
+    candidate_logms = candidate.logms(layout.counts)
     return tuple(
         _comparison(
             name,
@@ -355,6 +351,8 @@ def compare_weights(
             index=i,
             reference=reference,
             candidate=candidate,
+            reference_logm=reference_logms[i],
+            candidate_logm=candidate_logms[i],
             update_squared=update_squared[i],
             error_squared=error_squared[i],
             projection=projections[i],
@@ -371,16 +369,18 @@ def _comparison(
     index: int,
     reference: FlatWeights,
     candidate: FlatWeights,
+    reference_logm: float | None,
+    candidate_logm: float | None,
     update_squared: float,
     error_squared: float,
     projection: float,
     radial: float,
 ) -> ParameterComparison:
-    if not candidate.finite[index]:
+    if not math.isfinite(candidate.squares[index]):  # as `finite`, without a list per parameter
         return ParameterComparison(
             name=name,
             count=count,
-            reference_logm=reference.logm(index, count),
+            reference_logm=reference_logm,
             candidate_logm=None,
             reference_zeros=reference.zeros[index],
             candidate_zeros=candidate.zeros[index],
@@ -404,8 +404,8 @@ def _comparison(
     return ParameterComparison(
         name=name,
         count=count,
-        reference_logm=reference.logm(index, count),
-        candidate_logm=candidate.logm(index, count),
+        reference_logm=reference_logm,
+        candidate_logm=candidate_logm,
         reference_zeros=reference.zeros[index],
         candidate_zeros=candidate.zeros[index],
         reference_update_norm=math.sqrt(update_squared),
