@@ -44,6 +44,26 @@ def computation(request: pytest.FixtureRequest) -> Iterator[str]:
         yield request.param
 
 
+# A conftest for pytester projects: a 3-step workload small enough to co-simulate in a second.
+TINY_WORKLOAD_CONFTEST = """
+from torch import nn
+from pytest_convergence.workloads import Workload, register_workload, sgd, synthetic_classification
+
+def tiny():
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+register_workload(
+    Workload(
+        name="tiny",
+        model_factory=tiny,
+        batches=synthetic_classification((8,), 4, batch_size=8),
+        optimizer_factory=sgd(lr=0.1),
+        steps=3,
+    ),
+    replace_existing=True,
+)
+"""
+
 settings.register_profile("default", deadline=None, max_examples=40)
 settings.load_profile("default")
 

@@ -38,6 +38,7 @@ from pytest_convergence.zoo.candidates import (
     scaled_layer_gradient,
     sum_instead_of_mean_exchange,
 )
+from tests.conftest import TINY_WORKLOAD_CONFTEST
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MLP = get_workload("mlp").with_options(steps=3)
@@ -414,21 +415,6 @@ def test_the_failure_message_points_at_the_note_of_a_missing_diagnostic(tmp_path
 
 # --- the plugin ------------------------------------------------------------------------------
 
-CONFTEST = """
-from torch import nn
-from pytest_convergence.workloads import Workload, register_workload, sgd, synthetic_classification
-
-register_workload(
-    Workload(
-        name="tiny",
-        model_factory=lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)),
-        batches=synthetic_classification((8,), 4, batch_size=8),
-        optimizer_factory=sgd(lr=0.1),
-        steps=3,
-    ),
-    replace_existing=True,
-)
-"""
 
 TESTS = """
 import pytest
@@ -454,7 +440,7 @@ DIAGNOSTICS = {"landscape.png", "landscape.json", "norms.png", "norms.json"}
 @pytest.fixture
 def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
     monkeypatch.delenv("CI", raising=False)
-    pytester.makeconftest(CONFTEST)
+    pytester.makeconftest(TINY_WORKLOAD_CONFTEST)
     pytester.makepyfile(test_candidates=TESTS)
     pytester.runpytest("--convergence", "--convergence-record", "-k", "identical").assert_outcomes(
         passed=1

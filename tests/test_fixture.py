@@ -6,25 +6,7 @@ import json
 
 import pytest
 
-CONFTEST = """
-import torch
-from torch import nn
-from pytest_convergence.workloads import Workload, register_workload, sgd, synthetic_classification
-
-def tiny():
-    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-
-register_workload(
-    Workload(
-        name="tiny",
-        model_factory=tiny,
-        batches=synthetic_classification((8,), 4, batch_size=8),
-        optimizer_factory=sgd(lr=0.1),
-        steps=3,
-    ),
-    replace_existing=True,
-)
-"""
+from tests.conftest import TINY_WORKLOAD_CONFTEST
 
 TESTS = """
 import pytest
@@ -54,7 +36,7 @@ def test_halved_layer(convergence):
 def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
     # CI sets CI=true, which turns report folders off; these tests choose it themselves.
     monkeypatch.delenv("CI", raising=False)
-    pytester.makeconftest(CONFTEST)
+    pytester.makeconftest(TINY_WORKLOAD_CONFTEST)
     pytester.makepyfile(test_candidates=TESTS)
     return pytester
 
