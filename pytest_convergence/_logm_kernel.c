@@ -611,10 +611,17 @@ static int float_arrays(PyObject *items, Py_ssize_t n, FloatArray *arrays) {
 }
 
 #define TRACE_COLUMNS 5
+#define LOG10_2 0.30102999566398119521
 
-/* The columns of trace_parameters as a tuple of five lists (zero counts as ints). */
-static PyObject *trace_lists(const double *columns, Py_ssize_t n) {
-    PyObject *lists = PyTuple_New(TRACE_COLUMNS);
+/* A float, or None for NaN: a LoGM that does not exist. */
+static PyObject *float_or_none(double value) {
+    return isnan(value) ? Py_NewRef(Py_None) : PyFloat_FromDouble(value);
+}
+
+/* The columns of trace_parameters and the global LoGM as a tuple: five lists (zero counts as
+ * ints, LoGMs None for NaN) and a float or None. */
+static PyObject *trace_lists(const double *columns, Py_ssize_t n, double global_logm) {
+    PyObject *lists = PyTuple_New(TRACE_COLUMNS + 1);
     if (!lists) return NULL;
     for (int column = 0; column < TRACE_COLUMNS; column++) {
         PyObject *list = PyList_New(n);
@@ -625,7 +632,9 @@ static PyObject *trace_lists(const double *columns, Py_ssize_t n) {
         PyTuple_SET_ITEM(lists, column, list);
         for (Py_ssize_t i = 0; i < n; i++) {
             double value = columns[column * n + i];
-            PyObject *item = column == 1 ? PyLong_FromDouble(value) : PyFloat_FromDouble(value);
+            PyObject *item = column == 0   ? float_or_none(value)
+                             : column == 1 ? PyLong_FromDouble(value)
+                                           : PyFloat_FromDouble(value);
             if (!item) {
                 Py_DECREF(lists);
                 return NULL;
@@ -633,20 +642,27 @@ static PyObject *trace_lists(const double *columns, Py_ssize_t n) {
             PyList_SET_ITEM(list, i, item);
         }
     }
+    PyObject *global = float_or_none(global_logm);
+    if (!global) {
+        Py_DECREF(lists);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(lists, TRACE_COLUMNS, global);
     return lists;
 }
 
 PyDoc_STRVAR(trace_parameters_doc,
     "trace_parameters(weights, gradients, previous, out)\n"
-    "    -> (log10_sums, zeros, squares, update_norms, gradient_norms) | None\n\n"
+    "    -> (logms, zeros, squares, update_norms, gradient_norms, global_logm) | None\n\n"
     "One step's trace of a model's parameters in one call. weights: a sequence of C-contiguous\n"
     "float32 or float64 buffers or DLPack capsules of such CPU tensors, one per parameter.\n"
     "Copies them, widened to float64, into out (a float64 buffer of their total length), and\n"
-    "returns one list per statistic, one value per parameter: sum of log10|w| over nonzero\n"
-    "weights (NaN when any is NaN or Inf), zero count, sum of squares, norm of the change from\n"
-    "previous (a float64 buffer like out, or None: 0) and norm of gradients[i] (a sequence\n"
-    "like weights, or None: 0). Returns None, having written nothing, when an item of weights\n"
-    "or gradients is none of these or a gradient's length differs from its weight's.\n"
+    "returns one list per statistic, one value per parameter: LoGM, the mean of log10|w| over\n"
+    "nonzero weights (None without one, or when any weight is NaN or Inf), zero count, sum of\n"
+    "squares, norm of the change from previous (a float64 buffer like out, or None: 0) and\n"
+    "norm of gradients[i] (a sequence like weights, or None: 0); then the LoGM of all weights\n"
+    "(None as above). Returns None, having written nothing, when an item of weights or\n"
+    "gradients is none of these or a gradient's length differs from its weight's.\n"
     "Releases the GIL.");
 
 static PyObject *trace_parameters(PyObject *self, PyObject *args) {
@@ -708,6 +724,10 @@ static PyObject *trace_parameters(PyObject *self, PyObject *args) {
     }
     double *out = (double *)out_view.buf;
     const double *previous = has_previous ? (const double *)previous_view.buf : NULL;
+    /* The global LoGM from exact integer exponent sums: summing per-parameter LoGMs back
+     * would round once more per parameter. */
+    int64_t all_exponents = 0, all_nonzero = 0, non_finite = 0;
+    double all_mantissas = 0.0;
     Py_BEGIN_ALLOW_THREADS
     Py_ssize_t start = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -732,7 +752,12 @@ static PyObject *trace_parameters(PyObject *self, PyObject *args) {
                                                        : f64_squares((const double *)buf, length);
         }
         double log2_total = (double)t.exponent_sum + t.mantissa_log2;
-        columns[i] = t.nans + t.infs ? NAN : log2_total * 0.30102999566398119521; /* log10(2) */
+        int finite = t.nans + t.infs == 0;
+        columns[i] = finite && t.nonzero ? log2_total * LOG10_2 / (double)t.nonzero : NAN;
+        all_exponents += t.exponent_sum;
+        all_mantissas += t.mantissa_log2;
+        all_nonzero += t.nonzero;
+        non_finite += !finite;
         columns[n + i] = (double)t.zeros;
         columns[2 * n + i] = squares;
         columns[3 * n + i] = sqrt(update);
@@ -740,7 +765,11 @@ static PyObject *trace_parameters(PyObject *self, PyObject *args) {
         start += length;
     }
     Py_END_ALLOW_THREADS
-    result = trace_lists(columns, n);
+    double global_logm = NAN;
+    if (!non_finite && all_nonzero) {
+        global_logm = ((double)all_exponents + all_mantissas) * LOG10_2 / (double)all_nonzero;
+    }
+    result = trace_lists(columns, n, global_logm);
 done:
     if (views) release_all(views, held);
     if (gradient_views) release_all(gradient_views, gradients_held);

@@ -19,4 +19,6 @@ def trace_parameters(
     previous: NDArray[Any] | None,
     out: NDArray[Any],
     /,
-) -> tuple[list[float], list[int], list[float], list[float], list[float]] | None: ...
+) -> (
+    tuple[list[float | None], list[int], list[float], list[float], list[float], float | None] | None
+): ...

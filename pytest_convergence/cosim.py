@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -26,7 +26,13 @@ from torch import nn
 from pytest_convergence.candidates import REFERENCE, Candidate, mean_exchange
 from pytest_convergence.errors import NonFiniteWeightError
 from pytest_convergence.traces import CoSimulation, StepComparison, Trace
-from pytest_convergence.tracing import FlatWeights, ParameterLayout, compare_weights, step_trace
+from pytest_convergence.tracing import (
+    FlatWeights,
+    KeptGradients,
+    ParameterLayout,
+    compare_weights,
+    step_trace,
+)
 from pytest_convergence.workloads import Batch, Workload
 
 __all__ = ["cosimulate", "cosimulate_many", "train"]
@@ -88,9 +94,9 @@ def cosimulate_many(workload: Workload, candidates: Sequence[Candidate]) -> list
                 step=step,
                 reference_loss=loss,
                 candidate_loss=loss if candidate_loss is None else candidate_loss,
-                reference_global_logm=after.global_logm(layout.counts),
-                candidate_global_logm=candidate.global_logm(layout.counts),
-                previous_global_logm=previous.global_logm(layout.counts),
+                reference_global_logm=after.global_logm,
+                candidate_global_logm=candidate.global_logm,
+                previous_global_logm=previous.global_logm,
                 parameters=compare_weights(layout, previous, after, candidate),
             )
             result.comparisons.append(comparison)
@@ -134,6 +140,7 @@ class _Implementation:
     optimizer: torch.optim.Optimizer
     recipe: Candidate
     workload: Workload
+    _kept: KeptGradients | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def build(
@@ -148,8 +155,9 @@ class _Implementation:
 
     def train_step(
         self, batch: Batch, step: int, *, keep_gradients: bool
-    ) -> tuple[float, list[torch.Tensor] | None]:
-        """One training step; the gradients the optimizer saw, when asked for."""
+    ) -> tuple[float, KeptGradients | None]:
+        """One training step; the gradients the optimizer saw, when asked for (valid until the
+        next step: see :meth:`keep_gradients`)."""
         inputs, targets = batch
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -170,12 +178,18 @@ class _Implementation:
         if self.recipe.gradient_transform is not None:
             present = [(name, p.grad) for name, p in parameters if p.grad is not None]
             self.recipe.gradient_transform(present, step)
-        gradients = None
-        if keep_gradients:
-            gradients = [_clone_or_zeros(p) for _, p in parameters]
+        gradients = self.keep_gradients() if keep_gradients else None
         self.optimizer.step()
         self.after_optimizer_step()
         return float(loss.detach()), gradients
+
+    def keep_gradients(self) -> KeptGradients:
+        """A copy of the model's gradients as they are now, in buffers this implementation
+        reuses every step: the optimizer may change ``.grad``, the next step overwrites it."""
+        parameters = list(self.model.parameters())
+        if self._kept is None:
+            self._kept = KeptGradients(parameters)
+        return self._kept.copy_from(parameters)
 
     def after_optimizer_step(self) -> None:
         """The training loop's post-step code: the candidate's own, else the workload's."""
@@ -288,7 +302,7 @@ class _CandidateSide:
         before: _State,
         batch: Batch,
         step: int,
-        reference_gradients: list[torch.Tensor] | None,
+        reference_gradients: Sequence[torch.Tensor] | None,
     ) -> float | None:
         """One step from the reference's state; None when the reference's loss applies."""
         try:
@@ -305,7 +319,7 @@ class _CandidateSide:
         loss, _ = self.implementation.train_step(batch, step, keep_gradients=False)
         return loss
 
-    def _step_with_gradients(self, gradients: list[torch.Tensor], step: int) -> None:
+    def _step_with_gradients(self, gradients: Sequence[torch.Tensor], step: int) -> None:
         """Reuse the reference's gradients: a gradient-only candidate needs no forward pass."""
         named = list(self.implementation.model.named_parameters())
         for (_, parameter), gradient in zip(named, gradients, strict=True):

@@ -58,7 +58,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pytest_convergence.candidates import REFERENCE
 from pytest_convergence.cosim import (
-    _clone_or_zeros,
     _Implementation,
     _layout,
     _module_types,
@@ -75,7 +74,7 @@ from pytest_convergence.regions import (
     require_candidate_seeds,
 )
 from pytest_convergence.traces import CoSimulation, StepComparison, Trace
-from pytest_convergence.tracing import FlatWeights, compare_weights, step_trace
+from pytest_convergence.tracing import FlatWeights, KeptGradients, compare_weights, step_trace
 from pytest_convergence.workloads import Batch, Workload, get_workload
 from pytest_convergence.zoo.candidates import quantize_int8_partitions
 
@@ -839,9 +838,9 @@ class _Rank:
                         step=step,
                         reference_loss=reference_mean,
                         candidate_loss=candidate_mean,
-                        reference_global_logm=after.global_logm(layout.counts),
-                        candidate_global_logm=candidate.global_logm(layout.counts),
-                        previous_global_logm=previous.global_logm(layout.counts),
+                        reference_global_logm=after.global_logm,
+                        candidate_global_logm=candidate.global_logm,
+                        previous_global_logm=previous.global_logm,
                         parameters=compare_weights(layout, previous, after, candidate),
                     )
                     result.comparisons.append(comparison)
@@ -875,16 +874,14 @@ def _ddp_step(
     targets: torch.Tensor,
     *,
     keep_gradients: bool,
-) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+) -> tuple[torch.Tensor, KeptGradients | None]:
     """One data-parallel training step on this rank's shard: the local loss, and the exchanged
     gradients the optimizer saw when asked for."""
     implementation.model.train()
     implementation.optimizer.zero_grad(set_to_none=True)
     loss: torch.Tensor = implementation.workload.loss_fn(ddp(inputs), targets)
     loss.backward()  # type: ignore[no-untyped-call]
-    gradients = None
-    if keep_gradients:
-        gradients = [_clone_or_zeros(p) for p in implementation.model.parameters()]
+    gradients = implementation.keep_gradients() if keep_gradients else None
     implementation.optimizer.step()
     implementation.after_optimizer_step()
     return loss.detach(), gradients

@@ -265,7 +265,10 @@ def segment_log2_sums(values: NDArray[Any], ends: NDArray[Any], out: NDArray[Any
     _logm_kernel.segment_log2_sums(values, values.itemsize, ends, out)
 
 
-TraceSums: TypeAlias = tuple[list[float], list[int], list[float], list[float], list[float]]
+# Per parameter LoGM, zero count, sum of squares, update and gradient norm; then global LoGM.
+TraceSums: TypeAlias = tuple[
+    list[float | None], list[int], list[float], list[float], list[float], float | None
+]
 
 
 def trace_parameters(
@@ -275,10 +278,11 @@ def trace_parameters(
     out: NDArray[Any],
 ) -> TraceSums | None:
     """One step's trace of flat NumPy views of a model's parameters, by the compiled kernel:
-    ``out`` gets their float64 concatenation; returned, per parameter, the sum of log10|w|
-    over nonzero weights (NaN when one is not finite), zero counts, sums of squares, norms of
-    the change from ``previous`` and norms of ``gradients``. None, with nothing written, when
-    a view is not a C-contiguous float32/float64 array (the caller takes the general path)."""
+    ``out`` gets their float64 concatenation; returned, per parameter, the LoGM (None without
+    a nonzero weight or with a NaN or Inf one), zero count, sum of squares, norm of the change
+    from ``previous`` and norm of ``gradients``, then the global LoGM (None likewise). None,
+    with nothing written, when a view is not a C-contiguous float32/float64 array (the caller
+    takes the general path)."""
     assert _logm_kernel is not None, "check compiled_kernel_available() first"
     return _logm_kernel.trace_parameters(weights, gradients, previous, out)
 

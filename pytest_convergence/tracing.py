@@ -19,7 +19,7 @@ import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, overload
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from torch.utils import dlpack
 from pytest_convergence import metrics
 from pytest_convergence.traces import ParameterComparison, ParameterStep, StepTrace
 
-__all__ = ["FlatWeights", "ParameterLayout", "compare_weights", "step_trace"]
+__all__ = ["FlatWeights", "KeptGradients", "ParameterLayout", "compare_weights", "step_trace"]
 
 # A model's weights as one float64 vector: NumPy where the compiled kernel wrote it, a tensor
 # where tensor operations did (on an accelerator, a tensor on its device).
@@ -41,6 +41,62 @@ _to_dlpack: Callable[[torch.Tensor], Any] = dlpack.to_dlpack  # type: ignore[att
 # Models whose parameter views a layout keeps: the reference and candidate of a co-simulation,
 # and the one-off models of a replay or diagnostic.
 MAX_CACHED_VIEWS = 4
+
+
+class KeptGradients(Sequence[torch.Tensor]):
+    """A copy of a model's gradients, taken after backward into buffers kept across steps.
+
+    A co-simulation keeps the gradients the reference's optimizer saw, for its candidates and
+    for the trace's gradient norms. One fused copy into buffers made once costs about half of
+    cloning each gradient and exporting each clone to the kernel (docs/performance.md), and
+    the kernel then reads the buffers through views made once.
+
+    The buffers are overwritten by the next :meth:`copy_from`: whoever keeps a gradient past
+    the step clones it.
+    """
+
+    def __init__(self, parameters: Sequence[torch.Tensor]) -> None:
+        self._tensors = [
+            torch.empty_like(p, memory_format=torch.contiguous_format).detach() for p in parameters
+        ]
+        readable = all(
+            t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+            for t in self._tensors
+        )
+        # What the compiled trace reads: None where it cannot, and the general path runs.
+        self.arrays = [t.numpy().reshape(-1) for t in self._tensors] if readable else None
+
+    def copy_from(self, parameters: Sequence[torch.Tensor]) -> KeptGradients:
+        """Copy each parameter's ``.grad`` (zeros where it has none) into the buffers."""
+        gradients = [p.grad for p in parameters]
+        if len(gradients) != len(self._tensors):
+            raise ValueError(
+                f"kept gradients hold {len(self._tensors)} parameters, got {len(gradients)}"
+            )
+        present = [(t, g) for t, g in zip(self._tensors, gradients, strict=True) if g is not None]
+        if len(present) < len(gradients):
+            for tensor, gradient in zip(self._tensors, gradients, strict=True):
+                if gradient is None:
+                    tensor.zero_()
+        if any(gradient.layout != torch.strided for _, gradient in present):
+            for tensor, gradient in present:  # sparse gradients (nn.Embedding(sparse=True))
+                tensor.copy_(gradient.to_dense())
+        elif present:
+            targets, sources = zip(*present, strict=True)
+            torch._foreach_copy_(list(targets), list(sources))
+        return self
+
+    @overload
+    def __getitem__(self, index: int) -> torch.Tensor: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[torch.Tensor]: ...
+
+    def __getitem__(self, index: int | slice) -> torch.Tensor | list[torch.Tensor]:
+        return self._tensors[index]
+
+    def __len__(self) -> int:
+        return len(self._tensors)
 
 
 class ParameterLayout:
@@ -193,15 +249,20 @@ class ParameterLayout:
 
         A small model's whole training step takes a few hundred microseconds, so the fixed
         cost matters as much as the cost per weight: each weight is read once, and the
-        statistics come back as lists, ready for the trace's records.
+        statistics come back as lists, ready for the trace's records. Gradients are read
+        through :class:`KeptGradients`' views, or through a DLPack capsule per tensor.
         """
         if not metrics.compiled_kernel_available() or self._row_arrays is None or not tensors:
             return None
         views = self._views_of(tensors)
         if views is None:
             return None
-        gradient_views = None
-        if gradients is not None:
+        gradient_views: Sequence[Any] | None = None
+        if isinstance(gradients, KeptGradients):
+            gradient_views = gradients.arrays
+            if gradient_views is None:
+                return None
+        elif gradients is not None:
             # DLPack capsules: new tensors every step, and a third of Tensor.numpy()'s cost.
             # The kernel reads CPU float32/float64 compact ones and refuses the rest.
             try:
@@ -217,17 +278,19 @@ class ParameterLayout:
 
 @dataclass(slots=True)
 class FlatWeights:
-    """A weight vector with its per-parameter LoGM sums, zero counts and squared norms and, when
-    taken after a step, each parameter's update and gradient norms for that step.
+    """A weight vector with each parameter's LoGM, zero count and squared norm, the global
+    LoGM and, when taken after a step, each parameter's update and gradient norms for that
+    step. A LoGM is None where its weights have no nonzero value or a NaN or Inf one.
 
     Read-only by convention, not frozen: one is built per model per step, and a frozen
     dataclass's constructor costs a few microseconds more, which a small model's step notices.
     """
 
     values: FlatVector
-    log10_sums: list[float]
+    logms: list[float | None]
     zeros: list[int]
     squares: list[float]
+    global_logm: float | None
     update_norms: list[float] | None = None
     gradient_norms: list[float] | None = None
 
@@ -245,19 +308,24 @@ class FlatWeights:
         before = previous.values if previous is not None else None
         compiled = layout.compiled_trace(tensors, before, gradients)
         if compiled is not None:
-            values, (log10_sums, zeros, squares, update_norms, gradient_norms) = compiled
+            values, (logms, zeros, squares, update_norms, gradient_norms, global_logm) = compiled
             return cls(
                 values,
-                log10_sums,
+                logms,
                 zeros,
                 squares,
+                global_logm,
                 update_norms if previous is not None else None,
                 gradient_norms if gradients is not None else None,
             )
         flat = layout.flatten(tensors)
+        logms, zeros, squares, global_logm = _weight_statistics(layout, flat)
         return cls(
             flat,
-            *_weight_sums(layout, flat),
+            logms,
+            zeros,
+            squares,
+            global_logm,
             layout.update_norms(flat, before) if before is not None else None,
             layout.norms(gradients) if gradients is not None else None,
         )
@@ -268,37 +336,32 @@ class FlatWeights:
         weights cannot overflow it in float64; NaN and Inf propagate)."""
         return [math.isfinite(square) for square in self.squares]
 
-    def logms(self, counts: Sequence[int]) -> list[float | None]:
-        """Each parameter's LoGM: None where it has no nonzero weight or a non-finite one."""
-        return [
-            total / (count - zeros) if count != zeros and math.isfinite(square) else None
-            for total, count, zeros, square in zip(
-                self.log10_sums, counts, self.zeros, self.squares, strict=True
-            )
-        ]
 
-    def global_logm(self, counts: Sequence[int]) -> float | None:
-        if not all(map(math.isfinite, self.squares)):  # as `finite`, without the list
-            return None
-        nonzero = sum(counts) - sum(self.zeros)
-        return math.fsum(self.log10_sums) / nonzero if nonzero else None
-
-
-def _weight_sums(
+def _weight_statistics(
     layout: ParameterLayout, values: torch.Tensor
-) -> tuple[list[float], list[int], list[float]]:
-    """LoGM sums, zero counts and sums of squares of a flat vector, where the compiled trace
-    did not apply: the kernel over the float64 copy on the CPU, float64 tensor operations
-    elsewhere."""
+) -> tuple[list[float | None], list[int], list[float], float | None]:
+    """Per-parameter LoGMs, zero counts and sums of squares, and the global LoGM, of a flat
+    vector where the compiled trace did not apply: the kernel over the float64 copy on the
+    CPU, float64 tensor operations elsewhere."""
     if values.device.type == "cpu" and metrics.compiled_kernel_available():
-        return layout.kernel_sums(values)
-    zero = values == 0
-    rows = layout.rows(3)
-    torch.abs(values, out=rows[0]).masked_fill_(zero, 1.0).log10_()
-    rows[1].copy_(zero)
-    torch.square(values, out=rows[2])
-    log10_sums, zero_sums, squares = layout.sum_rows(rows)
-    return log10_sums, [int(z) for z in zero_sums], squares
+        log10_sums, zeros, squares = layout.kernel_sums(values)
+    else:
+        zero = values == 0
+        rows = layout.rows(3)
+        torch.abs(values, out=rows[0]).masked_fill_(zero, 1.0).log10_()
+        rows[1].copy_(zero)
+        torch.square(values, out=rows[2])
+        log10_sums, zero_sums, squares = layout.sum_rows(rows)
+        zeros = [int(z) for z in zero_sums]
+    columns = zip(log10_sums, layout.counts, zeros, squares, strict=True)
+    logms = [
+        total / (count - zero) if count != zero and math.isfinite(square) else None
+        for total, count, zero, square in columns
+    ]
+    nonzero = sum(layout.counts) - sum(zeros)
+    finite = all(map(math.isfinite, squares))
+    global_logm = math.fsum(log10_sums) / nonzero if finite and nonzero else None
+    return logms, zeros, squares, global_logm
 
 
 def step_trace(
@@ -317,15 +380,13 @@ def step_trace(
             layout.names,
             layout.counts,
             weights.zeros,
-            weights.logms(layout.counts),
+            weights.logms,
             map(math.sqrt, weights.squares),
             update_norms,
             grad_norms,
         )
     )
-    return StepTrace(
-        step=step, loss=loss, global_logm=weights.global_logm(layout.counts), parameters=records
-    )
+    return StepTrace(step=step, loss=loss, global_logm=weights.global_logm, parameters=records)
 
 
 def compare_weights(
@@ -342,8 +403,6 @@ def compare_weights(
         xp.square(update, out=update)
         xp.square(error, out=error)
     update_squared, error_squared, projections, radials = layout.sum_rows(rows)
-    reference_logms = reference.logms(layout.counts)
-    candidate_logms = candidate.logms(layout.counts)
     return tuple(
         _comparison(
             name,
@@ -351,8 +410,8 @@ def compare_weights(
             index=i,
             reference=reference,
             candidate=candidate,
-            reference_logm=reference_logms[i],
-            candidate_logm=candidate_logms[i],
+            reference_logm=reference.logms[i],
+            candidate_logm=candidate.logms[i],
             update_squared=update_squared[i],
             error_squared=error_squared[i],
             projection=projections[i],

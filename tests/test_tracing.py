@@ -10,7 +10,13 @@ from hypothesis import strategies as st
 from torch.utils.dlpack import to_dlpack  # type: ignore[attr-defined]
 
 from pytest_convergence.metrics import parameter_logms
-from pytest_convergence.tracing import FlatWeights, ParameterLayout, compare_weights, step_trace
+from pytest_convergence.tracing import (
+    FlatWeights,
+    KeptGradients,
+    ParameterLayout,
+    compare_weights,
+    step_trace,
+)
 from tests.conftest import reference_logm
 
 # Every test on both paths: the compiled kernel and the tensor operations.
@@ -61,7 +67,7 @@ def test_a_snapshot_taken_after_a_step_carries_its_update_and_gradient_norms(
     )
     parts = parameter_logms({f"p{i}": t for i, t in enumerate(after)})
     assert weights.zeros == [part.zeros for part in parts]
-    assert weights.logms(layout.counts) == pytest.approx([part.logm for part in parts], abs=1e-12)
+    assert weights.logms == pytest.approx([part.logm for part in parts], abs=1e-12)
 
 
 def test_tensors_the_compiled_trace_cannot_read_take_the_general_path() -> None:
@@ -79,9 +85,7 @@ def test_tensors_the_compiled_trace_cannot_read_take_the_general_path() -> None:
         assert snapshot.gradient_norms == pytest.approx(
             [float(g.double().norm()) for g in grads], rel=1e-6
         )
-        assert snapshot.logms(layout.counts) == pytest.approx(
-            [reference_logm(w) for w in weights], abs=1e-12
-        )
+        assert snapshot.logms == pytest.approx([reference_logm(w) for w in weights], abs=1e-12)
     readable = [torch.randn(40, 30), torch.randn(7)]  # weights the kernel reads, but
     strided = [torch.randn(30, 40).t(), torch.randn(7)]  # a gradient it refuses
     layout = ParameterLayout(["w", "b"], readable)
@@ -103,15 +107,12 @@ def test_the_compiled_trace_refuses_what_it_cannot_read_and_rejects_wrong_sizes(
         assert kernel.trace_parameters(unreadable, None, None, out) is None
         assert out.tolist() == [-1.0] * 5
     assert kernel.trace_parameters(weights, [np.ones(3, np.float32), np.ones(3)], None, out) is None
-    log10_sums, zeros, squares, update_norms, gradient_norms = kernel.trace_parameters(
+    logms, zeros, squares, update_norms, gradient_norms, global_logm = kernel.trace_parameters(
         weights, [np.ones(3, np.float32), np.ones(2)], np.zeros(5), out
     )
     assert out.tolist() == [1.0, 1.0, 1.0, 2.0, 2.0]
-    assert (log10_sums, zeros, squares) == (
-        [0.0, pytest.approx(2 * math.log10(2))],
-        [0, 0],
-        [3.0, 8.0],
-    )
+    assert (logms, zeros, squares) == ([0.0, pytest.approx(math.log10(2))], [0, 0], [3.0, 8.0])
+    assert global_logm == pytest.approx(2 * math.log10(2) / 5)
     assert (update_norms, gradient_norms) == (
         [math.sqrt(3), math.sqrt(8)],
         [math.sqrt(3), math.sqrt(2)],
@@ -139,12 +140,22 @@ def test_flat_statistics_match_the_exact_per_parameter_logm(tensors: list[torch.
         assert flat.zeros[index] == part.zeros
         squares = float(tensors[index].double().square().sum())
         assert flat.squares[index] == pytest.approx(squares, rel=1e-12, abs=1e-300)
-        actual = flat.logms(layout.counts)[index]
+        actual = flat.logms[index]
         assert (actual is None) == (part.logm is None)
         if actual is not None:
             assert actual == pytest.approx(part.logm, abs=1e-12)
     if any(t.count_nonzero() for t in tensors):
-        assert flat.global_logm(layout.counts) == pytest.approx(reference_logm(*tensors), abs=1e-9)
+        assert flat.global_logm == pytest.approx(reference_logm(*tensors), abs=1e-9)
+
+
+def test_weights_without_a_nonzero_value_have_no_logm() -> None:
+    """LoGM averages over nonzero weights only: an all-zero parameter (or model) has none."""
+    tensors = [torch.zeros(5), torch.tensor([0.0, 10.0, -100.0])]
+    layout = ParameterLayout(["dead", "alive"], tensors)
+    flat = FlatWeights.of(layout, tensors)
+    assert flat.logms == [None, pytest.approx(1.5)]
+    assert flat.global_logm == pytest.approx(1.5)
+    assert FlatWeights.of(layout, [torch.zeros(5), torch.zeros(3)]).global_logm is None
 
 
 def test_a_non_finite_parameter_is_flagged_and_has_no_logm() -> None:
@@ -152,8 +163,50 @@ def test_a_non_finite_parameter_is_flagged_and_has_no_logm() -> None:
     layout = ParameterLayout(["a", "b", "c"], tensors)
     flat = FlatWeights.of(layout, tensors)
     assert flat.finite == [True, False, False]
-    assert flat.logms(layout.counts)[1] is None
-    assert flat.global_logm(layout.counts) is None
+    assert flat.logms[1] is None
+    assert flat.global_logm is None
+
+
+def test_kept_gradients_are_a_copy_until_the_next_step_with_zeros_for_missing_ones() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    parameters = list(model.parameters())
+    model(torch.randn(5, 3)).square().sum().backward()
+    parameters[3].grad = None  # a parameter that took no part in the loss
+    expected = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    kept = KeptGradients(parameters).copy_from(parameters)
+    for parameter in parameters[:3]:
+        assert parameter.grad is not None
+        parameter.grad.mul_(3.0)  # an optimizer or a later hook changing .grad in place
+    assert len(kept) == 4
+    assert all(torch.equal(k, e) for k, e in zip(kept, expected, strict=True))
+    assert [k.shape for k in kept[1:3]] == [p.shape for p in parameters[1:3]]
+    again = kept.copy_from(parameters)
+    assert again is kept  # the same buffers, overwritten
+    assert torch.equal(kept[0], 3.0 * expected[0])
+    with pytest.raises(ValueError, match="hold 4 parameters, got 3"):
+        kept.copy_from(parameters[:3])
+
+
+def test_a_snapshot_reads_kept_gradients_with_the_norms_of_the_originals(computation: str) -> None:
+    """Float32 and float64 buffers on the compiled path, float16 ones on the general path, and
+    sparse gradients copied densely: the norms are those of the gradients themselves."""
+    embedding = torch.nn.Embedding(10, 3, sparse=True)
+    embedding(torch.tensor([1, 4, 4])).sum().backward()
+    assert embedding.weight.grad is not None
+    assert embedding.weight.grad.is_sparse
+    weights = [embedding.weight, torch.randn(6, dtype=torch.float64), torch.randn(4).half()]
+    gradients = [embedding.weight.grad, torch.randn(6, dtype=torch.float64), torch.randn(4).half()]
+    for weight, gradient in zip(weights[1:], gradients[1:], strict=True):
+        weight.grad = gradient
+    expected = [float(g.to_dense().double().norm()) for g in gradients]
+    for readable in (weights[:2], weights):
+        kept = KeptGradients(readable).copy_from(readable)
+        assert (kept.arrays is None) == (len(readable) == 3)
+        layout = ParameterLayout([f"p{i}" for i in range(len(readable))], readable)
+        snapshot = FlatWeights.of(layout, readable, gradients=kept)
+        assert snapshot.gradient_norms == pytest.approx(expected[: len(readable)], rel=1e-6)
+        compiled = computation == "compiled-kernel" and kept.arrays is not None
+        assert (layout.compiled_trace(readable, None, kept) is not None) == compiled
 
 
 def test_a_step_trace_records_norms_of_weights_updates_and_gradients() -> None:
