@@ -4,12 +4,14 @@ A model has tens to hundreds of parameter tensors, and a small model's whole tra
 takes a few hundred microseconds: computing LoGM, zero counts and norms one tensor and one
 statistic at a time would cost more than the step. On the CPU one compiled call per step
 (:meth:`ParameterLayout.compiled_trace`) reads the parameters and gradients in place and
-returns every parameter's LoGM sum, zero count, weight, update and gradient norm, with the
-step's float64 snapshot. Elsewhere (CUDA, no compiler, half precision or strided tensors) the
-parameters are flattened into one float64 vector and every statistic is a segment sum over it
-(the kernel's segmented pass where it exists, exact float64 tensor operations otherwise): a fixed
-handful of vectorized operations per step, whatever the number of parameters. Comparisons of two
-snapshots are segment sums over their flat vectors everywhere.
+returns every parameter's LoGM, zero count, weight, update and gradient norm and the global
+LoGM, with the step's float64 snapshot; the gradients come from :class:`KeptGradients`, the
+co-simulation's copy of them, whose buffers outlive the step. Elsewhere (CUDA, no compiler,
+half precision or strided tensors) the parameters are flattened into one float64 vector and
+every statistic is a segment sum over it (the kernel's segmented pass where it exists, exact
+float64 tensor operations otherwise): a fixed handful of vectorized operations per step,
+whatever the number of parameters. Comparisons of two snapshots are segment sums over their
+flat vectors everywhere.
 """
 
 from __future__ import annotations
@@ -304,7 +306,8 @@ class FlatWeights:
         gradients: Sequence[torch.Tensor] | None = None,
     ) -> FlatWeights:
         """Snapshot of ``tensors``; with ``previous`` (the snapshot before the step) the update
-        norms, with ``gradients`` (the step's) their norms, taken in the same pass."""
+        norms, with ``gradients`` (the step's, best as :class:`KeptGradients`) their norms,
+        taken in the same pass."""
         before = previous.values if previous is not None else None
         compiled = layout.compiled_trace(tensors, before, gradients)
         if compiled is not None:
