@@ -9,8 +9,9 @@ Free-running training (:func:`train`) runs one implementation on its own for the
 loss curves and LoGM trajectories, and the peer methods of the detection benchmark.
 
 Memory: a run keeps the reference model and optimizer, one copy of the weights, buffers and
-optimizer state before the step, the reference's gradients, and one model and optimizer per
-candidate that needs its own forward pass; statistics per step, never weights per step.
+optimizer state before the step, one copy of the reference's gradients (in buffers reused every
+step), and one model and optimizer per candidate that needs its own forward pass; statistics per
+step, never weights per step.
 """
 
 from __future__ import annotations
