@@ -54,7 +54,8 @@ class KeptGradients(Sequence[torch.Tensor]):
     the kernel then reads the buffers through views made once.
 
     The buffers are overwritten by the next :meth:`copy_from`: whoever keeps a gradient past
-    the step clones it.
+    the step clones it. A sparse gradient (``nn.Embedding(sparse=True)``) is kept as a sparse
+    copy, as the optimizer saw it, and also densely in its buffer, for the norms.
     """
 
     def __init__(self, parameters: Sequence[torch.Tensor]) -> None:
@@ -67,6 +68,7 @@ class KeptGradients(Sequence[torch.Tensor]):
         )
         # What the compiled trace reads: None where it cannot, and the general path runs.
         self.arrays = [t.numpy().reshape(-1) for t in self._tensors] if readable else None
+        self._sparse: dict[int, torch.Tensor] = {}
 
     def copy_from(self, parameters: Sequence[torch.Tensor]) -> KeptGradients:
         """Copy each parameter's ``.grad`` (zeros where it has none) into the buffers."""
@@ -75,17 +77,19 @@ class KeptGradients(Sequence[torch.Tensor]):
             raise ValueError(
                 f"kept gradients hold {len(self._tensors)} parameters, got {len(gradients)}"
             )
-        present = [(t, g) for t, g in zip(self._tensors, gradients, strict=True) if g is not None]
-        if len(present) < len(gradients):
-            for tensor, gradient in zip(self._tensors, gradients, strict=True):
-                if gradient is None:
-                    tensor.zero_()
-        if any(gradient.layout != torch.strided for _, gradient in present):
-            for tensor, gradient in present:  # sparse gradients (nn.Embedding(sparse=True))
+        self._sparse = {}
+        targets, sources = [], []
+        for index, (tensor, gradient) in enumerate(zip(self._tensors, gradients, strict=True)):
+            if gradient is None:
+                tensor.zero_()
+            elif gradient.layout != torch.strided:
                 tensor.copy_(gradient.to_dense())
-        elif present:
-            targets, sources = zip(*present, strict=True)
-            torch._foreach_copy_(list(targets), list(sources))
+                self._sparse[index] = gradient.detach().clone()
+            else:
+                targets.append(tensor)
+                sources.append(gradient)
+        if targets:
+            torch._foreach_copy_(targets, sources)
         return self
 
     @overload
@@ -95,7 +99,10 @@ class KeptGradients(Sequence[torch.Tensor]):
     def __getitem__(self, index: slice) -> list[torch.Tensor]: ...
 
     def __getitem__(self, index: int | slice) -> torch.Tensor | list[torch.Tensor]:
-        return self._tensors[index]
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]
+        position = range(len(self))[index]  # negative indices, and IndexError, as in a list
+        return self._sparse.get(position, self._tensors[position])
 
     def __len__(self) -> int:
         return len(self._tensors)
@@ -223,9 +230,11 @@ class ParameterLayout:
         torch's fused ``_foreach_norm``: measured right after a training step it costs a third
         of a NumPy float64 sum on small models. Float32 gradients are summed in float32 (the
         norms are reported, never judged); half-precision ones are widened first, or their
-        norms would keep three digits.
+        norms would keep three digits. Sparse ones are made dense (``_foreach_norm`` has no
+        sparse kernel).
         """
-        wide = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
+        dense = [t.to_dense() if t.layout != torch.strided else t for t in tensors]
+        wide = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in dense]
         return [float(norm) for norm in torch._foreach_norm(wide, 2.0)]
 
     def kernel_sums(self, values: torch.Tensor) -> tuple[list[float], list[int], list[float]]:

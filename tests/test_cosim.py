@@ -168,3 +168,37 @@ def test_a_candidate_after_step_replaces_the_workloads() -> None:
     run = cosimulate(workload, forgetful)
     fc1 = {p.name: p for p in run.comparisons[0].parameters}["fc1.weight"]
     assert fc1.candidate_zeros < fc1.reference_zeros
+
+
+class _BagOfWords(nn.Module):
+    """An embedding with sparse gradients (as recommendation models have) and a dense head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(20, 8, sparse=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embedding(tokens).mean(dim=1))  # type: ignore[no-any-return]
+
+
+def test_a_model_with_sparse_gradients_is_traced_and_its_candidate_sees_them_sparse() -> None:
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randint(0, 20, (6, 5), generator=generator), torch.randint(0, 3, (6,)))
+        for _ in range(3)
+    ]
+    workload = Workload(  # torch's SGD takes sparse gradients without momentum or decay
+        name="bag", model_factory=_BagOfWords, batches=batches, optimizer_factory=PLAIN_SGD, steps=3
+    )
+    sparse: list[dict[str, bool]] = []
+
+    def record_layouts(named: Sequence[tuple[str, torch.Tensor]], step: int) -> None:
+        sparse.append({name: gradient.is_sparse for name, gradient in named})
+
+    run = cosimulate(workload, Candidate("as the reference", gradient_transform=record_layouts))
+    assert sparse == [{"embedding.weight": True, "head.weight": False, "head.bias": False}] * 3
+    assert all(p.error_norm == 0.0 for c in run.comparisons for p in c.parameters)
+    embedding = run.reference.steps[1].parameters[0]
+    assert embedding.grad_norm is not None
+    assert embedding.grad_norm > 0

@@ -190,7 +190,7 @@ def test_kept_gradients_are_a_copy_until_the_next_step_with_zeros_for_missing_on
 def test_a_snapshot_reads_kept_gradients_with_the_norms_of_the_originals(computation: str) -> None:
     """Float32 and float64 buffers on the compiled path, float16 ones on the general path, and
     sparse gradients copied densely: the norms are those of the gradients themselves."""
-    embedding = torch.nn.Embedding(10, 3, sparse=True)
+    embedding = torch.nn.Embedding(10, 3, sparse=True)  # its gradient is sparse
     embedding(torch.tensor([1, 4, 4])).sum().backward()
     assert embedding.weight.grad is not None
     assert embedding.weight.grad.is_sparse
@@ -202,6 +202,9 @@ def test_a_snapshot_reads_kept_gradients_with_the_norms_of_the_originals(computa
     for readable in (weights[:2], weights):
         kept = KeptGradients(readable).copy_from(readable)
         assert (kept.arrays is None) == (len(readable) == 3)
+        assert kept[0].is_sparse  # as the optimizer saw it
+        assert torch.equal(kept[0].to_dense(), gradients[0].to_dense())
+        assert not any(g.is_sparse for g in kept[1:])
         layout = ParameterLayout([f"p{i}" for i in range(len(readable))], readable)
         snapshot = FlatWeights.of(layout, readable, gradients=kept)
         assert snapshot.gradient_norms == pytest.approx(expected[: len(readable)], rel=1e-6)
