@@ -5,10 +5,13 @@ forward, loss, backward, optimizer step) and the tracing that follows it in a co
 (the step's flat snapshot with per-parameter LoGM, zero counts, weight, update and gradient
 norms, then the step's trace record). Prints medians over 31 steps and the ratio.
 
-The co-simulation also keeps a copy of the gradients the optimizer saw, for its candidates
-(KeptGradients, one fused copy into buffers made once), and the tracing reads their norms from
-it. That copy is printed in its own column and not counted in the ratio: before KeptGradients,
-each gradient was cloned for the same purpose, at about twice the cost.
+The co-simulation also keeps a copy of the gradients the optimizer saw (KeptGradients, one
+fused copy into buffers made once), and the tracing reads their norms from it. Candidates that
+only transform gradients start from that copy; for them it is not tracing, and the ratio leaves
+it out (before KeptGradients each gradient was cloned for the same purpose, at about twice the
+cost, and left out too). Where nothing else needs it (candidates with their own forward pass,
+free-running training) the copy is there for the gradient norms alone: the "with copy" column
+counts it.
 
     python benchmarks/tracing_overhead.py            # all zoo models
     python benchmarks/tracing_overhead.py mlp lenet5 # some of them
@@ -43,7 +46,7 @@ def measure(name: str, repeats: int) -> tuple[float, float, float]:
     layout = ParameterLayout([n for n, _ in named], parameters)
     kept = KeptGradients(parameters)
     previous = FlatWeights.of(layout, parameters)
-    step_times, keep_times, trace_times = [], [], []
+    step_times, copy_times, trace_times = [], [], []
     for index, (inputs, targets) in enumerate(batches):
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -59,10 +62,10 @@ def measure(name: str, repeats: int) -> tuple[float, float, float]:
         previous = after
         if index >= 2:  # warm-up steps excluded
             step_times.append((backward - start) + (stepped - copied))
-            keep_times.append(copied - backward)
+            copy_times.append(copied - backward)
             trace_times.append(traced - stepped)
     median = statistics.median
-    return median(step_times), median(keep_times), median(trace_times)
+    return median(step_times), median(copy_times), median(trace_times)
 
 
 def main() -> int:
@@ -72,15 +75,22 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     args = parser.parse_args()
     print(f"Tracing overhead, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"  {'workload':<28}{'step ms':>9}{'keep ms':>9}{'tracing ms':>12}{'ratio':>8}")
-    worst = 0.0
+    print(
+        f"  {'workload':<28}{'step ms':>9}{'copy ms':>9}{'tracing ms':>12}{'ratio':>8}"
+        f"{'with copy':>11}"
+    )
+    worst = worst_with_copy = 0.0
     for name in args.workloads or workload_names():
-        step, keep, trace = measure(name, args.repeats)
-        ratio = trace / step
-        worst = max(worst, ratio)
-        print(f"  {name:<28}{step * 1e3:>9.2f}{keep * 1e3:>9.2f}{trace * 1e3:>12.2f}{ratio:>8.1%}")
+        step, copy, trace = measure(name, args.repeats)
+        ratio, with_copy = trace / step, (trace + copy) / step
+        worst, worst_with_copy = max(worst, ratio), max(worst_with_copy, with_copy)
+        print(
+            f"  {name:<28}{step * 1e3:>9.2f}{copy * 1e3:>9.2f}{trace * 1e3:>12.2f}"
+            f"{ratio:>8.1%}{with_copy:>11.1%}"
+        )
     verdict = "met" if worst <= TARGET else "MISSED"
     print(f"  worst ratio {worst:.1%} (target <= {TARGET:.0%}): {verdict}")
+    print(f"  worst ratio with the gradient copy {worst_with_copy:.1%}")
     return 1 if args.check and worst > TARGET else 0
 
 
