@@ -79,17 +79,20 @@ class KeptGradients(Sequence[torch.Tensor]):
             )
         self._sparse = {}
         targets, sources = [], []
-        for index, (tensor, gradient) in enumerate(zip(self._tensors, gradients, strict=True)):
-            if gradient is None:
-                tensor.zero_()
-            elif gradient.layout != torch.strided:
-                tensor.copy_(gradient.to_dense())
-                self._sparse[index] = gradient.detach().clone()
-            else:
-                targets.append(tensor)
-                sources.append(gradient)
-        if targets:
-            torch._foreach_copy_(targets, sources)
+        # No graph: a gradient taken with create_graph=True (double backward) has one, and the
+        # copy must not (the candidates' .grad, the buffers' NumPy views).
+        with torch.no_grad():
+            for index, (tensor, gradient) in enumerate(zip(self._tensors, gradients, strict=True)):
+                if gradient is None:
+                    tensor.zero_()
+                elif gradient.layout != torch.strided:
+                    tensor.copy_(gradient.to_dense())
+                    self._sparse[index] = gradient.detach().clone()
+                else:
+                    targets.append(tensor)
+                    sources.append(gradient)
+            if targets:
+                torch._foreach_copy_(targets, sources)
         return self
 
     @overload

@@ -187,6 +187,16 @@ def test_kept_gradients_are_a_copy_until_the_next_step_with_zeros_for_missing_on
         kept.copy_from(parameters[:3])
 
 
+def test_kept_gradients_of_a_double_backward_carry_no_graph() -> None:
+    weight = torch.nn.Parameter(torch.randn(5))
+    (gradient,) = torch.autograd.grad(weight.pow(3).sum(), weight, create_graph=True)
+    assert gradient.requires_grad
+    weight.grad = gradient
+    (kept,) = KeptGradients([weight]).copy_from([weight])
+    assert not kept.requires_grad
+    assert torch.equal(kept, gradient.detach())
+
+
 def test_a_snapshot_reads_kept_gradients_with_the_norms_of_the_originals(computation: str) -> None:
     """Float32 and float64 buffers on the compiled path, float16 ones on the general path, and
     sparse gradients copied densely: the norms are those of the gradients themselves."""
