@@ -15,7 +15,7 @@ counts it.
 
     python benchmarks/tracing_overhead.py            # all zoo models
     python benchmarks/tracing_overhead.py mlp lenet5 # some of them
-    python benchmarks/tracing_overhead.py --check    # exit 1 when a ratio exceeds 10%
+    python benchmarks/tracing_overhead.py --check    # exit 1 when a ratio (copy left out) > 10%
 
 Target (issue 3): tracing at most 10% of a training step.
 """
