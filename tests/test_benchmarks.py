@@ -1,0 +1,59 @@
+"""The benchmark scripts still run against the library and print their tables.
+
+Smoke runs on the smallest sizes: no timing is asserted (these machines are shared and noisy;
+targets are checked by running the benchmarks themselves, see docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+NUMBER = r"\d+\.\d+"
+
+
+def run_benchmark(script: str, *arguments: str) -> str:
+    if not (BENCHMARKS / script).exists():
+        pytest.skip(f"benchmarks/{script} is not in this checkout")
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *arguments],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    return completed.stdout
+
+
+def test_tracing_overhead_prints_a_row_with_and_without_the_gradient_copy() -> None:
+    out = run_benchmark("tracing_overhead.py", "mlp", "--repeats", "3")
+    assert re.search(
+        rf"^  mlp\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}%\s+{NUMBER}%$", out, re.M
+    )
+    assert re.search(rf"worst ratio {NUMBER}% \(target <= 10%\): (met|MISSED)", out)
+    assert re.search(rf"worst ratio with the gradient copy {NUMBER}%", out)
+
+
+def test_convergence_test_time_records_and_checks_a_workload() -> None:
+    out = run_benchmark("convergence_test_time.py", "--workloads", "mlp", "--repeats", "1")
+    assert re.search(rf"^  mlp\s+{NUMBER}\s+{NUMBER}  (met|MISSED)$", out, re.M)
+
+
+def test_logm_throughput_compares_every_method_on_a_small_vector() -> None:
+    out = run_benchmark("logm_throughput.py", "--size", "100000", "--repeats", "1")
+    for row in (
+        "pytest_convergence.logm(w) ",
+        "naive numpy",
+        "floor: float(w.sum())",
+        "logm's exact tensor path",
+        "pytest_convergence.logm(w), half of w zeroed",
+    ):
+        assert re.search(rf"^  {re.escape(row)}.*\s{NUMBER}\s+{NUMBER}$", out, re.M), row
+    for target in ("speed-up over naive numpy", "time over the sum floor", "extra peak memory"):
+        assert re.search(rf"^  {target}: {NUMBER}.*target .* (met|MISSED)$", out, re.M), target
