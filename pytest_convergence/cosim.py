@@ -179,15 +179,15 @@ class _Implementation:
         if self.recipe.gradient_transform is not None:
             present = [(name, p.grad) for name, p in parameters if p.grad is not None]
             self.recipe.gradient_transform(present, step)
-        gradients = self.keep_gradients() if keep_gradients else None
+        gradients = self.keep_gradients([p for _, p in parameters]) if keep_gradients else None
         self.optimizer.step()
         self.after_optimizer_step()
         return float(loss.detach()), gradients
 
-    def keep_gradients(self) -> KeptGradients:
-        """A copy of the model's gradients as they are now, in buffers this implementation
-        reuses every step: the optimizer may change ``.grad``, the next step overwrites it."""
-        parameters = list(self.model.parameters())
+    def keep_gradients(self, parameters: Sequence[torch.Tensor]) -> KeptGradients:
+        """A copy of the gradients of the model's ``parameters`` as they are now, in buffers this
+        implementation reuses every step: the optimizer may change ``.grad``, the next step
+        overwrites it."""
         if self._kept is None:
             self._kept = KeptGradients(parameters)
         return self._kept.copy_from(parameters)

@@ -881,7 +881,9 @@ def _ddp_step(
     implementation.optimizer.zero_grad(set_to_none=True)
     loss: torch.Tensor = implementation.workload.loss_fn(ddp(inputs), targets)
     loss.backward()  # type: ignore[no-untyped-call]
-    gradients = implementation.keep_gradients() if keep_gradients else None
+    gradients = None
+    if keep_gradients:
+        gradients = implementation.keep_gradients(list(implementation.model.parameters()))
     implementation.optimizer.step()
     implementation.after_optimizer_step()
     return loss.detach(), gradients
