@@ -610,7 +610,7 @@ static int float_arrays(PyObject *items, Py_ssize_t n, FloatArray *arrays) {
     return 1;
 }
 
-#define TRACE_COLUMNS 5
+#define TRACE_COLUMNS 4
 #define LOG10_2 0.30102999566398119521
 
 /* A float, or None for NaN: a LoGM that does not exist. */
@@ -618,7 +618,7 @@ static PyObject *float_or_none(double value) {
     return isnan(value) ? Py_NewRef(Py_None) : PyFloat_FromDouble(value);
 }
 
-/* The columns of trace_parameters and the global LoGM as a tuple: five lists (zero counts as
+/* The columns of trace_parameters and the global LoGM as a tuple: four lists (zero counts as
  * ints, LoGMs None for NaN) and a float or None. */
 static PyObject *trace_lists(const double *columns, Py_ssize_t n, double global_logm) {
     PyObject *lists = PyTuple_New(TRACE_COLUMNS + 1);
@@ -652,66 +652,45 @@ static PyObject *trace_lists(const double *columns, Py_ssize_t n, double global_
 }
 
 PyDoc_STRVAR(trace_parameters_doc,
-    "trace_parameters(weights, gradients, previous, out)\n"
-    "    -> (logms, zeros, squares, update_norms, gradient_norms, global_logm) | None\n\n"
+    "trace_parameters(weights, previous, out)\n"
+    "    -> (logms, zeros, squares, update_norms, global_logm) | None\n\n"
     "One step's trace of a model's parameters in one call. weights: a sequence of C-contiguous\n"
     "float32 or float64 buffers or DLPack capsules of such CPU tensors, one per parameter.\n"
     "Copies them, widened to float64, into out (a float64 buffer of their total length), and\n"
     "returns one list per statistic, one value per parameter: LoGM, the mean of log10|w| over\n"
     "nonzero weights (None without one, or when any weight is NaN or Inf), zero count, sum of\n"
-    "squares, norm of the change from previous (a float64 buffer like out, or None: 0) and\n"
-    "norm of gradients[i] (a sequence like weights, or None: 0); then the LoGM of all weights\n"
-    "(None as above). Returns None, having written nothing, when an item of weights or\n"
-    "gradients is none of these or a gradient's length differs from its weight's.\n"
-    "Releases the GIL.");
+    "squares and norm of the change from previous (a float64 buffer like out, or None: 0);\n"
+    "then the LoGM of all weights (None as above). Returns None, having written nothing, when\n"
+    "an item of weights is none of these. Releases the GIL.");
 
 static PyObject *trace_parameters(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *weights_arg, *gradients_arg, *previous_arg;
+    PyObject *weights_arg, *previous_arg;
     Py_buffer out_view, previous_view;
-    if (!PyArg_ParseTuple(args, "OOOw*", &weights_arg, &gradients_arg, &previous_arg, &out_view)) {
-        return NULL;
-    }
-    PyObject *weights = NULL, *gradients = NULL, *result = NULL;
-    FloatArray *views = NULL, *gradient_views = NULL;
+    if (!PyArg_ParseTuple(args, "OOw*", &weights_arg, &previous_arg, &out_view)) return NULL;
+    PyObject *weights = NULL, *result = NULL;
+    FloatArray *views = NULL;
     double *columns = NULL;
-    Py_ssize_t n = 0, held = 0, gradients_held = 0;
+    Py_ssize_t n = 0, held = 0;
     int has_previous = 0, ok;
     weights = PySequence_Fast(weights_arg, "trace_parameters: weights must be a sequence");
     if (!weights) goto done;
     n = PySequence_Fast_GET_SIZE(weights);
-    if (gradients_arg != Py_None) {
-        gradients = PySequence_Fast(gradients_arg, "trace_parameters: gradients: a sequence");
-        if (!gradients) goto done;
-        if (PySequence_Fast_GET_SIZE(gradients) != n) {
-            PyErr_SetString(PyExc_ValueError, "trace_parameters: one gradient per weight");
-            goto done;
-        }
-    }
     if (previous_arg != Py_None) {
         if (PyObject_GetBuffer(previous_arg, &previous_view, PyBUF_C_CONTIGUOUS) < 0) goto done;
         has_previous = 1;
     }
     views = PyMem_Calloc((size_t)(n ? n : 1), sizeof(FloatArray));
-    gradient_views = PyMem_Calloc((size_t)(n ? n : 1), sizeof(FloatArray));
     columns = PyMem_Calloc((size_t)(n ? n : 1) * TRACE_COLUMNS, sizeof(double));
-    if (!views || !gradient_views || !columns) {
+    if (!views || !columns) {
         PyErr_NoMemory();
         goto done;
     }
     ok = float_arrays(weights, n, views);
     if (ok < 0) goto done;
     held = ok ? n : 0;
-    if (ok && gradients) {
-        ok = float_arrays(gradients, n, gradient_views);
-        if (ok < 0) goto done;
-        gradients_held = ok ? n : 0;
-    }
     Py_ssize_t total = 0;
-    for (Py_ssize_t i = 0; ok && i < n; i++) {
-        if (gradients && gradient_views[i].length != views[i].length) ok = 0;
-        total += views[i].length;
-    }
+    for (Py_ssize_t i = 0; ok && i < n; i++) total += views[i].length;
     if (!ok) {
         result = Py_NewRef(Py_None);
         goto done;
@@ -745,12 +724,6 @@ static PyObject *trace_parameters(PyObject *self, PyObject *args) {
             f64_log2_sum((const uint64_t *)values, length, &t);
             f64_widen(values, out + start, since, length, &squares, &update);
         }
-        double gradient = 0.0;
-        if (gradients) {
-            const void *buf = gradient_views[i].data;
-            gradient = gradient_views[i].itemsize == 4 ? f32_squares((const float *)buf, length)
-                                                       : f64_squares((const double *)buf, length);
-        }
         double log2_total = (double)t.exponent_sum + t.mantissa_log2;
         int finite = t.nans + t.infs == 0;
         columns[i] = finite && t.nonzero ? log2_total * LOG10_2 / (double)t.nonzero : NAN;
@@ -761,7 +734,6 @@ static PyObject *trace_parameters(PyObject *self, PyObject *args) {
         columns[n + i] = (double)t.zeros;
         columns[2 * n + i] = squares;
         columns[3 * n + i] = sqrt(update);
-        columns[4 * n + i] = sqrt(gradient);
         start += length;
     }
     Py_END_ALLOW_THREADS
@@ -772,14 +744,59 @@ static PyObject *trace_parameters(PyObject *self, PyObject *args) {
     result = trace_lists(columns, n, global_logm);
 done:
     if (views) release_all(views, held);
-    if (gradient_views) release_all(gradient_views, gradients_held);
     PyMem_Free(views);
-    PyMem_Free(gradient_views);
     PyMem_Free(columns);
     if (has_previous) PyBuffer_Release(&previous_view);
     Py_XDECREF(weights);
-    Py_XDECREF(gradients);
     PyBuffer_Release(&out_view);
+    return result;
+}
+
+PyDoc_STRVAR(sums_of_squares_doc,
+    "sums_of_squares(arrays) -> list[float] | None\n\n"
+    "The sum of squares, in float64, of each item of a sequence of C-contiguous float32 or\n"
+    "float64 buffers or DLPack capsules of such CPU tensors (a step's gradients, as the\n"
+    "optimizer is about to see them); None when an item is none of these. Releases the GIL.");
+
+static PyObject *sums_of_squares(PyObject *self, PyObject *arrays_arg) {
+    (void)self;
+    PyObject *arrays = PySequence_Fast(arrays_arg, "sums_of_squares: a sequence of arrays");
+    if (!arrays) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(arrays);
+    PyObject *result = NULL;
+    FloatArray *views = PyMem_Calloc((size_t)(n ? n : 1), sizeof(FloatArray));
+    double *sums = PyMem_Calloc((size_t)(n ? n : 1), sizeof(double));
+    if (!views || !sums) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int ok = float_arrays(arrays, n, views);
+    if (ok < 0) goto done;
+    if (!ok) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        sums[i] = views[i].itemsize == 4
+                      ? f32_squares((const float *)views[i].data, views[i].length)
+                      : f64_squares((const double *)views[i].data, views[i].length);
+    }
+    Py_END_ALLOW_THREADS
+    release_all(views, n);
+    result = PyList_New(n);
+    for (Py_ssize_t i = 0; result && i < n; i++) {
+        PyObject *item = PyFloat_FromDouble(sums[i]);
+        if (!item) {
+            Py_CLEAR(result);
+            break;
+        }
+        PyList_SET_ITEM(result, i, item);
+    }
+done:
+    PyMem_Free(views);
+    PyMem_Free(sums);
+    Py_DECREF(arrays);
     return result;
 }
 
@@ -787,6 +804,7 @@ static PyMethodDef methods[] = {
     {"log2_sum", log2_sum, METH_VARARGS, log2_sum_doc},
     {"segment_log2_sums", segment_log2_sums, METH_VARARGS, segment_log2_sums_doc},
     {"trace_parameters", trace_parameters, METH_VARARGS, trace_parameters_doc},
+    {"sums_of_squares", sums_of_squares, METH_O, sums_of_squares_doc},
     {NULL, NULL, 0, NULL},
 };
 

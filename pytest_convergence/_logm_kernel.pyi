@@ -14,11 +14,6 @@ def segment_log2_sums(
     buffer: NDArray[Any], itemsize: int, ends: NDArray[Any], out: NDArray[Any], /
 ) -> None: ...
 def trace_parameters(
-    weights: Sequence[NDArray[Any]],
-    gradients: Sequence[NDArray[Any]] | None,
-    previous: NDArray[Any] | None,
-    out: NDArray[Any],
-    /,
-) -> (
-    tuple[list[float | None], list[int], list[float], list[float], list[float], float | None] | None
-): ...
+    weights: Sequence[NDArray[Any]], previous: NDArray[Any] | None, out: NDArray[Any], /
+) -> tuple[list[float | None], list[int], list[float], list[float], float | None] | None: ...
+def sums_of_squares(arrays: Sequence[Any], /) -> list[float] | None: ...

@@ -9,9 +9,9 @@ Free-running training (:func:`train`) runs one implementation on its own for the
 loss curves and LoGM trajectories, and the peer methods of the detection benchmark.
 
 Memory: a run keeps the reference model and optimizer, one copy of the weights, buffers and
-optimizer state before the step, one copy of the reference's gradients (in buffers reused every
-step), and one model and optimizer per candidate that needs its own forward pass; statistics per
-step, never weights per step.
+optimizer state before the step, one copy of the reference's gradients when a candidate only
+transforms gradients (in buffers reused every step), and one model and optimizer per candidate
+that needs its own forward pass; statistics per step, never weights per step.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pytest_convergence.tracing import (
     KeptGradients,
     ParameterLayout,
     compare_weights,
+    gradient_norms,
     step_trace,
 )
 from pytest_convergence.workloads import Batch, Workload
@@ -76,12 +77,17 @@ def cosimulate_many(workload: Workload, candidates: Sequence[Candidate]) -> list
     for result in results:
         result.reference.steps.append(initial)
     stopped = [False] * len(sides)
+    keep = any(side.candidate.only_transforms_gradients for side in sides)
     for index, batch in enumerate(batches):
         step = index + 1
         before = _State.capture(reference)
-        loss, gradients = reference.train_step(batch, step, keep_gradients=True)
+        trained = reference.train_step(batch, step, traced=True, keep_gradients=keep)
+        loss, gradients = trained.loss, trained.gradients
         after = FlatWeights.of(
-            layout, list(reference.model.parameters()), previous=previous, gradients=gradients
+            layout,
+            list(reference.model.parameters()),
+            previous=previous,
+            gradient_norms=trained.gradient_norms,
         )
         _require_finite(layout, after, reference.model, step)
         reference_trace = step_trace(layout, after, step=step, loss=loss)
@@ -114,13 +120,16 @@ def train(workload: Workload, candidate: Candidate = REFERENCE) -> tuple[Trace, 
     previous = FlatWeights.of(layout, list(implementation.model.parameters()))
     trace.steps.append(step_trace(layout, previous, step=0, loss=None))
     for index, batch in enumerate(workload.make_batches()):
-        loss, gradients = implementation.train_step(batch, index + 1, keep_gradients=True)
+        trained = implementation.train_step(batch, index + 1, traced=True)
         after = FlatWeights.of(
-            layout, list(implementation.model.parameters()), previous=previous, gradients=gradients
+            layout,
+            list(implementation.model.parameters()),
+            previous=previous,
+            gradient_norms=trained.gradient_norms,
         )
-        if not math.isfinite(loss) or not all(after.finite):
+        if not math.isfinite(trained.loss) or not all(after.finite):
             break
-        trace.steps.append(step_trace(layout, after, step=index + 1, loss=loss))
+        trace.steps.append(step_trace(layout, after, step=index + 1, loss=trained.loss))
         previous = after
     return trace, implementation.model
 
@@ -131,6 +140,17 @@ def _reference_side(candidate: Candidate) -> Candidate:
     if candidate.workers == 1:
         return REFERENCE
     return Candidate(name="reference", exchange=mean_exchange, workers=candidate.workers)
+
+
+@dataclass
+class _TrainedStep:
+    """What one training step leaves for the trace and the candidates."""
+
+    loss: float
+    # Of the gradients the optimizer saw; None where a candidate's own step function hides them.
+    gradient_norms: list[float] | None
+    # A copy of those gradients, when asked for: valid until the implementation's next step.
+    gradients: KeptGradients | None = None
 
 
 @dataclass
@@ -155,10 +175,10 @@ class _Implementation:
         return cls(model, factory(model.parameters()), recipe, workload)
 
     def train_step(
-        self, batch: Batch, step: int, *, keep_gradients: bool
-    ) -> tuple[float, KeptGradients | None]:
-        """One training step; the gradients the optimizer saw, when asked for (valid until the
-        next step: see :meth:`keep_gradients`)."""
+        self, batch: Batch, step: int, *, traced: bool = False, keep_gradients: bool = False
+    ) -> _TrainedStep:
+        """One training step; when ``traced``, the norms of the gradients the optimizer saw,
+        and with ``keep_gradients`` a copy of them (see :meth:`keep_gradients`)."""
         inputs, targets = batch
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -168,21 +188,24 @@ class _Implementation:
                     self.model, self.optimizer, inputs, targets, self.workload.loss_fn
                 )
             self.after_optimizer_step()
-            return float(loss.detach()), None
+            return _TrainedStep(float(loss.detach()), None)
         with self.recipe.forward_context():
             if self.recipe.workers > 1:
                 loss = self._exchanged_backward(inputs, targets, step)
             else:
                 loss = self.workload.loss_fn(self.model(inputs), targets)
                 loss.backward()  # type: ignore[no-untyped-call]
-        parameters = list(self.model.named_parameters())
+        named = list(self.model.named_parameters())
         if self.recipe.gradient_transform is not None:
-            present = [(name, p.grad) for name, p in parameters if p.grad is not None]
+            present = [(name, p.grad) for name, p in named if p.grad is not None]
             self.recipe.gradient_transform(present, step)
-        gradients = self.keep_gradients([p for _, p in parameters]) if keep_gradients else None
+        parameters = [p for _, p in named]
+        trained = _TrainedStep(float(loss.detach()), gradient_norms(parameters) if traced else None)
+        if keep_gradients:
+            trained.gradients = self.keep_gradients(parameters)
         self.optimizer.step()
         self.after_optimizer_step()
-        return float(loss.detach()), gradients
+        return trained
 
     def keep_gradients(self, parameters: Sequence[torch.Tensor]) -> KeptGradients:
         """A copy of the gradients of the model's ``parameters`` as they are now, in buffers this
@@ -317,8 +340,7 @@ class _CandidateSide:
         if self.candidate.only_transforms_gradients and reference_gradients is not None:
             self._step_with_gradients(reference_gradients, step)
             return None
-        loss, _ = self.implementation.train_step(batch, step, keep_gradients=False)
-        return loss
+        return self.implementation.train_step(batch, step).loss
 
     def _step_with_gradients(self, gradients: Sequence[torch.Tensor], step: int) -> None:
         """Reuse the reference's gradients: a gradient-only candidate needs no forward pass."""
@@ -349,7 +371,7 @@ def _start_of_step(workload: Workload, candidate: Candidate, step: int) -> _Step
     side = _CandidateSide.build(workload, reference, candidate)
     batches = workload.make_batches()
     for index in range(step - 1):
-        reference.train_step(batches[index], index + 1, keep_gradients=False)
+        reference.train_step(batches[index], index + 1)
     return _StepStart(reference, side, batches[step - 1], _State.capture(reference))
 
 

@@ -265,7 +265,7 @@ class _StepPoints:
 def _step_points(workload: Workload, candidate: Candidate, step: int) -> _StepPoints:
     start = _start_of_step(workload, candidate, step)
     reference, side, state, batch = start.reference, start.side, start.state, start.batch
-    _, gradients = reference.train_step(batch, step, keep_gradients=True)
+    gradients = reference.train_step(batch, step, keep_gradients=True).gradients
     reference_after = _weights(reference.model)
     buffers = {name: b.detach().clone() for name, b in reference.model.named_buffers()}
     side.step_from(state, batch, step, gradients)

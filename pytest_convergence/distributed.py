@@ -74,7 +74,7 @@ from pytest_convergence.regions import (
     require_candidate_seeds,
 )
 from pytest_convergence.traces import CoSimulation, StepComparison, Trace
-from pytest_convergence.tracing import FlatWeights, KeptGradients, compare_weights, step_trace
+from pytest_convergence.tracing import FlatWeights, compare_weights, gradient_norms, step_trace
 from pytest_convergence.workloads import Batch, Workload, get_workload
 from pytest_convergence.zoo.candidates import quantize_int8_partitions
 
@@ -809,20 +809,20 @@ class _Rank:
             step = index + 1
             self.progress(f"step {step}: reference")
             before = _State.capture(self.reference)
-            reference_loss, gradients = _ddp_step(
-                self.reference_ddp, self.reference, inputs, targets, keep_gradients=keep
+            reference_loss, norms = _ddp_step(
+                self.reference_ddp, self.reference, inputs, targets, traced=keep
             )
             after = FlatWeights.of(
                 layout,
                 list(self.reference.model.parameters()),
                 previous=previous,
-                gradients=gradients,
+                gradient_norms=norms,
             )
             _require_finite(layout, after, self.reference.model, step)
             self.progress(f"step {step}: candidate (comm hook {self.hook.name})")
             before.restore(self.candidate)
             candidate_loss, _ = _ddp_step(
-                self.candidate_ddp, self.candidate, inputs, targets, keep_gradients=False
+                self.candidate_ddp, self.candidate, inputs, targets, traced=False
             )
             self.progress(f"step {step}: averaging the losses")
             losses = torch.stack([reference_loss, candidate_loss]).to(torch.float64)
@@ -873,20 +873,18 @@ def _ddp_step(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     *,
-    keep_gradients: bool,
-) -> tuple[torch.Tensor, KeptGradients | None]:
-    """One data-parallel training step on this rank's shard: the local loss, and the exchanged
-    gradients the optimizer saw when asked for."""
+    traced: bool,
+) -> tuple[torch.Tensor, list[float] | None]:
+    """One data-parallel training step on this rank's shard: the local loss and, when
+    ``traced``, the norms of the exchanged gradients the optimizer saw."""
     implementation.model.train()
     implementation.optimizer.zero_grad(set_to_none=True)
     loss: torch.Tensor = implementation.workload.loss_fn(ddp(inputs), targets)
     loss.backward()  # type: ignore[no-untyped-call]
-    gradients = None
-    if keep_gradients:
-        gradients = implementation.keep_gradients(list(implementation.model.parameters()))
+    norms = gradient_norms(list(implementation.model.parameters())) if traced else None
     implementation.optimizer.step()
     implementation.after_optimizer_step()
-    return loss.detach(), gradients
+    return loss.detach(), norms
 
 
 # --------------------------------------------------------------------------------------------

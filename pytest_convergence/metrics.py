@@ -51,6 +51,7 @@ __all__ = [
     "parameter_logms",
     "parameter_stats",
     "segment_log2_sums",
+    "sums_of_squares",
     "trace_parameters",
 ]
 
@@ -265,26 +266,29 @@ def segment_log2_sums(values: NDArray[Any], ends: NDArray[Any], out: NDArray[Any
     _logm_kernel.segment_log2_sums(values, values.itemsize, ends, out)
 
 
-# Per parameter LoGM, zero count, sum of squares, update and gradient norm; then global LoGM.
-TraceSums: TypeAlias = tuple[
-    list[float | None], list[int], list[float], list[float], list[float], float | None
-]
+# Per parameter LoGM, zero count, sum of squares and update norm; then the global LoGM.
+TraceSums: TypeAlias = tuple[list[float | None], list[int], list[float], list[float], float | None]
 
 
 def trace_parameters(
-    weights: Sequence[NDArray[Any]],
-    gradients: Sequence[NDArray[Any]] | None,
-    previous: NDArray[Any] | None,
-    out: NDArray[Any],
+    weights: Sequence[NDArray[Any]], previous: NDArray[Any] | None, out: NDArray[Any]
 ) -> TraceSums | None:
     """One step's trace of flat NumPy views of a model's parameters, by the compiled kernel:
     ``out`` gets their float64 concatenation; returned, per parameter, the LoGM (None without
-    a nonzero weight or with a NaN or Inf one), zero count, sum of squares, norm of the change
-    from ``previous`` and norm of ``gradients``, then the global LoGM (None likewise). None,
-    with nothing written, when a view is not a C-contiguous float32/float64 array (the caller
-    takes the general path)."""
+    a nonzero weight or with a NaN or Inf one), zero count, sum of squares and norm of the
+    change from ``previous``, then the global LoGM (None likewise). None, with nothing
+    written, when a view is not a C-contiguous float32/float64 array (the caller takes the
+    general path)."""
     assert _logm_kernel is not None, "check compiled_kernel_available() first"
-    return _logm_kernel.trace_parameters(weights, gradients, previous, out)
+    return _logm_kernel.trace_parameters(weights, previous, out)
+
+
+def sums_of_squares(arrays: Sequence[Any]) -> list[float] | None:
+    """Float64 sum of squares of each of ``arrays`` (C-contiguous float32/float64 NumPy arrays
+    or DLPack capsules of CPU tensors like them), by the compiled kernel; None when one is
+    neither (the caller takes the general path)."""
+    assert _logm_kernel is not None, "check compiled_kernel_available() first"
+    return _logm_kernel.sums_of_squares(arrays)
 
 
 def _native(tensor: torch.Tensor) -> bool:

@@ -3,15 +3,18 @@
 A model has tens to hundreds of parameter tensors, and a small model's whole training step
 takes a few hundred microseconds: computing LoGM, zero counts and norms one tensor and one
 statistic at a time would cost more than the step. On the CPU one compiled call per step
-(:meth:`ParameterLayout.compiled_trace`) reads the parameters and gradients in place and
-returns every parameter's LoGM, zero count, weight, update and gradient norm and the global
-LoGM, with the step's float64 snapshot; the gradients come from :class:`KeptGradients`, the
-co-simulation's copy of them, whose buffers outlive the step. Elsewhere (CUDA, no compiler,
-half precision or strided tensors) the parameters are flattened into one float64 vector and
-every statistic is a segment sum over it (the kernel's segmented pass where it exists, exact
-float64 tensor operations otherwise): a fixed handful of vectorized operations per step,
-whatever the number of parameters. Comparisons of two snapshots are segment sums over their
-flat vectors everywhere.
+(:meth:`ParameterLayout.compiled_trace`) reads the parameters in place and returns every
+parameter's LoGM, zero count, weight and update norm and the global LoGM, with the step's
+float64 snapshot. Elsewhere (CUDA, no compiler, half precision or strided tensors) the
+parameters are flattened into one float64 vector and every statistic is a segment sum over it
+(the kernel's segmented pass where it exists, exact float64 tensor operations otherwise): a
+fixed handful of vectorized operations per step, whatever the number of parameters.
+Comparisons of two snapshots are segment sums over their flat vectors everywhere.
+
+Gradient norms are taken earlier, between backward and the optimizer step
+(:func:`gradient_norms`), from ``.grad`` itself: no copy of the gradients is needed for them.
+A co-simulation copies the gradients (:class:`KeptGradients`) only for candidates that start
+from the reference's.
 """
 
 from __future__ import annotations
@@ -31,7 +34,14 @@ from torch.utils import dlpack
 from pytest_convergence import metrics
 from pytest_convergence.traces import ParameterComparison, ParameterStep, StepTrace
 
-__all__ = ["FlatWeights", "KeptGradients", "ParameterLayout", "compare_weights", "step_trace"]
+__all__ = [
+    "FlatWeights",
+    "KeptGradients",
+    "ParameterLayout",
+    "compare_weights",
+    "gradient_norms",
+    "step_trace",
+]
 
 # A model's weights as one float64 vector: NumPy where the compiled kernel wrote it, a tensor
 # where tensor operations did (on an accelerator, a tensor on its device).
@@ -39,6 +49,9 @@ FlatVector: TypeAlias = "torch.Tensor | NDArray[np.float64]"
 
 # torch's documented legacy DLPack export, absent from torch.utils.dlpack's __all__.
 _to_dlpack: Callable[[torch.Tensor], Any] = dlpack.to_dlpack  # type: ignore[attr-defined]
+
+# What the kernel reads for a parameter without a gradient: nothing, a sum of squares of 0.
+_NO_GRADIENT = np.empty(0, dtype=np.float32)
 
 # Models whose parameter views a layout keeps: the reference and candidate of a co-simulation,
 # and the one-off models of a replay or diagnostic.
@@ -48,26 +61,20 @@ MAX_CACHED_VIEWS = 4
 class KeptGradients(Sequence[torch.Tensor]):
     """A copy of a model's gradients, taken after backward into buffers kept across steps.
 
-    A co-simulation keeps the gradients the reference's optimizer saw, for its candidates and
-    for the trace's gradient norms. One fused copy into buffers made once costs about half of
-    cloning each gradient and exporting each clone to the kernel (docs/performance.md), and
-    the kernel then reads the buffers through views made once.
+    A co-simulation keeps the gradients the reference's optimizer saw for its candidates that
+    only transform gradients: they start from them instead of a forward pass of their own. One
+    fused copy into buffers made once costs about half of cloning each gradient
+    (docs/performance.md).
 
     The buffers are overwritten by the next :meth:`copy_from`: whoever keeps a gradient past
     the step clones it. A sparse gradient (``nn.Embedding(sparse=True)``) is kept as a sparse
-    copy, as the optimizer saw it, and also densely in its buffer, for the norms.
+    copy, as the optimizer saw it (its buffer then holds it densely).
     """
 
     def __init__(self, parameters: Sequence[torch.Tensor]) -> None:
         self._tensors = [
             torch.empty_like(p, memory_format=torch.contiguous_format).detach() for p in parameters
         ]
-        readable = all(
-            t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
-            for t in self._tensors
-        )
-        # What the compiled trace reads: None where it cannot, and the general path runs.
-        self.arrays = [t.numpy().reshape(-1) for t in self._tensors] if readable else None
         self._sparse: dict[int, torch.Tensor] = {}
 
     def copy_from(self, parameters: Sequence[torch.Tensor]) -> KeptGradients:
@@ -80,7 +87,7 @@ class KeptGradients(Sequence[torch.Tensor]):
         self._sparse = {}
         targets, sources = [], []
         # No graph: a gradient taken with create_graph=True (double backward) has one, and the
-        # copy must not (the candidates' .grad, the buffers' NumPy views).
+        # copy, which becomes the candidates' .grad, must not.
         with torch.no_grad():
             for index, (tensor, gradient) in enumerate(zip(self._tensors, gradients, strict=True)):
                 if gradient is None:
@@ -227,19 +234,6 @@ class ParameterLayout:
         (squares,) = self.sum_rows(rows)
         return [math.sqrt(square) for square in squares]
 
-    def norms(self, tensors: Sequence[torch.Tensor]) -> list[float]:
-        """L2 norm of each tensor (one per parameter, in layout order).
-
-        torch's fused ``_foreach_norm``: measured right after a training step it costs a third
-        of a NumPy float64 sum on small models. Float32 gradients are summed in float32 (the
-        norms are reported, never judged); half-precision ones are widened first, or their
-        norms would keep three digits. Sparse ones are made dense (``_foreach_norm`` has no
-        sparse kernel).
-        """
-        dense = [t.to_dense() if t.layout != torch.strided else t for t in tensors]
-        wide = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in dense]
-        return [float(norm) for norm in torch._foreach_norm(wide, 2.0)]
-
     def kernel_sums(self, values: torch.Tensor) -> tuple[list[float], list[int], list[float]]:
         """Per-parameter sums of log10|w| over nonzero weights, zero counts and sums of squares
         of a flat CPU vector, in one pass of the compiled kernel (non-finite weights give a NaN
@@ -252,10 +246,7 @@ class ParameterLayout:
         return log10_sums, out[:, 2].astype(np.int64).tolist(), out[:, 4].tolist()
 
     def compiled_trace(
-        self,
-        tensors: Sequence[torch.Tensor],
-        previous: FlatVector | None,
-        gradients: Sequence[torch.Tensor] | None,
+        self, tensors: Sequence[torch.Tensor], previous: FlatVector | None
     ) -> tuple[NDArray[np.float64], metrics.TraceSums] | None:
         """The flat vector and :func:`metrics.trace_parameters`' sums, read straight from the
         parameters' storage in one compiled call; None where the kernel cannot take them (no
@@ -263,30 +254,17 @@ class ParameterLayout:
 
         A small model's whole training step takes a few hundred microseconds, so the fixed
         cost matters as much as the cost per weight: each weight is read once, and the
-        statistics come back as lists, ready for the trace's records. Gradients are read
-        through :class:`KeptGradients`' views, or through a DLPack capsule per tensor.
+        statistics come back as lists, ready for the trace's records.
         """
         if not metrics.compiled_kernel_available() or self._row_arrays is None or not tensors:
             return None
         views = self._views_of(tensors)
         if views is None:
             return None
-        gradient_views: Sequence[Any] | None = None
-        if isinstance(gradients, KeptGradients):
-            gradient_views = gradients.arrays
-            if gradient_views is None:
-                return None
-        elif gradients is not None:
-            # DLPack capsules: new tensors every step, and a third of Tensor.numpy()'s cost.
-            # The kernel reads CPU float32/float64 compact ones and refuses the rest.
-            try:
-                gradient_views = list(map(_to_dlpack, gradients))
-            except (TypeError, RuntimeError, BufferError):
-                return None
         # A NumPy vector: a tensor would cost three more binding calls per step.
         values = np.empty(self._size, dtype=np.float64)
         since = self.operand(previous) if previous is not None else None
-        sums = metrics.trace_parameters(views, gradient_views, since, values)
+        sums = metrics.trace_parameters(views, since, values)
         return (values, sums) if sums is not None else None
 
 
@@ -315,15 +293,15 @@ class FlatWeights:
         tensors: Sequence[torch.Tensor],
         *,
         previous: FlatWeights | None = None,
-        gradients: Sequence[torch.Tensor] | None = None,
+        gradient_norms: list[float] | None = None,
     ) -> FlatWeights:
         """Snapshot of ``tensors``; with ``previous`` (the snapshot before the step) the update
-        norms, with ``gradients`` (the step's, best as :class:`KeptGradients`) their norms,
-        taken in the same pass."""
+        norms, taken in the same pass. ``gradient_norms``, the step's (:func:`gradient_norms`,
+        measured before the optimizer step), are kept beside them."""
         before = previous.values if previous is not None else None
-        compiled = layout.compiled_trace(tensors, before, gradients)
+        compiled = layout.compiled_trace(tensors, before)
         if compiled is not None:
-            values, (logms, zeros, squares, update_norms, gradient_norms, global_logm) = compiled
+            values, (logms, zeros, squares, update_norms, global_logm) = compiled
             return cls(
                 values,
                 logms,
@@ -331,7 +309,7 @@ class FlatWeights:
                 squares,
                 global_logm,
                 update_norms if previous is not None else None,
-                gradient_norms if gradients is not None else None,
+                gradient_norms,
             )
         flat = layout.flatten(tensors)
         logms, zeros, squares, global_logm = _weight_statistics(layout, flat)
@@ -342,7 +320,7 @@ class FlatWeights:
             squares,
             global_logm,
             layout.update_norms(flat, before) if before is not None else None,
-            layout.norms(gradients) if gradients is not None else None,
+            gradient_norms,
         )
 
     @property
@@ -350,6 +328,43 @@ class FlatWeights:
         """A parameter's weights are all finite exactly when their sum of squares is (float32
         weights cannot overflow it in float64; NaN and Inf propagate)."""
         return [math.isfinite(square) for square in self.squares]
+
+
+def gradient_norms(parameters: Sequence[torch.Tensor]) -> list[float]:
+    """L2 norm of each parameter's ``.grad`` as it is now, 0 where it has none.
+
+    Taken between backward (and any gradient transform) and the optimizer step: the gradients
+    the optimizer is about to see, read in place, which is cheaper than copying them for later
+    and right whatever the optimizer then does to ``.grad``. On the CPU one compiled pass over
+    DLPack capsules of them (new tensors every step: a capsule costs a third of
+    ``Tensor.numpy()``); torch's fused ``_foreach_norm`` where the kernel cannot read one.
+    """
+    gradients = [p.grad for p in parameters]
+    if metrics.compiled_kernel_available():
+        try:
+            capsules = [_NO_GRADIENT if g is None else _to_dlpack(g) for g in gradients]
+        except (TypeError, RuntimeError, BufferError):  # sparse ones, for instance
+            capsules = None
+        sums = metrics.sums_of_squares(capsules) if capsules is not None else None
+        if sums is not None:
+            return list(map(math.sqrt, sums))
+    return _tensor_norms(gradients, parameters)
+
+
+def _tensor_norms(
+    gradients: Sequence[torch.Tensor | None], parameters: Sequence[torch.Tensor]
+) -> list[float]:
+    """:func:`gradient_norms` with torch's ``_foreach_norm``. Float32 gradients are summed in
+    float32 (the norms are reported, never judged); half-precision ones are widened first, or
+    their norms would keep three digits. Sparse ones are made dense (``_foreach_norm`` has no
+    sparse kernel), and a gradient with a graph (``create_graph=True``) is read without it."""
+    with torch.no_grad():
+        dense = [
+            torch.zeros_like(p) if g is None else g.to_dense() if g.layout != torch.strided else g
+            for g, p in zip(gradients, parameters, strict=True)
+        ]
+        wide = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in dense]
+        return [float(norm) for norm in torch._foreach_norm(wide, 2.0)]
 
 
 def _weight_statistics(

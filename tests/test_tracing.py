@@ -9,12 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils.dlpack import to_dlpack  # type: ignore[attr-defined]
 
+from pytest_convergence import metrics
 from pytest_convergence.metrics import parameter_logms
 from pytest_convergence.tracing import (
     FlatWeights,
     KeptGradients,
     ParameterLayout,
     compare_weights,
+    gradient_norms,
     step_trace,
 )
 from tests.conftest import reference_logm
@@ -48,55 +50,56 @@ def steps(draw: st.DrawFn) -> tuple[list[torch.Tensor], list[torch.Tensor], list
     return before, after, gradients
 
 
+def with_gradients(
+    tensors: list[torch.Tensor], gradients: list[torch.Tensor | None]
+) -> list[torch.Tensor]:
+    """``tensors`` with ``gradients`` as their ``.grad``, as backward leaves parameters."""
+    for tensor, gradient in zip(tensors, gradients, strict=True):
+        tensor.grad = gradient
+    return tensors
+
+
+def exact_norms(gradients: list[torch.Tensor]) -> list[float]:
+    return [float(g.detach().to_dense().double().norm()) for g in gradients]
+
+
 @given(steps())
-def test_a_snapshot_taken_after_a_step_carries_its_update_and_gradient_norms(
+def test_a_snapshot_taken_after_a_step_carries_its_update_norms(
     step: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]],
 ) -> None:
     before, after, gradients = step
     layout = ParameterLayout([f"p{i}" for i in range(len(after))], after)
+    norms = gradient_norms(with_gradients(after, list(gradients)))
     weights = FlatWeights.of(
-        layout, after, previous=FlatWeights.of(layout, before), gradients=gradients
+        layout, after, previous=FlatWeights.of(layout, before), gradient_norms=norms
     )
     concatenated = torch.cat([t.double().reshape(-1) for t in after])
     assert np.array_equal(np.asarray(weights.values), concatenated.numpy())
     updates = [float((a.double() - b.double()).norm()) for a, b in zip(after, before, strict=True)]
     assert weights.update_norms == pytest.approx(updates, rel=1e-12)
+    assert weights.gradient_norms is norms
     # Gradient norms are reported, never judged: the tensor path sums float32 in float32.
-    assert weights.gradient_norms == pytest.approx(
-        [float(g.double().norm()) for g in gradients], rel=1e-6
-    )
+    assert norms == pytest.approx(exact_norms(gradients), rel=1e-6)
     parts = parameter_logms({f"p{i}": t for i, t in enumerate(after)})
     assert weights.zeros == [part.zeros for part in parts]
     assert weights.logms == pytest.approx([part.logm for part in parts], abs=1e-12)
 
 
 def test_tensors_the_compiled_trace_cannot_read_take_the_general_path() -> None:
-    """Half precision, strided and bfloat16 tensors are not float32/float64 C-contiguous
-    buffers: the snapshot is still complete and exact."""
+    """Half precision and strided tensors are not float32/float64 C-contiguous buffers: the
+    snapshot is still complete and exact."""
     weights = [torch.randn(40, 30), torch.randn(30, 40).t(), torch.randn(7).half()]
-    gradients = [torch.randn(40, 30).bfloat16(), torch.randn(30, 40).t(), torch.randn(7).half()]
     previous = [torch.zeros(40, 30), torch.zeros(40, 30), torch.zeros(7).half()]
     layout = ParameterLayout(["a", "strided", "half"], weights)
-    for grads in (gradients, [g.float() for g in gradients]):
-        snapshot = FlatWeights.of(
-            layout, weights, previous=FlatWeights.of(layout, previous), gradients=grads
-        )
-        assert snapshot.update_norms == pytest.approx([float(w.double().norm()) for w in weights])
-        assert snapshot.gradient_norms == pytest.approx(
-            [float(g.double().norm()) for g in grads], rel=1e-6
-        )
-        assert snapshot.logms == pytest.approx([reference_logm(w) for w in weights], abs=1e-12)
-    readable = [torch.randn(40, 30), torch.randn(7)]  # weights the kernel reads, but
-    strided = [torch.randn(30, 40).t(), torch.randn(7)]  # a gradient it refuses
-    layout = ParameterLayout(["w", "b"], readable)
-    snapshot = FlatWeights.of(layout, readable, gradients=strided)
-    assert snapshot.gradient_norms == pytest.approx([float(g.norm()) for g in strided], rel=1e-6)
+    snapshot = FlatWeights.of(layout, weights, previous=FlatWeights.of(layout, previous))
+    assert layout.compiled_trace(weights, None) is None
+    assert snapshot.update_norms == pytest.approx([float(w.double().norm()) for w in weights])
+    assert snapshot.logms == pytest.approx([reference_logm(w) for w in weights], abs=1e-12)
 
 
 def test_the_compiled_trace_refuses_what_it_cannot_read_and_rejects_wrong_sizes() -> None:
     """None (nothing written) sends the caller to the general path; a size that does not add
-    up is a caller's bug and raises. Gradients may come as DLPack capsules: only CPU
-    float32/float64 tensors in compact row-major order are read."""
+    up is a caller's bug and raises."""
     kernel = pytest.importorskip("pytest_convergence._logm_kernel")
     weights = [np.ones(3, dtype=np.float32), np.full(2, 2.0)]
     out = np.full(5, -1.0)
@@ -104,31 +107,35 @@ def test_the_compiled_trace_refuses_what_it_cannot_read_and_rejects_wrong_sizes(
         [np.ones(3, dtype=np.float16), weights[1]],
         [np.ones((3, 2))[:, 0], weights[1]],
     ):
-        assert kernel.trace_parameters(unreadable, None, None, out) is None
+        assert kernel.trace_parameters(unreadable, None, out) is None
         assert out.tolist() == [-1.0] * 5
-    assert kernel.trace_parameters(weights, [np.ones(3, np.float32), np.ones(3)], None, out) is None
-    logms, zeros, squares, update_norms, gradient_norms, global_logm = kernel.trace_parameters(
-        weights, [np.ones(3, np.float32), np.ones(2)], np.zeros(5), out
+    logms, zeros, squares, update_norms, global_logm = kernel.trace_parameters(
+        weights, np.zeros(5), out
     )
     assert out.tolist() == [1.0, 1.0, 1.0, 2.0, 2.0]
     assert (logms, zeros, squares) == ([0.0, pytest.approx(math.log10(2))], [0, 0], [3.0, 8.0])
     assert global_logm == pytest.approx(2 * math.log10(2) / 5)
-    assert (update_norms, gradient_norms) == (
-        [math.sqrt(3), math.sqrt(8)],
-        [math.sqrt(3), math.sqrt(2)],
-    )
+    assert update_norms == [math.sqrt(3), math.sqrt(8)]
+    with pytest.raises(ValueError, match="out"):
+        kernel.trace_parameters(weights, None, np.empty(4))
+    with pytest.raises(ValueError, match="out"):
+        kernel.trace_parameters(weights, np.zeros(4), out)
+
+
+def test_the_compiled_sums_of_squares_read_capsules_of_compact_cpu_tensors_only() -> None:
+    """Gradients come as DLPack capsules: only CPU float32/float64 tensors in compact
+    row-major order are read, wherever they start in their storage."""
+    kernel = pytest.importorskip("pytest_convergence._logm_kernel")
     offset = torch.arange(10.0)[4:7]  # a view into the middle of its storage
     capsules = [to_dlpack(offset), to_dlpack(torch.ones(1, 2, dtype=torch.float64))]
-    from_capsules = kernel.trace_parameters(weights, capsules, None, out)
-    assert from_capsules[4] == [math.sqrt(16 + 25 + 36), math.sqrt(2)]  # gradient norms
-    for refused in (torch.ones(3).bfloat16(), torch.ones(3, 2)[:, 0], torch.ones(2, 3)):
-        assert (
-            kernel.trace_parameters(weights, [to_dlpack(refused), capsules[1]], None, out) is None
-        )
-    with pytest.raises(ValueError, match="out"):
-        kernel.trace_parameters(weights, None, None, np.empty(4))
-    with pytest.raises(ValueError, match="one gradient per weight"):
-        kernel.trace_parameters(weights, [np.ones(3, np.float32)], None, out)
+    assert kernel.sums_of_squares(capsules) == [16.0 + 25.0 + 36.0, 2.0]
+    assert kernel.sums_of_squares([np.ones(3, np.float32), np.empty(0, np.float32)]) == [3.0, 0.0]
+    assert kernel.sums_of_squares([]) == []
+    for refused in (torch.ones(3).bfloat16(), torch.ones(3, 2)[:, 0], torch.ones(2, 3).t()):
+        assert kernel.sums_of_squares([to_dlpack(refused), capsules[1]]) is None
+    assert kernel.sums_of_squares([np.ones(3, np.float16)]) is None
+    with pytest.raises(TypeError):
+        kernel.sums_of_squares(3)
 
 
 @given(parameter_lists())
@@ -197,38 +204,62 @@ def test_kept_gradients_of_a_double_backward_carry_no_graph() -> None:
     assert torch.equal(kept, gradient.detach())
 
 
-def test_a_snapshot_reads_kept_gradients_with_the_norms_of_the_originals(computation: str) -> None:
-    """Float32 and float64 buffers on the compiled path, float16 ones on the general path, and
-    sparse gradients copied densely: the norms are those of the gradients themselves."""
+def test_kept_sparse_gradients_stay_sparse_as_the_optimizer_saw_them() -> None:
     embedding = torch.nn.Embedding(10, 3, sparse=True)  # its gradient is sparse
     embedding(torch.tensor([1, 4, 4])).sum().backward()
     assert embedding.weight.grad is not None
     assert embedding.weight.grad.is_sparse
-    weights = [embedding.weight, torch.randn(6, dtype=torch.float64), torch.randn(4).half()]
-    gradients = [embedding.weight.grad, torch.randn(6, dtype=torch.float64), torch.randn(4).half()]
-    for weight, gradient in zip(weights[1:], gradients[1:], strict=True):
-        weight.grad = gradient
-    expected = [float(g.to_dense().double().norm()) for g in gradients]
-    for readable in (weights[:2], weights):
-        kept = KeptGradients(readable).copy_from(readable)
-        assert (kept.arrays is None) == (len(readable) == 3)
-        assert kept[0].is_sparse  # as the optimizer saw it
-        assert torch.equal(kept[0].to_dense(), gradients[0].to_dense())
-        assert not any(g.is_sparse for g in kept[1:])
-        layout = ParameterLayout([f"p{i}" for i in range(len(readable))], readable)
-        snapshot = FlatWeights.of(layout, readable, gradients=kept)
-        assert snapshot.gradient_norms == pytest.approx(expected[: len(readable)], rel=1e-6)
-        compiled = computation == "compiled-kernel" and kept.arrays is not None
-        assert (layout.compiled_trace(readable, None, kept) is not None) == compiled
+    bias = torch.nn.Parameter(torch.randn(6, dtype=torch.float64))
+    bias.grad = torch.randn(6, dtype=torch.float64)
+    kept = KeptGradients([embedding.weight, bias]).copy_from([embedding.weight, bias])
+    assert kept[0].is_sparse
+    assert torch.equal(kept[0].to_dense(), embedding.weight.grad.to_dense())
+    assert not kept[1].is_sparse
+    assert torch.equal(kept[1], bias.grad)
+
+
+def test_gradient_norms_of_sparse_half_missing_and_double_backward_gradients(
+    computation: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compiled pass reads float32/float64 dense gradients; everything else gives the same
+    norms through torch (the compiled pass is refused as a whole)."""
+    compiled: list[list[float]] = []  # what the kernel summed
+    kernel_sums = metrics.sums_of_squares
+
+    def spied(arrays: list[object]) -> list[float] | None:
+        sums = kernel_sums(arrays)
+        if sums is not None:
+            compiled.append(sums)
+        return sums
+
+    monkeypatch.setattr(metrics, "sums_of_squares", spied)
+    embedding = torch.nn.Embedding(10, 3, sparse=True)
+    embedding(torch.tensor([1, 4, 4])).sum().backward()
+    assert embedding.weight.grad is not None
+    double = torch.nn.Parameter(torch.randn(6, dtype=torch.float64))
+    half = torch.nn.Parameter(torch.randn(4).half())
+    missing = torch.nn.Parameter(torch.randn(5))
+    cubic = torch.nn.Parameter(torch.randn(5))
+    (graph_gradient,) = torch.autograd.grad(cubic.pow(3).sum(), cubic, create_graph=True)
+    with_gradients([double, half], [torch.randn(6, dtype=torch.float64), torch.randn(4).half()])
+    cubic.grad = graph_gradient
+    readable = [double, missing]
+    assert gradient_norms(readable) == pytest.approx([float(double.grad.norm()), 0.0])
+    assert len(compiled) == (computation == "compiled-kernel")
+    for other in (embedding.weight, half, cubic):
+        parameters = [*readable, other]
+        expected = [*exact_norms([double.grad, torch.zeros(5)]), *exact_norms([other.grad])]
+        assert gradient_norms(parameters) == pytest.approx(expected, rel=1e-3)
+    # The kernel reads a gradient with a graph (its values), and refuses sparse and half ones.
+    assert len(compiled) == (2 if computation == "compiled-kernel" else 0)
 
 
 def test_a_step_trace_records_norms_of_weights_updates_and_gradients() -> None:
     before = [torch.tensor([3.0, 4.0]), torch.tensor([0.0, 1.0])]
     after = [torch.tensor([3.0, 5.0]), torch.tensor([0.0, 1.0])]
     layout = ParameterLayout(["w", "b"], before)
-    gradients = [torch.tensor([0.0, 2.0]), torch.zeros(2)]
     weights = FlatWeights.of(
-        layout, after, previous=FlatWeights.of(layout, before), gradients=gradients
+        layout, after, previous=FlatWeights.of(layout, before), gradient_norms=[2.0, 0.0]
     )
     trace = step_trace(layout, weights, step=1, loss=0.5)
     weight, bias = trace.parameters
@@ -303,8 +334,9 @@ def test_empty_parameters_sum_to_zero_wherever_they_sit() -> None:
     after = [torch.ones(3), torch.empty(0), torch.full((2,), 2.0), torch.empty(0)]
     before = [torch.zeros(3), torch.empty(0), torch.full((2,), 1.0), torch.empty(0)]
     layout = ParameterLayout(["a", "empty", "b", "last"], after)
+    norms = gradient_norms(with_gradients(after, [t.clone() for t in after]))
     weights = FlatWeights.of(
-        layout, after, previous=FlatWeights.of(layout, before), gradients=after
+        layout, after, previous=FlatWeights.of(layout, before), gradient_norms=norms
     )
     trace = step_trace(layout, weights, step=1, loss=None)
     norms = [norm for p in trace.parameters for norm in (p.weight_norm, p.update_norm, p.grad_norm)]
@@ -317,9 +349,8 @@ def test_empty_parameters_sum_to_zero_wherever_they_sit() -> None:
 def test_gradient_norms_of_every_dtype(dtype: torch.dtype) -> None:
     strided = torch.randn(3, 4).to(dtype).t()
     gradients = [torch.randn(5, 7).to(dtype), strided, torch.zeros(4, dtype=dtype)]
-    layout = ParameterLayout(["w", "s", "z"], gradients)
-    expected = [float(torch.linalg.vector_norm(g.double())) for g in gradients]
-    assert layout.norms(gradients) == pytest.approx(expected, rel=1e-6)
+    parameters = with_gradients([torch.empty_like(g) for g in gradients], list(gradients))
+    assert gradient_norms(parameters) == pytest.approx(exact_norms(gradients), rel=1e-6)
 
 
 def test_a_diverged_candidate_is_data_not_a_warning() -> None:
@@ -332,7 +363,8 @@ def test_a_diverged_candidate_is_data_not_a_warning() -> None:
     flat = [FlatWeights.of(layout, side) for side in (start, reference, candidate)]
     comparisons = compare_weights(layout, *flat)
     assert [c.non_finite for c in comparisons] == [True, False]
-    diverged = FlatWeights.of(layout, candidate, previous=flat[1], gradients=candidate)
+    norms = gradient_norms(with_gradients(candidate, [t.clone() for t in candidate]))
+    diverged = FlatWeights.of(layout, candidate, previous=flat[1], gradient_norms=norms)
     trace = step_trace(layout, diverged, step=1, loss=None)
     assert math.isnan(trace.parameters[0].grad_norm)
     assert math.isnan(trace.parameters[0].update_norm)
