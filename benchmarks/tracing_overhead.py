@@ -7,8 +7,8 @@ optimizer state every block of steps, each block one of three ways:
 - plain: zero_grad, forward, loss, backward, optimizer step;
 - traced: as the co-simulation traces its reference and free-running training traces a run:
   the gradient norms between backward and the optimizer step, then the step's flat snapshot
-  with per-parameter LoGM, zero counts, weight and update norms and the global LoGM, then the
-  step's trace record;
+  (into the vector of the snapshot from two steps back) with per-parameter LoGM, zero counts,
+  weight and update norms and the global LoGM, then the step's trace record;
 - traced + copy: also the copy of the gradients the co-simulation keeps when a candidate only
   transforms gradients (that candidate starts from it instead of a forward pass of its own).
 
@@ -87,6 +87,7 @@ class Trainer:
         self.kept = KeptGradients(self.parameters)
         self.initial = copy.deepcopy((self.model.state_dict(), self.optimizer.state_dict()))
         self.previous = FlatWeights.of(self.layout, self.parameters)
+        self.spare: FlatWeights | None = None
 
     def restart(self) -> None:
         """Back to the initial weights and optimizer state, so no run drifts or diverges."""
@@ -94,6 +95,7 @@ class Trainer:
         self.model.load_state_dict(model_state)  # in place: the parameters keep their storage
         self.optimizer.load_state_dict(optimizer_state)
         self.previous = FlatWeights.of(self.layout, self.parameters)
+        self.spare = None
 
     def step(self, way: str, batch: tuple[torch.Tensor, torch.Tensor], number: int) -> Timing:
         """One training step ``way``: its seconds, and those of its tracing alone."""
@@ -112,10 +114,15 @@ class Trainer:
             self.kept.copy_from(self.parameters)
         self.optimizer.step()
         stepped = clock()
-        self.previous = FlatWeights.of(
-            self.layout, self.parameters, previous=self.previous, gradient_norms=norms
+        after = FlatWeights.of(
+            self.layout,
+            self.parameters,
+            previous=self.previous,
+            gradient_norms=norms,
+            reuse=self.spare,
         )
-        step_trace(self.layout, self.previous, step=number, loss=0.0)
+        self.spare, self.previous = self.previous, after
+        step_trace(self.layout, after, step=number, loss=0.0)
         end = clock()
         return Timing(end - start, (measured - backward) + (end - stepped))
 

@@ -78,6 +78,9 @@ def cosimulate_many(workload: Workload, candidates: Sequence[Candidate]) -> list
         result.reference.steps.append(initial)
     stopped = [False] * len(sides)
     keep = any(side.candidate.only_transforms_gradients for side in sides)
+    # Snapshots done with, whose vectors the next ones overwrite (FlatWeights.of).
+    spare: FlatWeights | None = None
+    spent: list[FlatWeights | None] = [None] * len(sides)
     for index, batch in enumerate(batches):
         step = index + 1
         before = _State.capture(reference)
@@ -88,6 +91,7 @@ def cosimulate_many(workload: Workload, candidates: Sequence[Candidate]) -> list
             list(reference.model.parameters()),
             previous=previous,
             gradient_norms=trained.gradient_norms,
+            reuse=spare,
         )
         _require_finite(layout, after, reference.model, step)
         reference_trace = step_trace(layout, after, step=step, loss=loss)
@@ -96,7 +100,10 @@ def cosimulate_many(workload: Workload, candidates: Sequence[Candidate]) -> list
                 continue
             result.reference.steps.append(reference_trace)
             candidate_loss = side.step_from(before, batch, step, gradients)
-            candidate = FlatWeights.of(layout, list(side.implementation.model.parameters()))
+            candidate = FlatWeights.of(
+                layout, list(side.implementation.model.parameters()), reuse=spent[position]
+            )
+            spent[position] = candidate
             comparison = StepComparison(
                 step=step,
                 reference_loss=loss,
@@ -108,7 +115,7 @@ def cosimulate_many(workload: Workload, candidates: Sequence[Candidate]) -> list
             )
             result.comparisons.append(comparison)
             stopped[position] = comparison.non_finite
-        previous = after
+        spare, previous = previous, after
     return results
 
 
@@ -119,6 +126,7 @@ def train(workload: Workload, candidate: Candidate = REFERENCE) -> tuple[Trace, 
     layout = _layout(implementation.model)
     previous = FlatWeights.of(layout, list(implementation.model.parameters()))
     trace.steps.append(step_trace(layout, previous, step=0, loss=None))
+    spare: FlatWeights | None = None  # done with: the next snapshot overwrites its vector
     for index, batch in enumerate(workload.make_batches()):
         trained = implementation.train_step(batch, index + 1, traced=True)
         after = FlatWeights.of(
@@ -126,11 +134,12 @@ def train(workload: Workload, candidate: Candidate = REFERENCE) -> tuple[Trace, 
             list(implementation.model.parameters()),
             previous=previous,
             gradient_norms=trained.gradient_norms,
+            reuse=spare,
         )
         if not math.isfinite(trained.loss) or not all(after.finite):
             break
         trace.steps.append(step_trace(layout, after, step=index + 1, loss=trained.loss))
-        previous = after
+        spare, previous = previous, after
     return trace, implementation.model
 
 

@@ -805,6 +805,7 @@ class _Rank:
         if keep:
             result.reference.steps.append(step_trace(layout, previous, step=0, loss=None))
         stopped = False
+        spare: FlatWeights | None = None  # done with: the next snapshot overwrites its vector
         for index, (inputs, targets) in enumerate(self.shards):
             step = index + 1
             self.progress(f"step {step}: reference")
@@ -817,6 +818,7 @@ class _Rank:
                 list(self.reference.model.parameters()),
                 previous=previous,
                 gradient_norms=norms,
+                reuse=spare,
             )
             _require_finite(layout, after, self.reference.model, step)
             self.progress(f"step {step}: candidate (comm hook {self.hook.name})")
@@ -847,7 +849,7 @@ class _Rank:
                     # As in cosim.py: once non-finite, later steps say nothing more. Every
                     # rank keeps stepping, so collectives stay matched.
                     stopped = comparison.non_finite
-            previous = after
+            spare, previous = previous, after
         return result if keep else None
 
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 __all__ = [
     "CoSimulation",
+    "ParameterColumns",
     "ParameterComparison",
     "ParameterStep",
     "StepComparison",
@@ -44,15 +47,98 @@ class ParameterStep:
     grad_norm: float | None
 
 
-@dataclass(slots=True)
+# A step's per-parameter statistics, one sequence per field of ParameterStep (in its order,
+# with squared weight norms where ParameterStep has norms), as a snapshot returns them.
+ParameterColumns: TypeAlias = tuple[
+    Sequence[str],
+    Sequence[int],
+    Sequence[int],
+    Sequence[float | None],
+    Sequence[float],
+    Sequence[float] | None,
+    Sequence[float | None] | None,
+]
+
+
 class StepTrace:
     """One implementation after ``step`` steps (step 0: the initial weights). Read-only by
-    convention, not frozen, for the reason given at :class:`ParameterStep`."""
+    convention, not frozen, for the reason given at :class:`ParameterStep`.
 
-    step: int
-    loss: float | None
-    global_logm: float | None
-    parameters: tuple[ParameterStep, ...]
+    A trace taken while training (:func:`pytest_convergence.tracing.step_trace`) keeps each
+    step's statistics as the columns the snapshot returned and builds the per-parameter
+    records when they are first read: building them inside the step cost a small model's
+    training step about 2% more (benchmarks/tracing_overhead.py), and a passing check never
+    reads them.
+    """
+
+    __slots__ = ("_columns", "_records", "global_logm", "loss", "step")
+
+    def __init__(
+        self,
+        step: int,
+        loss: float | None,
+        global_logm: float | None,
+        parameters: Sequence[ParameterStep] = (),
+    ) -> None:
+        self.step = step
+        self.loss = loss
+        self.global_logm = global_logm
+        self._records: tuple[ParameterStep, ...] | None = tuple(parameters)
+        self._columns: ParameterColumns | None = None
+
+    @classmethod
+    def from_columns(
+        cls, step: int, loss: float | None, global_logm: float | None, columns: ParameterColumns
+    ) -> StepTrace:
+        """A step whose records are built from ``columns`` when first read. Update norms of
+        None read as 0 (a step with no previous snapshot), gradient norms of None as None."""
+        trace = cls(step, loss, global_logm)
+        trace._records, trace._columns = None, columns
+        return trace
+
+    @property
+    def parameters(self) -> tuple[ParameterStep, ...]:
+        if self._records is None:
+            assert self._columns is not None
+            names, counts, zeros, logms, squares, updates, gradients = self._columns
+            self._records = tuple(
+                map(
+                    ParameterStep,
+                    names,
+                    counts,
+                    zeros,
+                    logms,
+                    map(math.sqrt, squares),
+                    updates if updates is not None else itertools.repeat(0.0),
+                    gradients if gradients is not None else itertools.repeat(None),
+                )
+            )
+            self._columns = None
+        return self._records
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "loss": self.loss,
+            "global_logm": self.global_logm,
+            "parameters": [asdict(record) for record in self.parameters],
+        }
+
+    def _key(self) -> tuple[int, float | None, float | None, tuple[ParameterStep, ...]]:
+        return (self.step, self.loss, self.global_logm, self.parameters)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StepTrace):
+            return NotImplemented
+        return self._key() == other._key()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it replaced
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__qualname__}(step={self.step!r}, loss={self.loss!r}, "
+            f"global_logm={self.global_logm!r}, parameters={self.parameters!r})"
+        )
 
 
 @dataclass
@@ -61,6 +147,9 @@ class Trace:
 
     label: str
     steps: list[StepTrace] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "steps": [step.to_dict() for step in self.steps]}
 
     def global_logm_deltas(self) -> list[float]:
         """Per-iteration change of global LoGM: the quantity of the paper's region."""
@@ -149,7 +238,11 @@ class CoSimulation:
     module_types: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return dump_with_schema(TRACE_SCHEMA, asdict(self), schema_version=TRACE_SCHEMA_VERSION)
+        fields = {item.name: getattr(self, item.name) for item in dataclass_fields(self)}
+        fields["reference"] = self.reference.to_dict()  # its steps are not dataclasses
+        fields["comparisons"] = [asdict(comparison) for comparison in self.comparisons]
+        fields["module_types"] = dict(self.module_types)
+        return dump_with_schema(TRACE_SCHEMA, fields, schema_version=TRACE_SCHEMA_VERSION)
 
     def write(self, path: Path) -> Path:
         path.write_text(self.to_json(), encoding="utf-8")

@@ -32,7 +32,7 @@ from numpy.typing import NDArray
 from torch.utils import dlpack
 
 from pytest_convergence import metrics
-from pytest_convergence.traces import ParameterComparison, ParameterStep, StepTrace
+from pytest_convergence.traces import ParameterComparison, StepTrace
 
 __all__ = [
     "FlatWeights",
@@ -246,11 +246,15 @@ class ParameterLayout:
         return log10_sums, out[:, 2].astype(np.int64).tolist(), out[:, 4].tolist()
 
     def compiled_trace(
-        self, tensors: Sequence[torch.Tensor], previous: FlatVector | None
+        self,
+        tensors: Sequence[torch.Tensor],
+        previous: FlatVector | None,
+        into: FlatVector | None = None,
     ) -> tuple[NDArray[np.float64], metrics.TraceSums] | None:
         """The flat vector and :func:`metrics.trace_parameters`' sums, read straight from the
         parameters' storage in one compiled call; None where the kernel cannot take them (no
-        compiler, an accelerator, a dtype other than float32/float64, a strided tensor).
+        compiler, an accelerator, a dtype other than float32/float64, a strided tensor). The
+        vector is ``into`` where that is one of this layout's NumPy vectors, else a new one.
 
         A small model's whole training step takes a few hundred microseconds, so the fixed
         cost matters as much as the cost per weight: each weight is read once, and the
@@ -262,7 +266,10 @@ class ParameterLayout:
         if views is None:
             return None
         # A NumPy vector: a tensor would cost three more binding calls per step.
-        values = np.empty(self._size, dtype=np.float64)
+        if isinstance(into, np.ndarray) and into.shape == (self._size,):
+            values = into
+        else:
+            values = np.empty(self._size, dtype=np.float64)
         since = self.operand(previous) if previous is not None else None
         sums = metrics.trace_parameters(views, since, values)
         return (values, sums) if sums is not None else None
@@ -294,12 +301,22 @@ class FlatWeights:
         *,
         previous: FlatWeights | None = None,
         gradient_norms: list[float] | None = None,
+        reuse: FlatWeights | None = None,
     ) -> FlatWeights:
         """Snapshot of ``tensors``; with ``previous`` (the snapshot before the step) the update
         norms, taken in the same pass. ``gradient_norms``, the step's (:func:`gradient_norms`,
-        measured before the optimizer step), are kept beside them."""
+        measured before the optimizer step), are kept beside them.
+
+        ``reuse``: a snapshot of the same layout that the caller is done with (a run's from two
+        steps back), whose vector the new one may overwrite: on a small model, allocating a
+        fresh vector and writing it while it is out of cache cost a measurable share of the
+        step (benchmarks/tracing_overhead.py). It must not be used afterwards.
+        """
         before = previous.values if previous is not None else None
-        compiled = layout.compiled_trace(tensors, before)
+        into = reuse.values if reuse is not None else None
+        if into is not None and into is before:
+            raise ValueError("FlatWeights.of: reuse must not be previous, which it reads")
+        compiled = layout.compiled_trace(tensors, before, into)
         if compiled is not None:
             values, (logms, zeros, squares, update_norms, global_logm) = compiled
             return cls(
@@ -398,25 +415,18 @@ def step_trace(
     layout: ParameterLayout, weights: FlatWeights, *, step: int, loss: float | None
 ) -> StepTrace:
     """One implementation's statistics after ``step``: update and gradient norms are those
-    ``weights`` was taken with (0 and None without)."""
-    parameters = len(layout.counts)
-    update_norms = weights.update_norms or [0.0] * parameters
-    grad_norms: Sequence[float | None] = weights.gradient_norms or [None] * parameters
-    # map over the columns, positionally: the cheapest way to build a record per parameter,
-    # which a small model's step notices. Every column has one value per parameter.
-    records = tuple(
-        map(
-            ParameterStep,
-            layout.names,
-            layout.counts,
-            weights.zeros,
-            weights.logms,
-            map(math.sqrt, weights.squares),
-            update_norms,
-            grad_norms,
-        )
+    ``weights`` was taken with (0 and None without). Its records are built when first read
+    (:class:`StepTrace`), from the snapshot's lists, which nothing changes afterwards."""
+    columns = (
+        layout.names,
+        layout.counts,
+        weights.zeros,
+        weights.logms,
+        weights.squares,
+        weights.update_norms,
+        weights.gradient_norms,
     )
-    return StepTrace(step=step, loss=loss, global_logm=weights.global_logm, parameters=records)
+    return StepTrace.from_columns(step, loss, weights.global_logm, columns)
 
 
 def compare_weights(

@@ -11,6 +11,7 @@ from torch.utils.dlpack import to_dlpack  # type: ignore[attr-defined]
 
 from pytest_convergence import metrics
 from pytest_convergence.metrics import parameter_logms
+from pytest_convergence.traces import ParameterStep, StepTrace
 from pytest_convergence.tracing import (
     FlatWeights,
     KeptGradients,
@@ -83,6 +84,46 @@ def test_a_snapshot_taken_after_a_step_carries_its_update_norms(
     parts = parameter_logms({f"p{i}": t for i, t in enumerate(after)})
     assert weights.zeros == [part.zeros for part in parts]
     assert weights.logms == pytest.approx([part.logm for part in parts], abs=1e-12)
+
+
+@given(steps())
+def test_a_snapshot_that_reuses_a_spent_one_is_the_snapshot_it_would_be_anew(
+    step: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]],
+) -> None:
+    before, after, _ = step
+    layout = ParameterLayout([f"p{i}" for i in range(len(after))], after)
+    previous = FlatWeights.of(layout, before)
+    fresh = FlatWeights.of(layout, after, previous=previous)
+    spent = FlatWeights.of(layout, [torch.full_like(t, 7.0) for t in after])
+    reused = FlatWeights.of(layout, after, previous=previous, reuse=spent)
+    assert np.array_equal(np.asarray(reused.values), np.asarray(fresh.values))
+    assert (reused.logms, reused.zeros, reused.squares, reused.update_norms) == (
+        fresh.logms,
+        fresh.zeros,
+        fresh.squares,
+        fresh.update_norms,
+    )
+    if layout.compiled_trace(after, None) is not None:  # the compiled path writes in place
+        assert reused.values is spent.values
+
+
+def test_a_snapshot_cannot_overwrite_the_previous_one_it_reads() -> None:
+    weights = [torch.randn(30), torch.randn(4, 5)]
+    layout = ParameterLayout(["a", "b"], weights)
+    previous = FlatWeights.of(layout, weights)
+    with pytest.raises(ValueError, match="reuse must not be previous"):
+        FlatWeights.of(layout, weights, previous=previous, reuse=previous)
+
+
+def test_a_spent_snapshot_of_another_size_is_not_overwritten() -> None:
+    weights = [torch.randn(30), torch.randn(4, 5)]
+    layout = ParameterLayout(["a", "b"], weights)
+    other = [torch.randn(3)]
+    spent = FlatWeights.of(ParameterLayout(["c"], other), other)
+    kept = np.asarray(spent.values).copy()
+    snapshot = FlatWeights.of(layout, weights, reuse=spent)
+    assert np.asarray(snapshot.values).shape == (50,)
+    assert np.array_equal(np.asarray(spent.values), kept)
 
 
 def test_tensors_the_compiled_trace_cannot_read_take_the_general_path() -> None:
@@ -267,6 +308,29 @@ def test_a_step_trace_records_norms_of_weights_updates_and_gradients() -> None:
         (math.sqrt(34), 1.0, 2.0)
     )
     assert (bias.zeros, bias.update_norm, bias.logm) == (1, 0.0, 0.0)
+
+
+def test_a_step_traces_records_are_built_when_first_read_as_they_would_be_at_once() -> None:
+    weights = [torch.tensor([3.0, 4.0]), torch.tensor([0.0, 1.0])]
+    layout = ParameterLayout(["w", "b"], weights)
+    snapshot = FlatWeights.of(layout, weights)
+    trace = step_trace(layout, snapshot, step=0, loss=None)
+    # A later snapshot overwriting this one's vector leaves the trace's statistics alone.
+    FlatWeights.of(layout, [torch.ones(2), torch.ones(2)], reuse=snapshot)
+    eager = StepTrace(
+        0,
+        None,
+        snapshot.global_logm,
+        (
+            ParameterStep("w", 2, 0, snapshot.logms[0], 5.0, 0.0, None),
+            ParameterStep("b", 2, 1, 0.0, 1.0, 0.0, None),
+        ),
+    )
+    assert trace == eager
+    assert repr(trace) == repr(eager)
+    assert trace.to_dict() == eager.to_dict()
+    assert trace.parameters is trace.parameters
+    assert trace != StepTrace(1, None, snapshot.global_logm, eager.parameters)
 
 
 def test_comparisons_split_the_error_into_bias_along_the_update_and_noise_across_it() -> None:
