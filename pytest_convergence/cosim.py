@@ -307,10 +307,31 @@ class _State:
         own_options = [
             {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups
         ]
+        own_state = self._state_the_reference_lacks(optimizer)
         optimizer.load_state_dict(copy.deepcopy(self.optimizer))
         for group, options in zip(optimizer.param_groups, own_options, strict=True):
             group.update(options)
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        for index, entries in own_state.items():
+            optimizer.state[parameters[index]].update(entries)
         self.rng.restore()
+
+    def _state_the_reference_lacks(
+        self, optimizer: torch.optim.Optimizer
+    ) -> dict[int, dict[str, object]]:
+        """The candidate optimizer's own per-parameter state that the reference's has no entry
+        for (AMSGrad's running maximum, another optimizer's moments), by parameter index. As
+        with buffers, it stays the candidate's own across re-syncs: loading the reference's
+        state dict would drop it, and the candidate's next step would fail or start over."""
+        reference_state = self.optimizer.get("state", {})
+        assert isinstance(reference_state, dict)
+        own: dict[int, dict[str, object]] = {}
+        for index, entries in optimizer.state_dict()["state"].items():
+            theirs = reference_state.get(index, {})
+            extra = {key: value for key, value in entries.items() if key not in theirs}
+            if extra:
+                own[index] = extra
+        return own
 
 
 @dataclass

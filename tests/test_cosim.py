@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import pytest
 import torch
@@ -141,6 +141,32 @@ def test_a_candidate_optimizer_keeps_its_own_hyper_parameters_when_re_synced() -
     run = cosimulate(workload, faster)
     for comparison in run.comparisons:
         assert comparison.parameters[0].bias == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_candidate_optimizer_keeps_state_the_reference_optimizer_lacks() -> None:
+    """AMSGrad's running maximum, or another optimizer's moments altogether: re-syncing to the
+    reference's state dict must not drop them (the next step would fail or start over)."""
+    made: list[torch.optim.Optimizer] = []
+
+    def adam(parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        made.append(torch.optim.Adam(parameters, lr=1e-3))
+        return made[-1]
+
+    run = cosimulate(
+        mlp(steps=4, optimizer_factory=PLAIN_SGD), Candidate("adam", optimizer_factory=adam)
+    )
+    assert len(run.comparisons) == 4
+    (optimizer,) = made
+    steps = {int(state["step"]) for state in optimizer.state.values()}
+    assert steps == {4}  # its own step count carried on, not restarted at every re-sync
+
+    adam_workload = mlp(steps=4, optimizer_factory=lambda p: torch.optim.Adam(p, lr=1e-3))
+    amsgrad = Candidate(
+        "amsgrad", optimizer_factory=lambda p: torch.optim.Adam(p, lr=1e-3, amsgrad=True)
+    )
+    run = cosimulate(adam_workload, amsgrad)
+    assert [c.step for c in run.comparisons] == [1, 2, 3, 4]
+    assert all(math.isfinite(p.error_norm) for c in run.comparisons for p in c.parameters)
 
 
 def zero_first_rows(model: nn.Module) -> None:
