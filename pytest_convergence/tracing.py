@@ -266,7 +266,11 @@ class ParameterLayout:
         if views is None:
             return None
         # A NumPy vector: a tensor would cost three more binding calls per step.
-        if isinstance(into, np.ndarray) and into.shape == (self._size,):
+        if (
+            isinstance(into, np.ndarray)
+            and into.shape == (self._size,)
+            and into.dtype == np.float64
+        ):
             values = into
         else:
             values = np.empty(self._size, dtype=np.float64)
