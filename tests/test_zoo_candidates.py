@@ -218,17 +218,6 @@ def test_a_halved_layer_gradient_has_bias_minus_one_half_at_step_one(mlp: Worklo
     assert all(abs(b or 0.0) < 1e-6 for n, b in found.items() if n != "fc2.weight")
 
 
-def test_a_dropped_gradient_row_is_noise_on_that_parameter_alone(mlp: Workload) -> None:
-    run = cosimulate(plain(mlp), zoo.dropped_gradient_row("fc1.weight"))
-    for comparison in run.comparisons:
-        by_name = {p.name: p for p in comparison.parameters}
-        fc1 = by_name["fc1.weight"]
-        # Plain SGD: the update is the gradient, and one of 128 rows is missing from it.
-        assert 0.01 < fc1.noise < 0.5
-        assert abs(fc1.bias or 0.0) < fc1.noise
-        assert all(p.error_norm == 0.0 for n, p in by_name.items() if n != "fc1.weight")
-
-
 def test_a_scaled_gradient_of_a_missing_parameter_is_an_error(mlp: Workload) -> None:
     with pytest.raises(ValueError, match="no gradient for parameter 'nope'"):
         cosimulate(mlp, zoo.scaled_layer_gradient("nope", 0.5))
@@ -381,7 +370,6 @@ def test_every_candidate_has_a_name_and_a_description() -> None:
         zoo.int8_exchange(last_partition_scale=2.0),
         zoo.error_feedback_int8_exchange(),
         zoo.scaled_layer_gradient("fc1.weight"),
-        zoo.dropped_gradient_row("fc1.weight"),
         zoo.accumulation_without_division(),
         zoo.sum_instead_of_mean_exchange(),
         zoo.dropped_worker_exchange(),

@@ -131,13 +131,6 @@ SPECS: tuple[Spec, ...] = (
         affected=lambda workload: [scaled_layer(workload)],
     ),
     Spec(
-        "last-gradient-row-dropped",
-        "bug",
-        "default",
-        lambda workload: zoo.dropped_gradient_row(scaled_layer(workload)),
-        affected=lambda workload: [scaled_layer(workload)],
-    ),
-    Spec(
         "accumulation-without-division-4",
         "bug",
         "default",

@@ -48,7 +48,6 @@ __all__ = [
     "bf16_exchange",
     "channels_last",
     "conv_without_bias",
-    "dropped_gradient_row",
     "dropped_worker_exchange",
     "error_feedback_int8_exchange",
     "for_loop_sgd",
@@ -646,46 +645,22 @@ def scaled_layer_gradient(parameter: str, factor: float = 0.5) -> Candidate:
     layer, or a pipeline-parallel stage that divides its gradients by the micro-batch count
     twice. Signature: bias ``factor - 1`` on that parameter from step 1.
     """
-    return Candidate(
-        name=f"layer-gradient-x{factor:g}",
-        gradient_transform=_on_gradient_of(parameter, lambda gradient: gradient.mul_(factor)),
-        description=f"gradient of {parameter} multiplied by {factor:g}",
-    )
-
-
-def dropped_gradient_row(parameter: str) -> Candidate:
-    """BUG: the last row (output unit or filter) of one parameter's gradient left at zero.
-
-    Occurs in a tiled weight-gradient kernel that skips the tail tile when the output size is
-    not a multiple of the tile, or a sharded reduction that forgets the remainder of an uneven
-    split. That unit's incoming weights stop learning while every other unit trains normally.
-    Signature: update noise of about the row's share of the gradient's norm on that parameter,
-    at every step, with next to no bias.
-    """
-    return Candidate(
-        name="last-gradient-row-dropped",
-        gradient_transform=_on_gradient_of(parameter, lambda gradient: gradient[-1].zero_()),
-        description=f"last row of the gradient of {parameter} left at zero",
-    )
-
-
-def _on_gradient_of(
-    parameter: str, change: Callable[[torch.Tensor], object]
-) -> Callable[[Sequence[tuple[str, torch.Tensor]], int], None]:
-    """A gradient transform that changes ``parameter``'s gradient in place, and names the
-    parameters there are when the model has no gradient of that name."""
 
     def transform(named: Sequence[tuple[str, torch.Tensor]], step: int) -> None:
         found = False
         for name, gradient in named:
             if name == parameter:
-                change(gradient)
+                gradient.mul_(factor)
                 found = True
         if not found and step == 1:
             names = ", ".join(name for name, _ in named[:8])
             raise ValueError(f"no gradient for parameter {parameter!r}; parameters: {names}, ...")
 
-    return transform
+    return Candidate(
+        name=f"layer-gradient-x{factor:g}",
+        gradient_transform=transform,
+        description=f"gradient of {parameter} multiplied by {factor:g}",
+    )
 
 
 def stale_gradient() -> Candidate:
