@@ -58,9 +58,8 @@ SCHEMA = "pytest-convergence/baseline"
 # 3: per-parameter z limits (bias_z_limit, radial_z_limit) from Student's t at the calibration's
 #    degrees of freedom.
 # 4: per-step rounding_scale, the floor under a parameter's error scale, spreads and noise limit.
-# 5: per-parameter persistent_noise_limit (median update noise over the steps so far).
 # Older files are refused with the command that re-records them: they would judge differently.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 4
 MISMATCH_POLICIES = ("warn", "fail")
 RECORD_HINT = "pytest --convergence --convergence-record <the tests that use it>"
 # A re-record summary is read in a terminal and a pull request: the biggest changes, not all.
@@ -460,7 +459,6 @@ _PARAMETER_FIELDS: dict[str, _Parser] = {
     "zero_change_limit": _count,
     "logm_gap_limit": _limit,
     "rounding_scale": _limits,
-    "persistent_noise_limit": _limit,
 }
 
 

@@ -89,13 +89,6 @@ NOISE_FLOOR = 1e-7
 # arbitrary z-score. Noise up to this many rounding scales is rounding.
 ROUNDING_NOISE_MARGIN = 16.0
 UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
-# A correct implementation's update noise comes in spikes: a ReLU's or a sign's input near zero
-# flips on some step, and Adam's update moves by a whole learning rate where a gradient near
-# zero changes sign. The per-step noise limit must admit such a spike (ten times a step's
-# typical noise and more), so it misses a bug whose error is moderate but comes back every step
-# (a kernel that drops a tile's tail, mis-indexes a few rows): the median over the steps so far,
-# from the third on, sets spikes aside and sees it.
-PERSISTENT_NOISE_FROM_STEP = 3
 # Exact zeros come and go legitimately in small numbers (a zero-initialized bias whose quantized
 # gradient rounds to zero stays zero); masks that stop applying or dead units move them wholesale.
 ZERO_SLACK_FRACTION = 0.01
@@ -133,9 +126,6 @@ class ParameterRegion:
     zero_change_limit: int
     logm_gap_limit: float
     rounding_scale: tuple[float, ...]
-    # Largest median of update noise over steps 1..k (k >= PERSISTENT_NOISE_FROM_STEP), each
-    # step's noise in units of that step's error scale.
-    persistent_noise_limit: float
 
 
 @dataclass(frozen=True)
@@ -320,9 +310,6 @@ def _parameter_region(
     pooled_limit = _noise_limit(noises)
     noise_limit = tuple(max(pooled_limit, ROUNDING_NOISE_MARGIN * r) for r in rounding)
     gaps = [abs(p.logm_gap) for samples in per_step for p in samples if p.logm_gap is not None]
-    persistent = [
-        [_finite(run.comparisons[s].parameters[index].noise) for s in range(steps)] for run in runs
-    ]
     return ParameterRegion(
         name=name,
         count=per_step[0][0].count,
@@ -338,30 +325,7 @@ def _parameter_region(
         zero_change_limit=_zero_change_limit(per_step),
         logm_gap_limit=NOISE_MARGIN * max(gaps, default=0.0),
         rounding_scale=rounding,
-        persistent_noise_limit=_persistent_noise_limit(persistent, error_scale, rounding),
     )
-
-
-def _persistent_noise_limit(
-    noises_per_run: Sequence[Sequence[float]],
-    error_scale: Sequence[float],
-    rounding: Sequence[float],
-) -> float:
-    """NOISE_MARGIN times the largest running median of a calibration run's normalized update
-    noise (see PERSISTENT_NOISE_FROM_STEP), and never below ROUNDING_NOISE_MARGIN rounding
-    scales: an exact calibration must not turn rounding into a verdict here either."""
-    largest = 0.0
-    for noises in noises_per_run:
-        history: list[float] = []
-        for step, noise in enumerate(noises):
-            history.append(noise / max(error_scale[step], NOISE_FLOOR))
-            if len(history) >= min(PERSISTENT_NOISE_FROM_STEP, len(noises)):
-                largest = max(largest, statistics.median(history))
-    floor = max(
-        (r / max(scale, NOISE_FLOOR) for r, scale in zip(rounding, error_scale, strict=True)),
-        default=0.0,
-    )
-    return max(NOISE_MARGIN * largest, ROUNDING_NOISE_MARGIN * floor)
 
 
 def _rounding_scale(runs: Sequence[CoSimulation], index: int, steps: int) -> tuple[float, ...]:
@@ -521,18 +485,6 @@ def _check(
         return outcomes
     outcomes.append(Violation(step, name, "update noise", parameter.noise, noise_limit))
     error_scale = bounds.error_scale[index]
-    noises = cumulative.setdefault(f"{name}\0noise", [])
-    noises.append(parameter.noise / max(error_scale, NOISE_FLOOR))
-    if len(noises) >= min(PERSISTENT_NOISE_FROM_STEP, len(bounds.noise_limit)):
-        outcomes.append(
-            Violation(
-                step,
-                name,
-                f"update noise, median over steps 1-{step} (error scales)",
-                statistics.median(noises),
-                bounds.persistent_noise_limit,
-            )
-        )
     normalized = _normalized(parameter.bias, error_scale)
     if normalized is not None:
         # A candidate noisier than calibration fluctuates more: widen the spread by its excess

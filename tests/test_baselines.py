@@ -77,7 +77,6 @@ def small_region(scale: float = 1.0) -> Region:
         zero_change_limit=1,
         logm_gap_limit=0.05,
         rounding_scale=(1e-6, 2e-6, 3e-6),
-        persistent_noise_limit=4.0,
     )
     bias = ParameterRegion(
         name="fc.bias",
@@ -94,7 +93,6 @@ def small_region(scale: float = 1.0) -> Region:
         zero_change_limit=0,
         logm_gap_limit=0.0,
         rounding_scale=(0.0, 1e-7, 1e-7),
-        persistent_noise_limit=16.0,
     )
     return Region(
         calibration=calibration,
@@ -198,7 +196,6 @@ def regions(draw: st.DrawFn) -> Region:
             zero_change_limit=draw(st.integers(0, 2**31)),
             logm_gap_limit=draw(non_negative),
             rounding_scale=draw(per_step),
-            persistent_noise_limit=draw(non_negative),
         )
         for name in names
     }
@@ -271,10 +268,10 @@ def future_layout(document: dict[str, Any]) -> None:
 
 
 def past_layout(document: dict[str, Any]) -> None:
-    """A version-4 file: no persistent-noise limit."""
-    document["schema_version"] = 4
+    """A version-3 file: no rounding floor."""
+    document["schema_version"] = 3
     for parameter in document["parameters"].values():
-        del parameter["persistent_noise_limit"]
+        del parameter["rounding_scale"]
 
 
 MALFORMED: list[Any] = [
@@ -293,7 +290,7 @@ MALFORMED: list[Any] = [
     pytest.param(
         edited(past_layout),
         "written by an older pytest-convergence whose regions lack checks this version makes "
-        "(schema_version 5); re-record it: pytest --convergence --convergence-record",
+        "(schema_version 4); re-record it: pytest --convergence --convergence-record",
         id="past-schema-version",
     ),
     pytest.param(
@@ -573,7 +570,6 @@ def big_region(writer: int) -> Region:
             zero_change_limit=writer,
             logm_gap_limit=writer / 11,
             rounding_scale=tuple((writer + 1) * (s + 1) / 1e6 for s in range(steps)),
-            persistent_noise_limit=3.0 + writer,
         )
         for i in range(24)
     }
@@ -647,7 +643,7 @@ def region(value):
     calibration = Calibration("candidate", "generated", None, 1, "c", (0,), 2)
     parameter = ParameterRegion(
         "w", 4, (value, value), 0.5, 6.0, (0.0, 0.0), 0.25, 6.0, (0.1, 0.2), (0.1, 0.2),
-        (0.2, 0.4), 0, 0.0, (1e-6, 1e-6), 4.0,
+        (0.2, 0.4), 0, 0.0, (1e-6, 1e-6),
     )
     return Region(calibration, {"w": parameter}, (-1.0, 1.0), 0.5)
 
