@@ -39,9 +39,9 @@ from dataclasses import dataclass
 import torch
 
 from pytest_convergence.tracing import (
-    FlatWeights,
     KeptGradients,
     ParameterLayout,
+    SnapshotSeries,
     gradient_norms,
     step_trace,
 )
@@ -86,16 +86,14 @@ class Trainer:
         self.layout = ParameterLayout([n for n, _ in named], self.parameters)
         self.kept = KeptGradients(self.parameters)
         self.initial = copy.deepcopy((self.model.state_dict(), self.optimizer.state_dict()))
-        self.previous = FlatWeights.of(self.layout, self.parameters)
-        self.spare: FlatWeights | None = None
+        self.snapshots = SnapshotSeries(self.layout, self.parameters)
 
     def restart(self) -> None:
         """Back to the initial weights and optimizer state, so no run drifts or diverges."""
         model_state, optimizer_state = self.initial
         self.model.load_state_dict(model_state)  # in place: the parameters keep their storage
         self.optimizer.load_state_dict(optimizer_state)
-        self.previous = FlatWeights.of(self.layout, self.parameters)
-        self.spare = None
+        self.snapshots = SnapshotSeries(self.layout, self.parameters)
 
     def step(self, way: str, batch: tuple[torch.Tensor, torch.Tensor], number: int) -> Timing:
         """One training step ``way``: its seconds, and those of its tracing alone."""
@@ -114,14 +112,7 @@ class Trainer:
             self.kept.copy_from(self.parameters)
         self.optimizer.step()
         stepped = clock()
-        after = FlatWeights.of(
-            self.layout,
-            self.parameters,
-            previous=self.previous,
-            gradient_norms=norms,
-            reuse=self.spare,
-        )
-        self.spare, self.previous = self.previous, after
+        _, after = self.snapshots.advance(self.parameters, norms)
         step_trace(self.layout, after, step=number, loss=0.0)
         end = clock()
         return Timing(end - start, (measured - backward) + (end - stepped))

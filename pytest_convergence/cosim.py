@@ -31,6 +31,7 @@ from pytest_convergence.tracing import (
     FlatWeights,
     KeptGradients,
     ParameterLayout,
+    SnapshotSeries,
     compare_weights,
     gradient_norms,
     step_trace,
@@ -72,27 +73,20 @@ def cosimulate_many(workload: Workload, candidates: Sequence[Candidate]) -> list
         for candidate in candidates
     ]
     layout = _layout(reference.model)
-    previous = FlatWeights.of(layout, list(reference.model.parameters()))
-    initial = step_trace(layout, previous, step=0, loss=None)
+    series = SnapshotSeries(layout, list(reference.model.parameters()))
+    initial = step_trace(layout, series.latest, step=0, loss=None)
     for result in results:
         result.reference.steps.append(initial)
     stopped = [False] * len(sides)
     keep = any(side.candidate.only_transforms_gradients for side in sides)
-    # Snapshots done with, whose vectors the next ones overwrite (FlatWeights.of).
-    spare: FlatWeights | None = None
+    # Each side's snapshot from the step before, whose vector the next one overwrites.
     spent: list[FlatWeights | None] = [None] * len(sides)
     for index, batch in enumerate(batches):
         step = index + 1
         before = _State.capture(reference)
         trained = reference.train_step(batch, step, traced=True, keep_gradients=keep)
         loss, gradients = trained.loss, trained.gradients
-        after = FlatWeights.of(
-            layout,
-            list(reference.model.parameters()),
-            previous=previous,
-            gradient_norms=trained.gradient_norms,
-            reuse=spare,
-        )
+        previous, after = series.advance(list(reference.model.parameters()), trained.gradient_norms)
         _require_finite(layout, after, reference.model, step)
         reference_trace = step_trace(layout, after, step=step, loss=loss)
         for position, (side, result) in enumerate(zip(sides, results, strict=True)):
@@ -115,7 +109,6 @@ def cosimulate_many(workload: Workload, candidates: Sequence[Candidate]) -> list
             )
             result.comparisons.append(comparison)
             stopped[position] = comparison.non_finite
-        spare, previous = previous, after
     return results
 
 
@@ -124,22 +117,14 @@ def train(workload: Workload, candidate: Candidate = REFERENCE) -> tuple[Trace, 
     implementation = _Implementation.build(workload, candidate)
     trace = Trace(label=candidate.name)
     layout = _layout(implementation.model)
-    previous = FlatWeights.of(layout, list(implementation.model.parameters()))
-    trace.steps.append(step_trace(layout, previous, step=0, loss=None))
-    spare: FlatWeights | None = None  # done with: the next snapshot overwrites its vector
+    series = SnapshotSeries(layout, list(implementation.model.parameters()))
+    trace.steps.append(step_trace(layout, series.latest, step=0, loss=None))
     for index, batch in enumerate(workload.make_batches()):
         trained = implementation.train_step(batch, index + 1, traced=True)
-        after = FlatWeights.of(
-            layout,
-            list(implementation.model.parameters()),
-            previous=previous,
-            gradient_norms=trained.gradient_norms,
-            reuse=spare,
-        )
+        _, after = series.advance(list(implementation.model.parameters()), trained.gradient_norms)
         if not math.isfinite(trained.loss) or not all(after.finite):
             break
         trace.steps.append(step_trace(layout, after, step=index + 1, loss=trained.loss))
-        spare, previous = previous, after
     return trace, implementation.model
 
 

@@ -74,7 +74,13 @@ from pytest_convergence.regions import (
     require_candidate_seeds,
 )
 from pytest_convergence.traces import CoSimulation, StepComparison, Trace
-from pytest_convergence.tracing import FlatWeights, compare_weights, gradient_norms, step_trace
+from pytest_convergence.tracing import (
+    FlatWeights,
+    SnapshotSeries,
+    compare_weights,
+    gradient_norms,
+    step_trace,
+)
 from pytest_convergence.workloads import Batch, Workload, get_workload
 from pytest_convergence.zoo.candidates import quantize_int8_partitions
 
@@ -801,11 +807,10 @@ class _Rank:
             reference=Trace(label="reference"),
             module_types=_module_types(self.reference.model),
         )
-        previous = FlatWeights.of(layout, list(self.reference.model.parameters()))
+        series = SnapshotSeries(layout, list(self.reference.model.parameters()))
         if keep:
-            result.reference.steps.append(step_trace(layout, previous, step=0, loss=None))
+            result.reference.steps.append(step_trace(layout, series.latest, step=0, loss=None))
         stopped = False
-        spare: FlatWeights | None = None  # done with: the next snapshot overwrites its vector
         for index, (inputs, targets) in enumerate(self.shards):
             step = index + 1
             self.progress(f"step {step}: reference")
@@ -813,13 +818,7 @@ class _Rank:
             reference_loss, norms = _ddp_step(
                 self.reference_ddp, self.reference, inputs, targets, traced=keep
             )
-            after = FlatWeights.of(
-                layout,
-                list(self.reference.model.parameters()),
-                previous=previous,
-                gradient_norms=norms,
-                reuse=spare,
-            )
+            previous, after = series.advance(list(self.reference.model.parameters()), norms)
             _require_finite(layout, after, self.reference.model, step)
             self.progress(f"step {step}: candidate (comm hook {self.hook.name})")
             before.restore(self.candidate)
@@ -849,7 +848,6 @@ class _Rank:
                     # As in cosim.py: once non-finite, later steps say nothing more. Every
                     # rank keeps stepping, so collectives stay matched.
                     stopped = comparison.non_finite
-            spare, previous = previous, after
         return result if keep else None
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "FlatWeights",
     "KeptGradients",
     "ParameterLayout",
+    "SnapshotSeries",
     "compare_weights",
     "gradient_norms",
     "step_trace",
@@ -349,6 +350,34 @@ class FlatWeights:
         """A parameter's weights are all finite exactly when their sum of squares is (float32
         weights cannot overflow it in float64; NaN and Inf propagate)."""
         return [math.isfinite(square) for square in self.squares]
+
+
+class SnapshotSeries:
+    """One implementation's snapshots, step after step: each taken with the one before it (its
+    update norms) and written into the vector of the one before that, which nothing reads any
+    more (:meth:`FlatWeights.of`'s ``reuse``). The one place that decides when a snapshot is
+    spent, so no caller overwrites one it still needs."""
+
+    def __init__(self, layout: ParameterLayout, tensors: Sequence[torch.Tensor]) -> None:
+        self.layout = layout
+        self.latest = FlatWeights.of(layout, tensors)
+        self._spent: FlatWeights | None = None
+
+    def advance(
+        self, tensors: Sequence[torch.Tensor], gradient_norms: list[float] | None
+    ) -> tuple[FlatWeights, FlatWeights]:
+        """The snapshots before and after the step just taken; the one before stays valid
+        until the next call."""
+        before = self.latest
+        after = FlatWeights.of(
+            self.layout,
+            tensors,
+            previous=before,
+            gradient_norms=gradient_norms,
+            reuse=self._spent,
+        )
+        self._spent, self.latest = before, after
+        return before, after
 
 
 def gradient_norms(parameters: Sequence[torch.Tensor]) -> list[float]:

@@ -16,6 +16,7 @@ from pytest_convergence.tracing import (
     FlatWeights,
     KeptGradients,
     ParameterLayout,
+    SnapshotSeries,
     compare_weights,
     gradient_norms,
     step_trace,
@@ -105,6 +106,30 @@ def test_a_snapshot_that_reuses_a_spent_one_is_the_snapshot_it_would_be_anew(
     )
     if layout.compiled_trace(after, None) is not None:  # the compiled path writes in place
         assert reused.values is spent.values
+
+
+def test_a_snapshot_series_overwrites_only_the_snapshot_two_steps_back() -> None:
+    weights = [torch.randn(30), torch.randn(4, 5)]
+    layout = ParameterLayout(["a", "b"], weights)
+    series = SnapshotSeries(layout, weights)
+    first = series.latest
+    kept = np.asarray(first.values).copy()
+    values = []
+    for _ in range(3):
+        for weight in weights:
+            weight.add_(0.1)
+        before, after = series.advance(weights, None)
+        assert series.latest is after
+        assert after.update_norms == pytest.approx(
+            [0.1 * math.sqrt(w.numel()) for w in weights], rel=1e-6
+        )
+        values.append(after.values)
+        if len(values) == 1:
+            assert before is first
+            assert np.array_equal(np.asarray(first.values), kept)  # still read by this step
+    if layout.compiled_trace(weights, None) is not None:  # the compiled path writes in place
+        assert values[1] is first.values
+        assert values[2] is values[0]
 
 
 def test_a_snapshot_cannot_overwrite_the_previous_one_it_reads() -> None:
