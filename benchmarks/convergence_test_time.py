@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from pytest_convergence import zoo
 from pytest_convergence.candidates import Candidate
 from pytest_convergence.checks import CheckOptions, ConvergenceChecker
 from pytest_convergence.workloads import get_workload, workload_names
@@ -39,6 +40,7 @@ def passing_candidate(name: str) -> Candidate:
 
 
 def main() -> int:
+    zoo.register()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", nargs="*", default=workload_names())
     parser.add_argument("--repeats", type=int, default=3)

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pytest_convergence import zoo
 from pytest_convergence.tracing import (
     KeptGradients,
     ParameterLayout,
@@ -155,6 +156,7 @@ def measure(name: str, rounds: int, block: int, seed: int) -> Medians:
 
 
 def main() -> int:
+    zoo.register()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workloads", nargs="*", help="zoo workloads (default: all)")
     parser.add_argument("--rounds", type=int, default=12, help="blocks of steps (default 12)")

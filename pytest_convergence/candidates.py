@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
 
+from pytest_convergence.compression import mean_over_workers
 from pytest_convergence.registry import Registry
 from pytest_convergence.workloads import AfterStep
 
@@ -54,8 +55,7 @@ OptimizerFactory: TypeAlias = Callable[[Iterable[nn.Parameter]], torch.optim.Opt
 
 def mean_exchange(per_worker: Sequence[Sequence[torch.Tensor]], step: int) -> list[torch.Tensor]:
     """Exact all-reduce mean: what a gradient exchange must reproduce."""
-    workers = len(per_worker)
-    return [torch.stack(grads).sum(dim=0) / workers for grads in zip(*per_worker, strict=True)]
+    return mean_over_workers(per_worker)
 
 
 @dataclass(frozen=True)

@@ -38,12 +38,8 @@ import torch
 from torch import nn
 
 from pytest_convergence.candidates import Candidate
-from pytest_convergence.cosim import (
-    _Implementation,
-    _RandomState,
-    _start_of_step,
-    train,
-)
+from pytest_convergence.cosim import train
+from pytest_convergence.engine import Implementation, RandomState, start_of_step
 from pytest_convergence.errors import NonFiniteWeightError
 from pytest_convergence.traces import CoSimulation, Trace, dump_with_schema, load_with_schema
 from pytest_convergence.workloads import Batch, Workload
@@ -223,10 +219,10 @@ class _LossProbe:
     sees that step's dropout masks, and the loss is a function of the weights alone.
     """
 
-    implementation: _Implementation
+    implementation: Implementation
     batch: Batch
     buffers: dict[str, torch.Tensor]
-    rng: _RandomState  # the step's, so every point sees its dropout masks
+    rng: RandomState  # the step's, so every point sees its dropout masks
 
     def loss(self, weights: Sequence[torch.Tensor]) -> float:
         model = self.implementation.model
@@ -263,12 +259,12 @@ class _StepPoints:
 
 
 def _step_points(workload: Workload, candidate: Candidate, step: int) -> _StepPoints:
-    start = _start_of_step(workload, candidate, step)
+    start = start_of_step(workload, candidate, step)
     reference, side, state, batch = start.reference, start.side, start.state, start.batch
-    gradients = reference.train_step(batch, step, keep_gradients=True).gradients
+    trained = reference.train_step(batch, step, keep_gradients=True)
     reference_after = _weights(reference.model)
     buffers = {name: b.detach().clone() for name, b in reference.model.named_buffers()}
-    side.step_from(state, batch, step, gradients)
+    side.step_from(state, batch, step, trained)
     candidate_after = _weights(side.implementation.model)
     _require_finite(reference.model, candidate_after, step)
     probe = _LossProbe(reference, batch, buffers, state.rng)
@@ -319,7 +315,7 @@ def _require_finite(model: nn.Module, weights: Sequence[torch.Tensor], step: int
 @contextlib.contextmanager
 def _rng_preserved() -> Iterator[None]:
     """Diagnostics run after a verdict, in a test that may go on: leave its RNG as found."""
-    found = _RandomState.capture()
+    found = RandomState.capture()
     try:
         yield
     finally:

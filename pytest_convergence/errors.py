@@ -6,6 +6,8 @@ usage error without importing torch.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class NonFiniteWeightError(ValueError):
     """A weight is NaN or infinite: LoGM (and training) are meaningless from here on."""
@@ -37,3 +39,49 @@ class SnapshotFormatError(ValueError):
 
 class UnsafeExternalDataError(SnapshotFormatError):
     """ONNX external data points outside the model's folder: refuse to read it."""
+
+
+class DistributedRunError(RuntimeError):
+    """A distributed co-simulation could not complete: a worker raised, died, or hung, or the
+    requested backend cannot run here. Not a verdict on the candidate: the run never finished.
+
+    ``rank`` is the rank that failed first (None when the run timed out as a whole or never
+    started); ``exitcode`` its exit code; ``worker_error`` the traceback it sent back.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        rank: int | None = None,
+        exitcode: int | None = None,
+        worker_error: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.exitcode = exitcode
+        self.worker_error = worker_error
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only fields: rebuild through a helper, so the error survives pickling
+        # (pytest-xdist and multiprocessing pickle exceptions).
+        return (
+            _rebuild_distributed_error,
+            (str(self), self.rank, self.exitcode, self.worker_error),
+        )
+
+
+def _rebuild_distributed_error(
+    message: str, rank: int | None, exitcode: int | None, worker_error: str
+) -> DistributedRunError:
+    return DistributedRunError(message, rank=rank, exitcode=exitcode, worker_error=worker_error)
+
+
+class DistributedWorkerWarning(UserWarning):
+    """A warning raised inside a worker process, re-issued in the caller's process.
+
+    Workers are separate interpreters: their warnings would otherwise vanish into captured
+    stderr, out of reach of the caller's warning filters (``filterwarnings = error`` included).
+    The text names the ranks, the original category and where it was raised; filter this
+    category with a message pattern to accept a specific one.
+    """

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from pytest_convergence.checks import BoundCheck, ConvergenceChecker
 
 MARKER = "convergence"
+# pytest_convergence.zoo.SOURCE, without importing the zoo (and torch) here.
+ZOO_SOURCE = "pytest_convergence.zoo:register"
 SUMMARY_PREFIX = "convergence_"
 settings_key = pytest.StashKey[ConvergenceSettings]()
 checker_key = pytest.StashKey["ConvergenceChecker"]()
@@ -203,6 +205,10 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     settings = session.config.stash[settings_key]
+    if settings.enabled:
+        from pytest_convergence.workloads import add_workload_source
+
+        add_workload_source(ZOO_SOURCE)
     if settings.enabled and settings.threads is not None:
         import torch
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pytest_convergence.candidates import Candidate
-from pytest_convergence.cosim import _Implementation, _start_of_step
+from pytest_convergence.engine import Implementation, start_of_step
 from pytest_convergence.workloads import Workload
 
 __all__ = ["Divergence", "ReplayFinding", "replay_step"]
@@ -58,7 +58,7 @@ class ReplayFinding:
 
 def replay_step(workload: Workload, candidate: Candidate, step: int) -> ReplayFinding:
     """Re-run the reference to ``step`` and compare that step's forward and backward."""
-    start = _start_of_step(workload, candidate, step)
+    start = start_of_step(workload, candidate, step)
     reference, side, state = start.reference, start.side, start.state
     threshold = math.sqrt(torch.finfo(workload.dtype).eps)
     inputs, targets = start.batch
@@ -84,7 +84,7 @@ def replay_step(workload: Workload, candidate: Candidate, step: int) -> ReplayFi
 
 
 def _forward_backward(
-    implementation: _Implementation,
+    implementation: Implementation,
     inputs: torch.Tensor,
     targets: torch.Tensor,
     candidate: Candidate | None,

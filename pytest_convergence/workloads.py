@@ -23,11 +23,15 @@ __all__ = [
     "Batch",
     "BatchSource",
     "Workload",
+    "add_workload_source",
     "get_workload",
+    "is_registered",
+    "load_workload_sources",
     "register_workload",
     "sgd",
     "synthetic_classification",
     "workload_names",
+    "workload_sources",
 ]
 
 Batch: TypeAlias = tuple[torch.Tensor, torch.Tensor]
@@ -150,14 +154,33 @@ def register_workload(workload: Workload, *, replace_existing: bool = False) -> 
 
 def get_workload(name: str) -> Workload:
     """The registered workload ``name``; ``ValueError`` lists the known names otherwise."""
-    _load_zoo()
     return _REGISTRY.get(name)
 
 
 def workload_names() -> list[str]:
-    _load_zoo()
+    """Every registered workload, the sources' included."""
     return _REGISTRY.names()
 
 
-def _load_zoo() -> None:
-    import pytest_convergence.zoo  # noqa: F401  (registers the zoo's workloads on import)
+def is_registered(name: str) -> bool:
+    """Whether ``name`` is registered now (sources not loaded): a source's own check, so that
+    it never replaces a workload registered before it was loaded."""
+    return name in _REGISTRY
+
+
+def add_workload_source(source: str) -> None:
+    """Load ``source`` (``"package.module:function"``, a function that registers workloads)
+    the first time a workload lookup needs it. The plugin adds the zoo's,
+    ``"pytest_convergence.zoo:register"``, when convergence tests run."""
+    _REGISTRY.add_source(source)
+
+
+def workload_sources() -> tuple[str, ...]:
+    """The sources added so far, for a worker process to add in its turn."""
+    return _REGISTRY.sources()
+
+
+def load_workload_sources(sources: Iterable[str]) -> None:
+    """Add ``sources`` (another process's :func:`workload_sources`)."""
+    for source in sources:
+        _REGISTRY.add_source(source)

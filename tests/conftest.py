@@ -8,7 +8,8 @@ import pytest
 import torch
 from hypothesis import settings
 
-from pytest_convergence import metrics
+from pytest_convergence import metrics, zoo
+from pytest_convergence.workloads import add_workload_source
 
 pytest_plugins = ["pytester"]
 
@@ -28,6 +29,8 @@ def _import_lazy_torch_modules() -> None:
 
 
 _import_lazy_torch_modules()
+# The zoo's workloads, for tests that look them up without a convergence session.
+add_workload_source(zoo.SOURCE)
 
 
 @pytest.fixture(scope="module", params=["compiled-kernel", "tensor-path"])

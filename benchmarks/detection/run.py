@@ -38,6 +38,7 @@ import report
 import suite
 from outcomes import Outcome, WorkloadCost
 
+from pytest_convergence import zoo
 from pytest_convergence.candidates import Candidate
 from pytest_convergence.cosim import cosimulate
 from pytest_convergence.regions import Region, Verdict, Violation, calibrate, judge
@@ -284,6 +285,7 @@ def _code_version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    zoo.register()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--workloads",

@@ -38,6 +38,13 @@ from torch import nn
 from torch.optim.optimizer import StateDict
 
 from pytest_convergence.candidates import Candidate, GradientExchange, OptimizerFactory
+from pytest_convergence.compression import (
+    flatten_gradients,
+    last_partition_parameters,
+    mean_over_workers,
+    quantize_int8_partitions,
+    unflatten_gradients,
+)
 
 __all__ = [
     "LEARNING_RATE",
@@ -428,16 +435,10 @@ def wrong_momentum(
 # --------------------------------------------------------------------------------------------
 
 
-def _averaged(per_worker: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
-    """Sum over workers divided by their count, summed exactly as the reference's mean."""
-    workers = len(per_worker)
-    return [torch.stack(grads).sum(dim=0) / workers for grads in zip(*per_worker, strict=True)]
-
-
 def _rounding_exchange(dtype: torch.dtype) -> GradientExchange:
     def exchange(per_worker: Sequence[Sequence[torch.Tensor]], step: int) -> list[torch.Tensor]:
         rounded = [[g.to(dtype).to(g.dtype) for g in grads] for grads in per_worker]
-        return _averaged(rounded)
+        return mean_over_workers(rounded)
 
     return exchange
 
@@ -470,58 +471,6 @@ def bf16_exchange(workers: int = 4) -> Candidate:
     )
 
 
-def quantize_int8_partitions(
-    flat: torch.Tensor, partitions: int, last_partition_scale: float = 1.0
-) -> torch.Tensor:
-    """Quantize and de-quantize ``flat`` to int8 in ``partitions`` nearly equal chunks.
-
-    Each chunk gets its own scale ``max|x| / 127`` and round-to-nearest; the last chunk's
-    de-quantization is multiplied by ``last_partition_scale`` (1.0 is correct).
-    """
-    if partitions < 1:
-        raise ValueError(f"partitions must be >= 1, got {partitions}")
-    pieces = []
-    chunks = flat.tensor_split(partitions)
-    for index, chunk in enumerate(chunks):
-        largest = chunk.abs().max() if chunk.numel() else chunk.new_zeros(())
-        if float(largest) == 0.0:
-            pieces.append(torch.zeros_like(chunk))
-            continue
-        scale = largest / 127
-        restored = torch.round(chunk / scale).clamp_(-127, 127).mul_(scale)
-        if index == len(chunks) - 1 and last_partition_scale != 1.0:
-            restored.mul_(last_partition_scale)
-        pieces.append(restored)
-    return torch.cat(pieces)
-
-
-def _flatten(gradients: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([g.reshape(-1) for g in gradients])
-
-
-def _unflatten(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    sizes = [g.numel() for g in like]
-    return [piece.reshape(g.shape) for piece, g in zip(torch.split(flat, sizes), like, strict=True)]
-
-
-def last_partition_parameters(
-    named_parameters: Iterable[tuple[str, torch.Tensor]], partitions: int
-) -> list[str]:
-    """Names of the parameters with at least one element in the last of ``partitions`` chunks
-    of the flattened gradient vector, as :func:`int8_exchange` splits it."""
-    named = list(named_parameters)
-    total = sum(p.numel() for _, p in named)
-    sizes = [len(c) for c in torch.arange(total).tensor_split(partitions)]
-    start = total - sizes[-1]
-    names, offset = [], 0
-    for name, parameter in named:
-        end = offset + parameter.numel()
-        if end > start and parameter.numel() > 0:
-            names.append(name)
-        offset = end
-    return names
-
-
 def int8_exchange(
     workers: int = 4, partitions: int = 4, last_partition_scale: float = 1.0
 ) -> Candidate:
@@ -536,14 +485,12 @@ def int8_exchange(
     """
 
     def exchange(per_worker: Sequence[Sequence[torch.Tensor]], step: int) -> list[torch.Tensor]:
-        restored = [
-            _unflatten(
-                quantize_int8_partitions(_flatten(grads), partitions, last_partition_scale),
-                grads,
-            )
-            for grads in per_worker
-        ]
-        return _averaged(restored)
+        restored = []
+        for grads in per_worker:
+            flat = flatten_gradients(grads)
+            sent = quantize_int8_partitions(flat, partitions, last_partition_scale)
+            restored.append(unflatten_gradients(sent, grads))
+        return mean_over_workers(restored)
 
     suffix = "" if last_partition_scale == 1.0 else f"-last-x{last_partition_scale:g}"
     kind = "correct" if last_partition_scale == 1.0 else "BUG: last partition mis-scaled"
@@ -572,14 +519,14 @@ def error_feedback_int8_exchange(workers: int = 4, partitions: int = 4) -> Candi
     def exchange(per_worker: Sequence[Sequence[torch.Tensor]], step: int) -> list[torch.Tensor]:
         restored = []
         for worker, grads in enumerate(per_worker):
-            flat = _flatten(grads)
+            flat = flatten_gradients(grads)
             previous = residuals.get(worker)
             if previous is not None and previous.shape == flat.shape:
                 flat = flat + previous
             sent = quantize_int8_partitions(flat, partitions)
             residuals[worker] = flat - sent
-            restored.append(_unflatten(sent, grads))
-        return _averaged(restored)
+            restored.append(unflatten_gradients(sent, grads))
+        return mean_over_workers(restored)
 
     return Candidate(
         name=f"error-feedback-int8-exchange-{workers}x{partitions}",

@@ -49,7 +49,6 @@ from pytest_convergence.candidates import Candidate
 from pytest_convergence.workloads import (
     Batch,
     Workload,
-    register_workload,
     sgd,
     synthetic_classification,
 )
@@ -172,29 +171,23 @@ def gradient_accumulation(micro_batches: int = 4) -> Candidate:
     )
 
 
-LARGE_BATCH_WORKLOAD = register_workload(
-    Workload(
-        name="large-batch-lenet5",
-        model_factory=lenet5,
-        batches=synthetic_classification((1, 28, 28), 10, batch_size=LARGE_BATCH),
-        optimizer_factory=sgd(lr=LARGE_BATCH_LEARNING_RATE, momentum=0.9, weight_decay=5e-4),
-        steps=8,
-        description=f"large-batch-lenet5: LeNet-5, 8 SGD steps on synthetic {LARGE_BATCH}-sample "
-        f"batches, lr {LARGE_BATCH_LEARNING_RATE:g} by the linear scaling rule",
-    ),
-    replace_existing=True,
+LARGE_BATCH_WORKLOAD = Workload(
+    name="large-batch-lenet5",
+    model_factory=lenet5,
+    batches=synthetic_classification((1, 28, 28), 10, batch_size=LARGE_BATCH),
+    optimizer_factory=sgd(lr=LARGE_BATCH_LEARNING_RATE, momentum=0.9, weight_decay=5e-4),
+    steps=8,
+    description=f"large-batch-lenet5: LeNet-5, 8 SGD steps on synthetic {LARGE_BATCH}-sample "
+    f"batches, lr {LARGE_BATCH_LEARNING_RATE:g} by the linear scaling rule",
 )
 
-MIXUP_WORKLOAD = register_workload(
-    Workload(
-        name="mixup-lenet5",
-        model_factory=lenet5,
-        batches=mixup_classification((1, 28, 28), 10, batch_size=LARGE_BATCH, alpha=MIXUP_ALPHA),
-        optimizer_factory=sgd(lr=LARGE_BATCH_LEARNING_RATE, momentum=0.9, weight_decay=5e-4),
-        steps=8,
-        description=f"mixup-lenet5: LeNet-5, 8 SGD steps on synthetic {LARGE_BATCH}-sample "
-        f"batches mixed up with Beta({MIXUP_ALPHA:g}, {MIXUP_ALPHA:g}) weights, soft-target "
-        "cross-entropy",
-    ),
-    replace_existing=True,
+MIXUP_WORKLOAD = Workload(
+    name="mixup-lenet5",
+    model_factory=lenet5,
+    batches=mixup_classification((1, 28, 28), 10, batch_size=LARGE_BATCH, alpha=MIXUP_ALPHA),
+    optimizer_factory=sgd(lr=LARGE_BATCH_LEARNING_RATE, momentum=0.9, weight_decay=5e-4),
+    steps=8,
+    description=f"mixup-lenet5: LeNet-5, 8 SGD steps on synthetic {LARGE_BATCH}-sample "
+    f"batches mixed up with Beta({MIXUP_ALPHA:g}, {MIXUP_ALPHA:g}) weights, soft-target "
+    "cross-entropy",
 )

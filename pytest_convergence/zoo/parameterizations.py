@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pytest_convergence.candidates import Candidate, OptimizerFactory
-from pytest_convergence.workloads import Workload, register_workload, sgd, synthetic_classification
+from pytest_convergence.workloads import Workload, sgd, synthetic_classification
 
 __all__ = [
     "DIRACNET_WORKLOAD",
@@ -450,28 +450,22 @@ def _swap_layers(
 # Workloads
 # --------------------------------------------------------------------------------------------
 
-DIRACNET_WORKLOAD = register_workload(
-    Workload(
-        name="diracnet-mini",
-        model_factory=diracnet_mini,
-        batches=synthetic_classification((3, 32, 32), 10, batch_size=16),
-        optimizer_factory=sgd_without_vector_decay(),
-        steps=8,
-        description="diracnet-mini: DiracNet (Dirac-parameterized convs + BN), 8 SGD steps on "
-        "synthetic 16-sample batches, no weight decay on the Dirac scales",
-    ),
-    replace_existing=True,
+DIRACNET_WORKLOAD = Workload(
+    name="diracnet-mini",
+    model_factory=diracnet_mini,
+    batches=synthetic_classification((3, 32, 32), 10, batch_size=16),
+    optimizer_factory=sgd_without_vector_decay(),
+    steps=8,
+    description="diracnet-mini: DiracNet (Dirac-parameterized convs + BN), 8 SGD steps on "
+    "synthetic 16-sample batches, no weight decay on the Dirac scales",
 )
 
-SYMMETRIC_WORKLOAD = register_workload(
-    Workload(
-        name="symmetric-mlp",
-        model_factory=symmetric_mlp,
-        batches=synthetic_classification((64,), 10, batch_size=16),
-        optimizer_factory=sgd(lr=LEARNING_RATE, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),
-        steps=8,
-        description="symmetric-mlp: MLP with two triangular-symmetric 128x128 layers, 8 SGD "
-        "steps on synthetic 16-sample batches",
-    ),
-    replace_existing=True,
+SYMMETRIC_WORKLOAD = Workload(
+    name="symmetric-mlp",
+    model_factory=symmetric_mlp,
+    batches=synthetic_classification((64,), 10, batch_size=16),
+    optimizer_factory=sgd(lr=LEARNING_RATE, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),
+    steps=8,
+    description="symmetric-mlp: MLP with two triangular-symmetric 128x128 layers, 8 SGD "
+    "steps on synthetic 16-sample batches",
 )

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from pytest_convergence.candidates import Candidate
-from pytest_convergence.workloads import Workload, register_workload, sgd, synthetic_classification
+from pytest_convergence.workloads import Workload, sgd, synthetic_classification
 from pytest_convergence.zoo.models import VGG16Mini
 
 __all__ = [
@@ -330,16 +330,13 @@ def filter_pruned_vgg16_mini() -> FilterPrunedVGG16Mini:
     return FilterPrunedVGG16Mini()
 
 
-PRUNED_VGG16_MINI = register_workload(
-    Workload(
-        name="pruned-vgg16-mini",
-        model_factory=filter_pruned_vgg16_mini,
-        batches=synthetic_classification((3, 32, 32), 10, batch_size=16),
-        optimizer_factory=sgd(lr=0.05, momentum=0.9, weight_decay=5e-4),
-        steps=8,
-        description="VGG16-mini with half the filters of conv1 and conv8-13 pruned by L1 norm, "
-        "masks re-applied after each step; 8 SGD steps on synthetic 16-sample batches",
-        after_step=apply_filter_masks,
-    ),
-    replace_existing=True,
+PRUNED_VGG16_MINI = Workload(
+    name="pruned-vgg16-mini",
+    model_factory=filter_pruned_vgg16_mini,
+    batches=synthetic_classification((3, 32, 32), 10, batch_size=16),
+    optimizer_factory=sgd(lr=0.05, momentum=0.9, weight_decay=5e-4),
+    steps=8,
+    description="VGG16-mini with half the filters of conv1 and conv8-13 pruned by L1 norm, "
+    "masks re-applied after each step; 8 SGD steps on synthetic 16-sample batches",
+    after_step=apply_filter_masks,
 )

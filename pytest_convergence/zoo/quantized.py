@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pytest_convergence.candidates import Candidate
-from pytest_convergence.workloads import Workload, register_workload, sgd, synthetic_classification
+from pytest_convergence.workloads import Workload, sgd, synthetic_classification
 from pytest_convergence.zoo.models import LeNet5
 
 __all__ = [
@@ -455,30 +455,24 @@ def round_to_nearest() -> Candidate:
 # Workloads
 # --------------------------------------------------------------------------------------------
 
-BINARYCONNECT_MLP = register_workload(
-    Workload(
-        name="binaryconnect-mlp",
-        model_factory=binaryconnect_mlp,
-        batches=synthetic_classification((64,), 10, batch_size=16),
-        optimizer_factory=sgd(lr=1.0, momentum=0.9, weight_decay=0.0),
-        steps=8,
-        description="BinaryConnect MLP: sign weights forward, full-precision update, clipped "
-        "to [-1, 1]; 8 SGD steps on synthetic 16-sample batches",
-        after_step=clip_binary_weights,
-    ),
-    replace_existing=True,
+BINARYCONNECT_MLP = Workload(
+    name="binaryconnect-mlp",
+    model_factory=binaryconnect_mlp,
+    batches=synthetic_classification((64,), 10, batch_size=16),
+    optimizer_factory=sgd(lr=1.0, momentum=0.9, weight_decay=0.0),
+    steps=8,
+    description="BinaryConnect MLP: sign weights forward, full-precision update, clipped "
+    "to [-1, 1]; 8 SGD steps on synthetic 16-sample batches",
+    after_step=clip_binary_weights,
 )
 
-STOCHASTIC_ROUNDING_LENET5 = register_workload(
-    Workload(
-        name="stochastic-rounding-lenet5",
-        model_factory=fixed_point_lenet5,
-        batches=synthetic_classification((1, 28, 28), 10, batch_size=16),
-        optimizer_factory=sgd(lr=0.05, momentum=0.0, weight_decay=0.0),
-        steps=8,
-        description="LeNet-5 on the fixed-point grid <1, 7>, every update stochastically "
-        "rounded onto it; 8 plain SGD steps on synthetic 16-sample batches",
-        after_step=stochastic_rounding,
-    ),
-    replace_existing=True,
+STOCHASTIC_ROUNDING_LENET5 = Workload(
+    name="stochastic-rounding-lenet5",
+    model_factory=fixed_point_lenet5,
+    batches=synthetic_classification((1, 28, 28), 10, batch_size=16),
+    optimizer_factory=sgd(lr=0.05, momentum=0.0, weight_decay=0.0),
+    steps=8,
+    description="LeNet-5 on the fixed-point grid <1, 7>, every update stochastically "
+    "rounded onto it; 8 plain SGD steps on synthetic 16-sample batches",
+    after_step=stochastic_rounding,
 )

@@ -1,0 +1,630 @@
+"""The stepping engine: implementations, the state a step depends on, and the lockstep loop.
+
+Every co-simulation is the same loop (:func:`run_lockstep`): before each step the reference's
+weights, buffers, optimizer state and RNG state are captured (:class:`TrainingState`), the
+reference takes the step, every candidate is reset to the captured state and takes the same
+step on the same batch, and each candidate's weights are compared with the reference's. Each
+step's difference is then the candidate's own, not the chaotic growth of earlier differences
+(measurements, section 5), which is what lets a verdict name the first step and parameter.
+
+What differs between the ways of running it is how a side takes its step, and nothing else:
+an :class:`Implementation` steps its model through ``forward_model``, the model itself in one
+process, a ``DistributedDataParallel`` wrapper of it on a rank of a real process group
+(:mod:`pytest_convergence.distributed`). Replays and report diagnostics start from the same
+place, the reference trained up to just before a step (:func:`start_of_step`).
+
+Memory: a run keeps the reference model and optimizer, one copy of the weights, buffers and
+optimizer state before the step and one copy of the reference's gradients when a candidate only
+transforms gradients (both in buffers reused every step), and one model and optimizer per
+candidate that needs its own forward pass; statistics per step, never weights per step.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from pytest_convergence.candidates import REFERENCE, Candidate, mean_exchange
+from pytest_convergence.errors import NonFiniteWeightError
+from pytest_convergence.traces import CoSimulation, StepComparison, Trace
+from pytest_convergence.tracing import (
+    FlatWeights,
+    KeptGradients,
+    ParameterLayout,
+    SnapshotSeries,
+    compare_weights,
+    gradient_norms,
+    step_trace,
+)
+from pytest_convergence.workloads import Batch, Workload
+
+__all__ = [
+    "CandidateSide",
+    "Implementation",
+    "LossAgreement",
+    "Progress",
+    "RandomState",
+    "StepStart",
+    "TrainedStep",
+    "TrainingState",
+    "check_same_parameters",
+    "module_types",
+    "parameter_layout",
+    "reference_recipe",
+    "require_finite",
+    "run_lockstep",
+    "start_of_step",
+]
+
+# (step, the reference's loss, each side's) as the sides report them -> the losses recorded: in
+# one process as they are; across ranks their means over the ranks (a collective every rank
+# joins). A side's None stands for the reference's loss.
+LossAgreement = Callable[[int, float, list[float | None]], tuple[float, list[float | None]]]
+# Told (step, "reference") and (step, "candidate") as each side starts its step: a rank that
+# hangs is then reported where it hangs.
+Progress = Callable[[int, str], None]
+
+
+@dataclass
+class TrainedStep:
+    """What one training step leaves for the trace and the candidates."""
+
+    loss: float
+    # Of the gradients the optimizer saw; None where a candidate's own step function hides them.
+    gradient_norms: list[float] | None
+    # A copy of those gradients, when asked for: valid until the implementation's next step.
+    gradients: KeptGradients | None = None
+
+
+@dataclass
+class Implementation:
+    """A model, its optimizer and the candidate recipe that steps them.
+
+    ``forward_model`` is what the forward pass calls: the model itself, or a wrapper that owns
+    how gradients are reduced (``DistributedDataParallel``) around the same parameters.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    recipe: Candidate
+    workload: Workload
+    forward_model: nn.Module | None = None
+    _kept: KeptGradients | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def build(
+        cls, workload: Workload, recipe: Candidate, model: nn.Module | None = None
+    ) -> Implementation:
+        """The workload's model (or ``model``) with the recipe's optimizer, else the
+        workload's; a model built here gets the recipe's model transform."""
+        if model is None:
+            model = workload.build_model()
+            if recipe.model_transform is not None:
+                model = recipe.model_transform(model)
+        factory = recipe.optimizer_factory or workload.optimizer_factory
+        return cls(model, factory(model.parameters()), recipe, workload)
+
+    def train_step(
+        self, batch: Batch, step: int, *, traced: bool = False, keep_gradients: bool = False
+    ) -> TrainedStep:
+        """One training step; when ``traced``, the norms of the gradients the optimizer saw,
+        and with ``keep_gradients`` a copy of them (see :meth:`keep_gradients`)."""
+        inputs, targets = batch
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.recipe.step_fn is not None:
+            with self.recipe.forward_context():
+                loss = self.recipe.step_fn(
+                    self.model, self.optimizer, inputs, targets, self.workload.loss_fn
+                )
+            self.after_optimizer_step()
+            return TrainedStep(float(loss.detach()), None)
+        with self.recipe.forward_context():
+            if self.recipe.workers > 1:
+                loss = self._exchanged_backward(inputs, targets, step)
+            else:
+                forward = self.forward_model if self.forward_model is not None else self.model
+                loss = self.workload.loss_fn(forward(inputs), targets)
+                loss.backward()  # type: ignore[no-untyped-call]
+        named = list(self.model.named_parameters())
+        if self.recipe.gradient_transform is not None:
+            present = [(name, p.grad) for name, p in named if p.grad is not None]
+            self.recipe.gradient_transform(present, step)
+        parameters = [p for _, p in named]
+        trained = TrainedStep(float(loss.detach()), gradient_norms(parameters) if traced else None)
+        if keep_gradients:
+            trained.gradients = self.keep_gradients(parameters)
+        self.optimizer.step()
+        self.after_optimizer_step()
+        return trained
+
+    def keep_gradients(self, parameters: Sequence[torch.Tensor]) -> KeptGradients:
+        """A copy of the gradients of the model's ``parameters`` as they are now, in buffers this
+        implementation reuses every step: the optimizer may change ``.grad``, the next step
+        overwrites it."""
+        if self._kept is None:
+            self._kept = KeptGradients(parameters)
+        return self._kept.copy_from(parameters)
+
+    def after_optimizer_step(self) -> None:
+        """The training loop's post-step code: the candidate's own, else the workload's."""
+        after_step = self.recipe.after_step or self.workload.after_step
+        if after_step is not None:
+            with torch.no_grad():
+                after_step(self.model)
+
+    def _exchanged_backward(
+        self, inputs: torch.Tensor, targets: torch.Tensor, step: int
+    ) -> torch.Tensor:
+        parameters = list(self.model.parameters())
+        per_worker: list[list[torch.Tensor]] = []
+        losses = []
+        for shard_inputs, shard_targets in zip(
+            inputs.chunk(self.recipe.workers), targets.chunk(self.recipe.workers), strict=True
+        ):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.workload.loss_fn(self.model(shard_inputs), shard_targets)
+            loss.backward()  # type: ignore[no-untyped-call]
+            per_worker.append([_clone_or_zeros(p) for p in parameters])
+            losses.append(loss.detach())
+        assert self.recipe.exchange is not None
+        averaged = self.recipe.exchange(per_worker, step)
+        for parameter, gradient in zip(parameters, averaged, strict=True):
+            parameter.grad = gradient.to(parameter.dtype)
+        return torch.stack(losses).mean()
+
+
+@dataclass(frozen=True)
+class RandomState:
+    """The CPU generator's state and, once CUDA is in use, every device's."""
+
+    cpu: torch.Tensor
+    cuda: list[torch.Tensor] | None
+
+    @classmethod
+    def capture(cls) -> RandomState:
+        cuda = torch.cuda.get_rng_state_all() if _cuda_initialized() else None
+        return cls(torch.get_rng_state(), cuda)
+
+    def restore(self) -> None:
+        """Back to this state: the same dropout masks, the same draws."""
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+@dataclass
+class TrainingState:
+    """Everything a step depends on, captured before the reference takes it.
+
+    ``optimizer`` is a deep copy of the reference optimizer's ``state_dict()``: its state
+    tensors are live (momentum buffers), so sharing them would let a candidate's step change
+    the reference's. Capturing again into the same object (``reuse``) overwrites its tensors
+    in place: a small model's step is a few hundred microseconds, and a deep copy per step
+    (Python's ``copy.deepcopy`` walks every entry) cost more than the step's tracing.
+    """
+
+    parameters: list[torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    rng: RandomState
+
+    @classmethod
+    def capture(
+        cls, implementation: Implementation, reuse: TrainingState | None = None
+    ) -> TrainingState:
+        """The state of ``implementation`` now; ``reuse``: a state of the same implementation
+        that nothing reads any more, whose tensors are overwritten."""
+        model = implementation.model
+        parameters = [p.detach() for p in model.parameters()]
+        buffers = {n: b.detach() for n, b in model.named_buffers()}
+        optimizer = implementation.optimizer.state_dict()
+        if reuse is not None and _copy_into(reuse.parameters, parameters):
+            reused_buffers = reuse.buffers if _same_names(reuse.buffers, buffers) else None
+            if reused_buffers is not None and _copy_into(
+                list(reused_buffers.values()), list(buffers.values())
+            ):
+                copied = _copy_state_dict_into(reuse.optimizer, optimizer)
+                return cls(
+                    reuse.parameters,
+                    reused_buffers,
+                    copied if copied is not None else copy.deepcopy(optimizer),
+                    RandomState.capture(),
+                )
+        return cls(
+            parameters=[p.clone() for p in parameters],
+            buffers={n: b.clone() for n, b in buffers.items()},
+            optimizer=copy.deepcopy(optimizer),
+            rng=RandomState.capture(),
+        )
+
+    def restore(self, implementation: Implementation) -> None:
+        """Reset ``implementation`` to this state, keeping what is its own: the optimizer's
+        hyper-parameters (an optimizer that differs only in them would be invisible
+        otherwise), buffers of swapped-in modules the reference lacks, and per-parameter
+        optimizer state the reference's has no entry for."""
+        with torch.no_grad():
+            torch._foreach_copy_(list(implementation.model.parameters()), self.parameters)
+            # By name: a swapped-in module may carry buffers the reference lacks.
+            for name, buffer in implementation.model.named_buffers():
+                if name in self.buffers:
+                    buffer.copy_(self.buffers[name])
+        if not self._restore_optimizer_in_place(implementation.optimizer):
+            self._load_optimizer_state(implementation.optimizer)
+        self.rng.restore()
+
+    def _restore_optimizer_in_place(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Copy the captured state into the candidate optimizer's own tensors, where it holds
+        every captured entry with the same shapes and dtypes and its groups have the same
+        layout and keys: the common case (the same optimizer, or one with SGD's state layout),
+        exactly what :meth:`_load_optimizer_state` would leave, without its deep copy."""
+        groups = optimizer.param_groups
+        captured_groups = self.optimizer["param_groups"]
+        if len(groups) != len(captured_groups) or any(
+            len(group["params"]) != len(theirs["params"]) or group.keys() != theirs.keys()
+            for group, theirs in zip(groups, captured_groups, strict=True)
+        ):
+            return False
+        parameters = [p for group in groups for p in group["params"]]
+        targets: list[torch.Tensor] = []
+        sources: list[torch.Tensor] = []
+        assignments: list[tuple[dict[str, Any], str, Any]] = []
+        for index, entries in self.optimizer["state"].items():
+            if not isinstance(index, int) or not 0 <= index < len(parameters):
+                return False
+            own = optimizer.state.get(parameters[index])
+            if own is None:
+                return False
+            for key, value in entries.items():
+                mine = own.get(key, _MISSING)
+                if isinstance(value, torch.Tensor):
+                    if not _same_kind(mine, value):
+                        return False
+                    targets.append(mine)
+                    sources.append(value)
+                elif _is_immutable(value) and mine is not _MISSING:
+                    assignments.append((own, key, value))
+                else:
+                    return False
+        with torch.no_grad():
+            if targets:
+                torch._foreach_copy_(targets, sources)
+        for own, key, value in assignments:
+            own[key] = value
+        return True
+
+    def _load_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        # load_state_dict also copies the reference's hyper-parameters (lr, momentum, ...):
+        # keep the candidate's own, or an optimizer that differs only in them is invisible.
+        own_options = [
+            {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups
+        ]
+        own_state = self._state_the_reference_lacks(optimizer)
+        optimizer.load_state_dict(copy.deepcopy(self.optimizer))
+        for group, options in zip(optimizer.param_groups, own_options, strict=True):
+            group.update(options)
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        for index, entries in own_state.items():
+            optimizer.state[parameters[index]].update(entries)
+
+    def _state_the_reference_lacks(
+        self, optimizer: torch.optim.Optimizer
+    ) -> dict[int, dict[str, object]]:
+        """The candidate optimizer's own per-parameter state that the reference's has no entry
+        for (AMSGrad's running maximum, another optimizer's moments), by parameter index. As
+        with buffers, it stays the candidate's own across re-syncs: loading the reference's
+        state dict would drop it, and the candidate's next step would fail or start over."""
+        reference_state = self.optimizer.get("state", {})
+        assert isinstance(reference_state, dict)
+        own: dict[int, dict[str, object]] = {}
+        for index, entries in optimizer.state_dict()["state"].items():
+            theirs = reference_state.get(index, {})
+            extra = {key: value for key, value in entries.items() if key not in theirs}
+            if extra:
+                own[index] = extra
+        return own
+
+
+_MISSING = object()
+
+
+def _same_kind(mine: object, value: torch.Tensor) -> bool:
+    return (
+        isinstance(mine, torch.Tensor)
+        and mine.shape == value.shape
+        and mine.dtype == value.dtype
+        and mine.device == value.device
+        and mine.layout == value.layout == torch.strided
+    )
+
+
+def _is_immutable(value: object) -> bool:
+    return value is None or isinstance(value, bool | int | float | str)
+
+
+def _same_names(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> bool:
+    return first.keys() == second.keys()
+
+
+def _copy_into(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> bool:
+    """Copy ``sources`` into ``targets`` when each pair has the same shape, dtype, device and
+    strided layout (then True); otherwise touch nothing (False)."""
+    if len(targets) != len(sources) or not all(
+        _same_kind(target, source) for target, source in zip(targets, sources, strict=True)
+    ):
+        return False
+    with torch.no_grad():
+        if targets:
+            torch._foreach_copy_(targets, sources)
+    return True
+
+
+def _copy_state_dict_into(
+    previous: dict[str, Any], state_dict: dict[str, Any]
+) -> dict[str, Any] | None:
+    """A deep copy of ``state_dict`` that writes its state tensors into those of ``previous``,
+    an earlier copy of the same optimizer's state dict with the same entries; None where the
+    entries differ (then a plain deep copy it is)."""
+    state, old_state = state_dict["state"], previous["state"]
+    if state.keys() != old_state.keys():
+        return None
+    targets: list[torch.Tensor] = []
+    sources: list[torch.Tensor] = []
+    copied_state: dict[Any, dict[str, Any]] = {}
+    for index, entries in state.items():
+        old = old_state[index]
+        if entries.keys() != old.keys():
+            return None
+        copied: dict[str, Any] = {}
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                if not _same_kind(old[key], value):
+                    return None
+                targets.append(old[key])
+                sources.append(value.detach())
+                copied[key] = old[key]
+            elif _is_immutable(value):
+                copied[key] = value
+            else:
+                return None
+        copied_state[index] = copied
+    with torch.no_grad():
+        if targets:
+            torch._foreach_copy_(targets, sources)
+    return {"state": copied_state, "param_groups": copy.deepcopy(state_dict["param_groups"])}
+
+
+@dataclass
+class CandidateSide:
+    """A candidate's model and optimizer, re-synced to the reference before every step."""
+
+    candidate: Candidate
+    implementation: Implementation
+
+    @classmethod
+    def build(
+        cls, workload: Workload, reference: Implementation, candidate: Candidate
+    ) -> CandidateSide:
+        """A copy of the reference's model, transformed as the candidate says."""
+        model = copy.deepcopy(reference.model)
+        if candidate.model_transform is not None:
+            model = candidate.model_transform(model)
+            check_same_parameters(reference.model, model, candidate.name)
+        return cls(candidate, Implementation.build(workload, candidate, model))
+
+    @property
+    def reuses_reference_gradients(self) -> bool:
+        """A gradient-only candidate starts from the reference's gradients: no forward pass."""
+        return self.candidate.only_transforms_gradients
+
+    def step_from(
+        self, before: TrainingState, batch: Batch, step: int, reference: TrainedStep
+    ) -> float | None:
+        """One step from the reference's state; None when the reference's loss applies."""
+        try:
+            before.restore(self.implementation)
+        except (ValueError, KeyError, RuntimeError) as error:
+            raise ValueError(
+                f"candidate {self.candidate.name!r}: cannot re-sync its optimizer to the "
+                f"reference's state at step {step} ({error}); a candidate optimizer must accept "
+                "the reference optimizer's state dict"
+            ) from None
+        if self.reuses_reference_gradients and reference.gradients is not None:
+            self._step_with_gradients(reference.gradients, step)
+            return None
+        return self.implementation.train_step(batch, step).loss
+
+    def _step_with_gradients(self, gradients: Sequence[torch.Tensor], step: int) -> None:
+        named = list(self.implementation.model.named_parameters())
+        for (_, parameter), gradient in zip(named, gradients, strict=True):
+            parameter.grad = gradient.clone()
+        assert self.candidate.gradient_transform is not None
+        self.candidate.gradient_transform(
+            [(n, p.grad) for n, p in named if p.grad is not None], step
+        )
+        self.implementation.optimizer.step()
+        self.implementation.after_optimizer_step()
+
+
+def run_lockstep(
+    workload: Workload,
+    reference: Implementation,
+    sides: Sequence[CandidateSide],
+    batches: Sequence[Batch],
+    *,
+    record: bool = True,
+    agree_on_losses: LossAgreement | None = None,
+    step_after_divergence: bool = False,
+    progress: Progress | None = None,
+) -> list[CoSimulation]:
+    """Step ``reference`` and every side through ``batches``, each side re-synced to the
+    reference before every step; one co-simulation per side (none without ``record``).
+
+    A side whose weights turn non-finite is recorded no further: later steps would only
+    compare NaN with numbers. It stops stepping too, unless ``step_after_divergence`` (ranks
+    of a process group must keep issuing the same collectives). ``agree_on_losses`` turns
+    each step's local losses into the recorded ones (the mean over ranks); ``progress`` hears
+    where the loop is.
+    """
+    layout = parameter_layout(reference.model)
+    results = [_new_run(workload, side.candidate.name, reference.model) for side in sides]
+    series = SnapshotSeries(layout, list(reference.model.parameters()))
+    if record:
+        initial = step_trace(layout, series.latest, step=0, loss=None)
+        for result in results:
+            result.reference.steps.append(initial)
+    stopped = [False] * len(sides)
+    keep = any(side.reuses_reference_gradients for side in sides)
+    # Each side's snapshot from the step before, whose vector the next one overwrites.
+    spent: list[FlatWeights | None] = [None] * len(sides)
+    before: TrainingState | None = None
+    for index, batch in enumerate(batches):
+        step = index + 1
+        if progress is not None:
+            progress(step, "reference")
+        before = TrainingState.capture(reference, reuse=before)
+        trained = reference.train_step(batch, step, traced=record, keep_gradients=keep)
+        previous, after = series.advance(list(reference.model.parameters()), trained.gradient_norms)
+        require_finite(layout, after, reference.model, step)
+        losses: list[float | None] = []
+        weights: list[FlatWeights | None] = []
+        for position, side in enumerate(sides):
+            if stopped[position] and not step_after_divergence:
+                losses.append(None)
+                weights.append(None)
+                continue
+            if progress is not None:
+                progress(step, "candidate")
+            losses.append(side.step_from(before, batch, step, trained))
+            candidate = None
+            if record and not stopped[position]:
+                parameters = list(side.implementation.model.parameters())
+                candidate = FlatWeights.of(layout, parameters, reuse=spent[position])
+                spent[position] = candidate
+            weights.append(candidate)
+        reference_loss, losses = (
+            agree_on_losses(step, trained.loss, losses)
+            if agree_on_losses is not None
+            else (trained.loss, losses)
+        )
+        if not record:
+            continue
+        reference_trace = step_trace(layout, after, step=step, loss=reference_loss)
+        for position, (result, candidate) in enumerate(zip(results, weights, strict=True)):
+            if candidate is None:
+                continue
+            result.reference.steps.append(reference_trace)
+            candidate_loss = losses[position]
+            comparison = StepComparison(
+                step=step,
+                reference_loss=reference_loss,
+                candidate_loss=reference_loss if candidate_loss is None else candidate_loss,
+                reference_global_logm=after.global_logm,
+                candidate_global_logm=candidate.global_logm,
+                previous_global_logm=previous.global_logm,
+                parameters=compare_weights(layout, previous, after, candidate),
+            )
+            result.comparisons.append(comparison)
+            stopped[position] = comparison.non_finite
+    return results if record else []
+
+
+def _new_run(workload: Workload, candidate: str, model: nn.Module) -> CoSimulation:
+    return CoSimulation(
+        workload=workload.name,
+        candidate=candidate,
+        seed=workload.seed,
+        steps=workload.steps,
+        dtype=str(workload.dtype).removeprefix("torch."),
+        device=workload.device,
+        reference=Trace(label="reference"),
+        module_types=module_types(model),
+    )
+
+
+def reference_recipe(candidate: Candidate) -> Candidate:
+    """The reference's counterpart of ``candidate``: an exchanging candidate is compared with an
+    exact mean exchange over the same virtual workers, so batch-norm statistics and summation
+    match."""
+    if candidate.workers == 1:
+        return REFERENCE
+    return Candidate(name="reference", exchange=mean_exchange, workers=candidate.workers)
+
+
+@dataclass
+class StepStart:
+    """Both sides built and the reference trained up to just before ``step``: where a replay or
+    a diagnostic of that step begins."""
+
+    reference: Implementation
+    side: CandidateSide
+    batch: Batch
+    state: TrainingState
+
+
+def start_of_step(workload: Workload, candidate: Candidate, step: int) -> StepStart:
+    """Build the reference and ``candidate``'s side, and train the reference to ``step`` - 1."""
+    reference = Implementation.build(workload, reference_recipe(candidate))
+    side = CandidateSide.build(workload, reference, candidate)
+    batches = workload.make_batches()
+    for index in range(step - 1):
+        reference.train_step(batches[index], index + 1)
+    return StepStart(reference, side, batches[step - 1], TrainingState.capture(reference))
+
+
+def check_same_parameters(reference: nn.Module, candidate: nn.Module, name: str) -> None:
+    """A co-simulated candidate compares weights by position: its names and shapes must be the
+    reference's."""
+    expected = [(n, tuple(p.shape)) for n, p in reference.named_parameters()]
+    actual = [(n, tuple(p.shape)) for n, p in candidate.named_parameters()]
+    if expected != actual:
+        missing = sorted(set(expected) - set(actual))[:5]
+        extra = sorted(set(actual) - set(expected))[:5]
+        raise ValueError(
+            f"candidate {name!r}: its model_transform changed the parameters (missing "
+            f"{missing}, unexpected {extra}); a co-simulated candidate must keep the reference's "
+            "parameter names and shapes"
+        )
+
+
+def module_types(model: nn.Module) -> dict[str, str]:
+    """Parameter name -> class name of the module that owns it, for reports ("Conv2d")."""
+    owners = dict(model.named_modules())
+    return {
+        name: type(owners.get(name.rpartition(".")[0], model)).__name__
+        for name, _ in model.named_parameters()
+    }
+
+
+def parameter_layout(model: nn.Module) -> ParameterLayout:
+    named = list(model.named_parameters())
+    return ParameterLayout([n for n, _ in named], [p for _, p in named])
+
+
+def require_finite(
+    layout: ParameterLayout, weights: FlatWeights, model: nn.Module, step: int
+) -> None:
+    """The reference itself diverging is a broken workload, not a verdict on a candidate."""
+    for finite, (name, parameter) in zip(weights.finite, model.named_parameters(), strict=True):
+        if not finite:
+            values = parameter.detach()
+            raise NonFiniteWeightError(
+                f"{name} (reference)",
+                nan_count=int(torch.isnan(values).sum()),
+                inf_count=int(torch.isinf(values).sum()),
+                step=step,
+            )
+
+
+def _cuda_initialized() -> bool:
+    return bool(torch.cuda.is_initialized())  # type: ignore[no-untyped-call]
+
+
+def _clone_or_zeros(parameter: torch.Tensor) -> torch.Tensor:
+    grad = parameter.grad
+    return grad.detach().clone() if grad is not None else torch.zeros_like(parameter)
