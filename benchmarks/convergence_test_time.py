@@ -24,7 +24,8 @@ import torch
 
 from pytest_convergence import zoo
 from pytest_convergence.candidates import Candidate
-from pytest_convergence.checks import CheckOptions, ConvergenceChecker
+from pytest_convergence.checks import ConvergenceChecker
+from pytest_convergence.config import ConvergenceConfig
 from pytest_convergence.workloads import get_workload, workload_names
 
 TARGET_SECONDS = 5.0
@@ -53,11 +54,11 @@ def main() -> int:
         for name in args.workloads:
             candidate = passing_candidate(name)
             start = time.perf_counter()
-            ConvergenceChecker(CheckOptions(Path(folder), record=True)).check(candidate, name)
+            ConvergenceChecker(ConvergenceConfig(Path(folder), record=True)).check(candidate, name)
             record = time.perf_counter() - start
             timings = []
             for _ in range(args.repeats):
-                checker = ConvergenceChecker(CheckOptions(Path(folder)))
+                checker = ConvergenceChecker(ConvergenceConfig(Path(folder)))
                 start = time.perf_counter()
                 checker.check(candidate, name)
                 timings.append(time.perf_counter() - start)

@@ -44,8 +44,8 @@ QUICK_WORKLOADS = ("lenet5", "mlp")
 
 
 def _register_zoo() -> None:
-    """The zoo registers itself on import before commit 4 of the engine restructure, through
-    ``register()`` since: the script runs on both, to compare them."""
+    """The zoo registered itself on import before commit 5dfe9f4 and through ``register()``
+    since: the script runs on both, to compare them."""
     register = getattr(zoo, "register", None)
     if register is not None:
         register()

@@ -1,7 +1,10 @@
 """One convergence check, end to end: baseline, co-simulation, verdict, report.
 
 Plain Python, no pytest: the plugin's ``convergence`` fixture, a notebook or a script call
-:meth:`ConvergenceChecker.check` the same way.
+:meth:`ConvergenceChecker.check` the same way. Every way of producing a co-simulation (one
+process, DDP) goes through the same :class:`CheckRequest` and :meth:`ConvergenceChecker.run`,
+whose failure path reads top to bottom: judge, replay the first failing step, write the report
+folder, format the message, raise.
 """
 
 from __future__ import annotations
@@ -10,11 +13,11 @@ import datetime
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from pytest_convergence._version import __version__
-from pytest_convergence.assertions import ConvergenceError, assert_within_region
 from pytest_convergence.baselines import (
     Baseline,
     Provenance,
@@ -24,39 +27,38 @@ from pytest_convergence.baselines import (
     record_baseline,
 )
 from pytest_convergence.candidates import Candidate, get_candidate
+from pytest_convergence.config import RECORD_COMMAND, RUN_COMMAND, ConvergenceConfig
 from pytest_convergence.cosim import cosimulate
-from pytest_convergence.regions import DEFAULT_TOLERANCE, Region, Verdict, calibrate
+from pytest_convergence.errors import ConvergenceError, MissingBaselineError
+from pytest_convergence.regions import DEFAULT_TOLERANCE, Region, Verdict, calibrate, judge
 from pytest_convergence.replay import ReplayFinding, replay_step
-from pytest_convergence.report import FailureContext, write_report
+from pytest_convergence.report import SUMMARY_PREFIX, FailureContext, format_failure
+from pytest_convergence.report_folder import write_report
 from pytest_convergence.traces import CoSimulation
 from pytest_convergence.workloads import Workload, get_workload
 
+_T = TypeVar("_T")
+
 __all__ = [
     "BoundCheck",
-    "CheckOptions",
+    "CheckRequest",
     "CheckResult",
     "ConvergenceChecker",
     "MissingBaselineError",
 ]
 
 
-class MissingBaselineError(AssertionError):
-    """No baseline recorded for this check: a test failure that says how to create one."""
-
-
 @dataclass(frozen=True)
-class CheckOptions:
-    """Session-wide settings a check needs; the plugin fills it from options and ini."""
+class CheckRequest:
+    """What one check judges: a candidate on a workload with its overrides, against the
+    baseline at ``baseline`` (``known_good``: the candidate its region is calibrated against,
+    for provenance); ``label`` names the test in commands and report folders."""
 
-    baselines_dir: Path
-    seed: int | None = None
-    device: str | None = None
-    record: bool = False
-    report_dir: Path | None = None
-    always_report: bool = False
-    mismatch_policy: str = "warn"
-    reproduce: str = "pytest --convergence"
-    rerecord: str = "pytest --convergence --convergence-record"
+    workload: Workload
+    candidate: str
+    baseline: Path
+    known_good: str | None = None
+    label: str | None = None
 
 
 @dataclass
@@ -78,7 +80,7 @@ class ConvergenceChecker:
     """Runs checks and caches calibrated regions for the session (one calibration per
     workload and known-good candidate, however many tests share it)."""
 
-    options: CheckOptions
+    config: ConvergenceConfig
     results: list[CheckResult] = field(default_factory=list)
     # Re-recorded baselines and what changed, for the terminal summary.
     changes: dict[Path, list[str]] = field(default_factory=dict)
@@ -106,133 +108,120 @@ class ConvergenceChecker:
         relative precision a reference-perturbation region accepts, used when recording.
         """
         __tracebackhide__ = True
-        resolved = self.resolve(workload, steps=steps, seed=seed, dtype=dtype, device=device)
-        if baseline is not None:
-            path = self.options.baselines_dir / baseline
-        else:
-            path = self.baseline_for(resolved, known_good.name if known_good else None)
-        return self.judge_run(
-            resolved,
-            candidate.name,
-            path,
+        request = self.request(
+            workload,
+            candidate=candidate.name,
+            steps=steps,
+            seed=seed,
+            dtype=dtype,
+            device=device,
+            baseline=baseline,
+            known_good=known_good.name if known_good else None,
+            label=label,
+        )
+        resolved = request.workload
+        return self.run(
+            request,
             run=lambda: cosimulate(resolved, candidate),
             calibrate_region=lambda: calibrate(resolved, candidate=known_good, tolerance=tolerance),
             replay=lambda step: replay_step(resolved, candidate, step),
-            known_good=known_good.name if known_good else None,
-            label=label,
             report_candidate=candidate,
         )
 
-    def judge_run(
+    def request(
         self,
-        workload: Workload,
+        workload: str | Workload,
+        *,
         candidate: str,
-        path: Path,
+        steps: int | None = None,
+        seed: int | None = None,
+        dtype: str | None = None,
+        device: str | None = None,
+        baseline: str | None = None,
+        known_good: str | None = None,
+        label: str | None = None,
+    ) -> CheckRequest:
+        """The check of ``candidate`` on ``workload`` with this check's overrides and the
+        session's seed and device; ``baseline``: a file name in the baselines folder, else
+        ``<workload>[-<device type>][--<known good>].json``."""
+        base = get_workload(workload) if isinstance(workload, str) else workload
+        resolved = base.with_options(
+            steps=steps,
+            seed=seed if seed is not None else self.config.seed,
+            dtype=_parse_dtype(dtype) if dtype is not None else None,
+            device=device if device is not None else self.config.device,
+        )
+        if baseline is not None:
+            path = self.config.baselines_dir / baseline
+        else:
+            path = self.baseline_for(resolved, known_good)
+        return CheckRequest(resolved, candidate, path, known_good, label)
+
+    def run(
+        self,
+        request: CheckRequest,
         *,
         run: Callable[[], CoSimulation],
         calibrate_region: Callable[[], Region],
         replay: Callable[[int], ReplayFinding] | None = None,
-        known_good: str | None = None,
-        label: str | None = None,
         report_candidate: Candidate | None = None,
     ) -> CheckResult:
-        """The part of a check shared by every way of producing a co-simulation (one process,
-        DDP): load or record the baseline at ``path`` (``known_good``: the candidate its region
-        is calibrated against, for provenance), run, judge, report, keep the result.
+        """Load (or, when recording, calibrate and write) the request's baseline, run the
+        co-simulation, judge it, keep the result; on failure replay the first failing step,
+        write the report folder, and raise :class:`ConvergenceError` with the message.
 
-        ``report_candidate``: the candidate, re-run on ``workload`` for the report folder's
+        ``report_candidate``: the candidate, re-run on the workload for the report folder's
         loss-landscape and norm plots; None where it cannot run in this process (a DDP hook),
         and the folder has the trace and LoGM plot only."""
         __tracebackhide__ = True
-        if self.options.record:
-            stored = self._record(workload, path, known_good, calibrate_region)
+        workload = request.workload
+        if self.config.record:
+            stored = self._record(request, calibrate_region)
         else:
-            stored = self._load(workload, path, label)
+            stored = self._load(request)
         simulation = run()
         result = CheckResult(
             workload=workload.name,
-            candidate=candidate,
+            candidate=request.candidate,
             steps=workload.steps,
             verdict="passed",
             worst_ratio=0.0,
-            baseline=str(path),
-            recorded=self.options.record,
+            baseline=str(request.baseline),
+            recorded=self.config.record,
         )
         self.results.append(result)
-        # assert_within_region writes the report before it formats the message, which lists
-        # the files written.
-        written: list[Path] = []
-        context = self._context(path, stored, label, written)
-
-        def on_failure(failed: Verdict) -> None:
-            written.extend(
-                self._write_report(
-                    simulation,
-                    stored.region,
-                    failed,
-                    label,
-                    workload=workload,
-                    candidate=report_candidate,
-                )
-            )
-
-        try:
-            verdict = assert_within_region(
-                simulation, stored.region, context, replay=replay, on_failure=on_failure
-            )
-        except ConvergenceError as error:
-            result.verdict = "failed"
-            result.worst_ratio = error.verdict.worst_ratio
-            first = error.verdict.first_violation
-            if first is not None:
-                result.first_violation = f"step {first.step} {first.parameter}: {first.check}"
-            raise
+        verdict = judge(simulation, stored.region)
         result.worst_ratio = verdict.worst_ratio
-        if self.options.always_report:
-            self._write_report(
-                simulation,
-                stored.region,
-                verdict,
-                label,
-                workload=workload,
-                candidate=report_candidate,
-            )
-        return result
-
-    def resolve(
-        self,
-        workload: str | Workload,
-        *,
-        steps: int | None,
-        seed: int | None,
-        dtype: str | None,
-        device: str | None,
-    ) -> Workload:
-        """The workload with this check's overrides and the session's seed and device."""
-        base = get_workload(workload) if isinstance(workload, str) else workload
-        torch_dtype = _parse_dtype(dtype) if dtype is not None else None
-        return base.with_options(
-            steps=steps,
-            seed=seed if seed is not None else self.options.seed,
-            dtype=torch_dtype,
-            device=device if device is not None else self.options.device,
-        )
+        first = verdict.first_violation
+        if first is None:
+            if self.config.always_report:
+                self._write_report(request, simulation, stored.region, verdict, report_candidate)
+            return result
+        result.verdict = "failed"
+        result.first_violation = f"step {first.step} {first.parameter}: {first.check}"
+        finding = replay(first.step) if replay is not None else None
+        written = self._write_report(request, simulation, stored.region, verdict, report_candidate)
+        context = self._context(request, stored, written)
+        message = format_failure(simulation, verdict, stored.region, context, finding)
+        raise ConvergenceError(message, run=simulation, verdict=verdict)
 
     def baseline_for(self, workload: Workload, known_good: str | None = None) -> Path:
         """``<workload>[-<device type>][--<known good>].json`` in the baselines folder."""
         # Regions are per device type: GPU kernels (TF32, cuDNN algorithms) are another regime.
         device_type = torch.device(workload.device).type
         name = workload.name if device_type == "cpu" else f"{workload.name}-{device_type}"
-        return baseline_path(self.options.baselines_dir, name, known_good)
+        return baseline_path(self.config.baselines_dir, name, known_good)
 
-    def _load(self, workload: Workload, path: Path, label: str | None) -> Baseline:
+    def _load(self, request: CheckRequest) -> Baseline:
         __tracebackhide__ = True
+        path, workload = request.baseline, request.workload
         if path in self._recorded:
             return self._recorded[path]
         if not path.exists():
             raise MissingBaselineError(
                 f"no baseline for workload {workload.name!r}: {path} does not exist.\n"
-                f"Create it:  {self._rerecord(label)}  (then review and commit {path.name})"
+                f"Create it:  {_command(RECORD_COMMAND, request.label)}  "
+                f"(then review and commit {path.name})"
             )
         stored = load_baseline(path)
         check_compatibility(
@@ -240,29 +229,24 @@ class ConvergenceChecker:
             torch_version=torch.__version__,
             dtype=_dtype_name(workload.dtype),
             device=workload.device,
-            policy=self.options.mismatch_policy,
+            policy=self.config.mismatch_policy,
         )
         if stored.region.calibration.steps < workload.steps:
             raise ValueError(
                 f"{path}: calibrated for {stored.region.calibration.steps} steps, this check runs "
-                f"{workload.steps}; re-record it: {self._rerecord(label)}"
+                f"{workload.steps}; re-record it: {_command(RECORD_COMMAND, request.label)}"
             )
         return stored
 
-    def _record(
-        self,
-        workload: Workload,
-        path: Path,
-        known_good: str | None,
-        calibrate_region: Callable[[], Region],
-    ) -> Baseline:
+    def _record(self, request: CheckRequest, calibrate_region: Callable[[], Region]) -> Baseline:
         """Calibrate and write once per baseline file per process, however many tests share it."""
+        path, workload = request.baseline, request.workload
         if path in self._recorded:
             return self._recorded[path]
         region = calibrate_region()
         provenance = Provenance(
             workload=workload.name,
-            candidate=known_good,
+            candidate=request.known_good,
             dtype=_dtype_name(workload.dtype),
             device=workload.device,
             torch_version=torch.__version__,
@@ -279,7 +263,7 @@ class ConvergenceChecker:
         return stored
 
     def _context(
-        self, path: Path, stored: Baseline, label: str | None, report_files: list[Path]
+        self, request: CheckRequest, stored: Baseline, report_files: list[Path]
     ) -> FailureContext:
         calibration = stored.region.calibration
         provenance = stored.provenance
@@ -291,38 +275,29 @@ class ConvergenceChecker:
             f"pytest-convergence {provenance.plugin_version}"
         )
         return FailureContext(
-            baseline_path=path,
+            baseline_path=request.baseline,
             provenance=summary,
-            reproduce=self._reproduce(label),
-            rerecord=self._rerecord(label),
-            report_dir=self._report_folder(label),
+            reproduce=_command(RUN_COMMAND, request.label),
+            rerecord=_command(RECORD_COMMAND, request.label),
+            report_dir=self._report_folder(request.label),
             report_files=report_files,
         )
 
-    def _reproduce(self, label: str | None) -> str:
-        return f"{self.options.reproduce} {label}" if label else self.options.reproduce
-
-    def _rerecord(self, label: str | None) -> str:
-        return f"{self.options.rerecord} {label}" if label else self.options.rerecord
-
     def _report_folder(self, label: str | None) -> Path | None:
-        if self.options.report_dir is None:
+        if self.config.report_dir is None:
             return None
-        name = _safe_name(label or "check")
-        return self.options.report_dir / name
+        return self.config.report_dir / _safe_name(label or "check")
 
     def _write_report(
         self,
+        request: CheckRequest,
         run: CoSimulation,
         region: Region,
         verdict: Verdict,
-        label: str | None,
-        *,
-        workload: Workload,
         candidate: Candidate | None,
     ) -> list[Path]:
         """The report folder's files, if reports are on; diagnostics need the ``candidate``."""
-        folder = self._report_folder(label)
+        folder = self._report_folder(request.label)
         if folder is None:
             return []
         return write_report(
@@ -330,9 +305,13 @@ class ConvergenceChecker:
             region,
             verdict,
             folder,
-            workload=workload if candidate is not None else None,
+            workload=request.workload if candidate is not None else None,
             candidate=candidate,
         )
+
+
+def _command(command: str, label: str | None) -> str:
+    return f"{command} {label}" if label else command
 
 
 def _plural(count: int) -> str:
@@ -394,32 +373,80 @@ class BoundCheck:
         resolved_candidate = get_candidate(chosen) if isinstance(chosen, str) else chosen
         if not isinstance(resolved_candidate, Candidate):
             raise TypeError(f"candidate must be a Candidate or a name, not {chosen!r}")
-        chosen_workload = workload if workload is not None else self.defaults.get("workload")
-        if not isinstance(chosen_workload, str | Workload):
+        region_candidate = resolved_candidate if own_region else known_good
+        request = self.request(
+            resolved_candidate.name,
+            workload=workload,
+            steps=steps,
+            seed=seed,
+            dtype=dtype,
+            baseline=baseline,
+            known_good=region_candidate.name if region_candidate else None,
+        )
+        resolved = request.workload
+        return self.run(
+            request,
+            run=lambda: cosimulate(resolved, resolved_candidate),
+            calibrate_region=lambda: calibrate(
+                resolved, candidate=region_candidate, tolerance=tolerance
+            ),
+            replay=lambda step: replay_step(resolved, resolved_candidate, step),
+            report_candidate=resolved_candidate,
+        )
+
+    def request(
+        self,
+        candidate: str,
+        *,
+        workload: str | Workload | None = None,
+        steps: int | None = None,
+        seed: int | None = None,
+        dtype: str | None = None,
+        baseline: str | None = None,
+        known_good: str | None = None,
+    ) -> CheckRequest:
+        """The checker's request for this test: the arguments given, else the marker's."""
+        chosen = workload if workload is not None else self.defaults.get("workload")
+        if not isinstance(chosen, str | Workload):
             raise ValueError(
                 "convergence.check() needs a workload: pass workload=..., or set "
                 "@pytest.mark.convergence(workload=...)"
             )
+        return self.checker.request(
+            chosen,
+            candidate=candidate,
+            steps=steps if steps is not None else self._marker("steps", int),
+            seed=seed if seed is not None else self._marker("seed", int),
+            dtype=dtype if dtype is not None else self._marker("dtype", str),
+            device=self._marker("device", str),
+            baseline=baseline if baseline is not None else self._marker("baseline", str),
+            known_good=known_good,
+            label=self.label,
+        )
+
+    def run(
+        self,
+        request: CheckRequest,
+        *,
+        run: Callable[[], CoSimulation],
+        calibrate_region: Callable[[], Region],
+        replay: Callable[[int], ReplayFinding] | None = None,
+        report_candidate: Candidate | None = None,
+    ) -> CheckResult:
+        """:meth:`ConvergenceChecker.run`, the check's figures then attached to the test."""
+        __tracebackhide__ = True
         checks_before = len(self.checker.results)
         try:
-            result = self.checker.check(
-                resolved_candidate,
-                chosen_workload,
-                steps=steps if steps is not None else _int_or_none(self.defaults.get("steps")),
-                seed=seed if seed is not None else _int_or_none(self.defaults.get("seed")),
-                dtype=dtype if dtype is not None else _str_or_none(self.defaults.get("dtype")),
-                device=_str_or_none(self.defaults.get("device")),
-                baseline=baseline
-                if baseline is not None
-                else _str_or_none(self.defaults.get("baseline")),
-                known_good=resolved_candidate if own_region else known_good,
-                tolerance=tolerance,
-                label=self.label,
+            return self.checker.run(
+                request,
+                run=run,
+                calibrate_region=calibrate_region,
+                replay=replay,
+                report_candidate=report_candidate,
             )
         finally:
             if len(self.checker.results) > checks_before:
                 self.record(self.checker.results[-1])
-        return result
 
     def record(self, result: CheckResult) -> None:
         """Attach a check's figures to the test (JUnit XML, the terminal summary)."""
@@ -432,12 +459,9 @@ class BoundCheck:
             ("baseline", result.baseline),
             ("first_violation", result.first_violation),
         ):
-            self.record_property(f"convergence_{key}", value)
+            self.record_property(f"{SUMMARY_PREFIX}{key}", value)
 
-
-def _int_or_none(value: object) -> int | None:
-    return value if isinstance(value, int) else None
-
-
-def _str_or_none(value: object) -> str | None:
-    return value if isinstance(value, str) else None
+    def _marker(self, key: str, kind: type[_T]) -> _T | None:
+        """A marker argument of the expected type, or None (the checker's default applies)."""
+        value = self.defaults.get(key)
+        return value if isinstance(value, kind) and not isinstance(value, bool) else None

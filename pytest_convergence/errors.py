@@ -6,7 +6,11 @@ usage error without importing torch.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pytest_convergence.regions import Verdict
+    from pytest_convergence.traces import CoSimulation
 
 
 class NonFiniteWeightError(ValueError):
@@ -85,3 +89,20 @@ class DistributedWorkerWarning(UserWarning):
     The text names the ranks, the original category and where it was raised; filter this
     category with a message pattern to accept a specific one.
     """
+
+
+class ConvergenceError(AssertionError):
+    """The candidate left the divergence region; the message says where and by how much.
+
+    ``run`` is the co-simulation and ``verdict`` its judgement, for callers that act on them
+    (a summary row, a notebook that plots the trace).
+    """
+
+    def __init__(self, message: str, *, run: CoSimulation, verdict: Verdict) -> None:
+        super().__init__(message)
+        self.run = run
+        self.verdict = verdict
+
+
+class MissingBaselineError(AssertionError):
+    """No baseline recorded for this check: a test failure that says how to create one."""

@@ -7,20 +7,16 @@ so ``pytest --help`` stays fast in projects that have the plugin installed.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
 from pytest_convergence._version import __version__
-from pytest_convergence.settings import (
+from pytest_convergence.config import (
     ENABLE_HINT,
     MARKER_ARGUMENTS,
-    MISMATCH_POLICIES,
     REPORT_MODES,
-    ConvergenceSettings,
-    parse_device,
-    resolve_threads,
+    ConvergenceConfig,
     validate_marker_arguments,
 )
 
@@ -30,10 +26,27 @@ if TYPE_CHECKING:
 MARKER = "convergence"
 # pytest_convergence.zoo.SOURCE, without importing the zoo (and torch) here.
 ZOO_SOURCE = "pytest_convergence.zoo:register"
-SUMMARY_PREFIX = "convergence_"
-settings_key = pytest.StashKey[ConvergenceSettings]()
+config_key = pytest.StashKey[ConvergenceConfig]()
 checker_key = pytest.StashKey["ConvergenceChecker"]()
-summary_key = pytest.StashKey[list[dict[str, object]]]()
+_OPTION_NAMES = (
+    "convergence",
+    "convergence_seed",
+    "convergence_device",
+    "convergence_baselines",
+    "convergence_threads",
+    "convergence_record",
+    "convergence_report",
+    "convergence_report_dir",
+)
+_INI_NAMES = (
+    "convergence_enabled",
+    "convergence_seed",
+    "convergence_device",
+    "convergence_baselines",
+    "convergence_threads",
+    "convergence_report_dir",
+    "convergence_baseline_mismatch",
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -116,123 +129,66 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    """Register the marker, read the run's configuration once, and add the summary."""
     arguments = ", ".join(f"{name}=..." for name in MARKER_ARGUMENTS)
     config.addinivalue_line(
         "markers",
         f"{MARKER}({arguments}): a convergence check, run only with --convergence.",
     )
-    config.stash[settings_key] = _read_settings(config)
+    config.stash[config_key] = _read_config(config)
     config.pluginmanager.register(ConvergenceSummary(config), "convergence-summary")
 
 
-def _read_settings(config: pytest.Config) -> ConvergenceSettings:
-    enabled = config.getoption("convergence")
-    seed = config.getoption("convergence_seed")
-    if seed is None:
-        seed = _ini_int(config, "convergence_seed")
-    device = config.getoption("convergence_device") or str(config.getini("convergence_device"))
-    baselines = config.getoption("convergence_baselines") or str(
-        config.getini("convergence_baselines")
-    )
+def _read_config(config: pytest.Config) -> ConvergenceConfig:
+    options = {name: config.getoption(name) for name in _OPTION_NAMES}
+    ini = {name: config.getini(name) for name in _INI_NAMES}
     try:
-        device = parse_device(device)
-    except ValueError as error:
-        raise pytest.UsageError(str(error)) from None
-    policy = str(config.getini("convergence_baseline_mismatch")).strip()
-    if policy not in MISMATCH_POLICIES:
-        raise pytest.UsageError(
-            f"ini option convergence_baseline_mismatch = {policy!r}: use one of "
-            f"{', '.join(MISMATCH_POLICIES)}"
-        )
-    report_dir = _report_dir(config)
-    threads_text = config.getoption("convergence_threads") or str(
-        config.getini("convergence_threads")
-    )
-    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
-    try:
-        threads = resolve_threads(
-            threads_text,
+        return ConvergenceConfig.from_pytest(
+            options,
+            ini,
+            rootdir=config.rootpath,
+            environ=os.environ,
             cpu_count=len(os.sched_getaffinity(0))
             if hasattr(os, "sched_getaffinity")
             else (os.cpu_count() or 1),
-            workers=int(workers) if workers else None,
         )
     except ValueError as error:
         raise pytest.UsageError(str(error)) from None
-    return ConvergenceSettings(
-        enabled=bool(enabled if enabled is not None else config.getini("convergence_enabled")),
-        seed=seed,
-        device=device,
-        baselines_dir=Path(config.rootpath, baselines).resolve(),
-        record=bool(config.getoption("convergence_record")),
-        report_dir=report_dir,
-        always_report=config.getoption("convergence_report") == "always",
-        mismatch_policy=policy,
-        threads=threads,
-    )
-
-
-def _report_dir(config: pytest.Config) -> Path | None:
-    """Report folders are written on failure, except in CI (``CI`` set) unless asked for."""
-    explicit = config.getoption("convergence_report_dir")
-    asked = explicit is not None or config.getoption("convergence_report") == "always"
-    if os.environ.get("CI") and not asked:
-        return None
-    folder = explicit or str(config.getini("convergence_report_dir"))
-    return Path(config.rootpath, folder).resolve()
-
-
-def _ini_int(config: pytest.Config, name: str) -> int:
-    text = str(config.getini(name))
-    try:
-        return int(text)
-    except ValueError:
-        raise pytest.UsageError(f"ini option {name} = {text!r} is not an integer") from None
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    settings = config.stash[settings_key]
+    """Say what reproduces the run (versions, device, threads, seed, baselines)."""
+    settings = config.stash[config_key]
     if not settings.enabled:
         return [f"convergence: pytest-convergence {__version__}, disabled ({ENABLE_HINT})"]
-    from pytest_convergence.environment import current_environment
+    from pytest_convergence import session
 
-    environment = current_environment(settings.device, settings.seed)
-    lines = [f"convergence: {environment.header()}, baselines {settings.baselines_dir}"]
-    if settings.record:
-        lines.append(f"convergence: recording baselines into {settings.baselines_dir}")
-    return lines
+    return session.header_lines(settings)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    settings = session.config.stash[settings_key]
+    """Set the process up for checks (zoo, threads, device) when convergence tests run."""
+    settings = session.config.stash[config_key]
     if settings.enabled:
-        from pytest_convergence.workloads import add_workload_source
+        from pytest_convergence import session as convergence_session
 
-        add_workload_source(ZOO_SOURCE)
-    if settings.enabled and settings.threads is not None:
-        import torch
-
-        torch.set_num_threads(settings.threads)
-    if settings.enabled and settings.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise pytest.UsageError(
-                f"--convergence-device={settings.device} but torch.cuda.is_available() is False "
-                f"(torch {torch.__version__})"
-            )
+        try:
+            convergence_session.start(settings)
+        except ValueError as error:
+            raise pytest.UsageError(str(error)) from None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    settings = config.stash[settings_key]
+    """Refuse bad marker arguments, naming the test; skip convergence tests unless enabled."""
     skip = pytest.mark.skip(reason=f"convergence test: {ENABLE_HINT}")
+    enabled = config.stash[config_key].enabled
     for item in items:
         for marker in item.iter_markers(MARKER):
             try:
                 validate_marker_arguments(marker.args, marker.kwargs)
             except ValueError as error:
                 raise pytest.UsageError(f"{item.nodeid}: {error}") from None
-        if not settings.enabled and item.get_closest_marker(MARKER) is not None:
+        if not enabled and item.get_closest_marker(MARKER) is not None:
             item.add_marker(skip)
 
 
@@ -242,16 +198,16 @@ def convergence(request: pytest.FixtureRequest) -> BoundCheck:
 
     ``convergence.check(candidate)``; the test's marker arguments are the defaults.
     """
+    from pytest_convergence import session
     from pytest_convergence.checks import BoundCheck
 
     marker = request.node.get_closest_marker(MARKER)
     defaults = dict(marker.kwargs) if marker is not None else {}
-    device = str(defaults.get("device") or request.config.stash[settings_key].device)
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            pytest.skip(f"needs CUDA (device={device!r}); torch.cuda.is_available() is False")
+    missing = session.cuda_missing(
+        str(defaults.get("device") or request.config.stash[config_key].device)
+    )
+    if missing is not None:
+        pytest.skip(missing)
     return BoundCheck(
         checker=_checker(request.config),
         defaults=defaults,
@@ -263,21 +219,9 @@ def convergence(request: pytest.FixtureRequest) -> BoundCheck:
 def _checker(config: pytest.Config) -> ConvergenceChecker:
     """One checker per process, so calibrations are shared by the tests that need them."""
     if checker_key not in config.stash:
-        from pytest_convergence.checks import CheckOptions, ConvergenceChecker
+        from pytest_convergence.checks import ConvergenceChecker
 
-        settings = config.stash[settings_key]
-        options = CheckOptions(
-            baselines_dir=settings.baselines_dir,
-            seed=settings.seed,
-            device=settings.device,
-            record=settings.record,
-            report_dir=settings.report_dir,
-            always_report=settings.always_report,
-            mismatch_policy=settings.mismatch_policy,
-            reproduce="pytest --convergence",
-            rerecord="pytest --convergence --convergence-record",
-        )
-        config.stash[checker_key] = ConvergenceChecker(options)
+        config.stash[checker_key] = ConvergenceChecker(config.stash[config_key])
     return config.stash[checker_key]
 
 
@@ -290,28 +234,23 @@ class ConvergenceSummary:
         self.rows: list[dict[str, object]] = []
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Keep the figures of a test's checks (they travel as user properties)."""
         if report.when != "call":
             return
-        row: dict[str, object] = {
-            key.removeprefix(SUMMARY_PREFIX): value
-            for key, value in report.user_properties
-            if key.startswith(SUMMARY_PREFIX)
-        }
+        from pytest_convergence.report import summary_row
+
+        row = summary_row(report.user_properties, report.nodeid)
         if row:
-            row["nodeid"] = report.nodeid
             self.rows.append(row)
 
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
-        from pytest_convergence.summary import summary_lines
-
+        """Print every check, worst first, and what re-recording changed."""
         checker = self.config.stash.get(checker_key, None)
         changes = checker.changes if checker is not None else {}
         if not self.rows and not changes:
             return
+        from pytest_convergence.report import summary_section
+
         terminalreporter.section("convergence")
-        for line in summary_lines(self.rows):
+        for line in summary_section(self.rows, changes):
             terminalreporter.write_line(line)
-        for path, lines in changes.items():
-            terminalreporter.write_line(f"re-recorded {path}:")
-            for line in lines:
-                terminalreporter.write_line(f"  {line}")

@@ -1,33 +1,40 @@
-"""Failure messages and report folders: the verdict first, each number beside its limit.
+"""Failure messages and the terminal summary: text only, the verdict first, each number beside
+its limit.
 
 The message answers, in order: did the candidate leave the region; where first (step,
 parameter, module); by how much; how widespread; what the region tolerates; what to run next.
-The report folder keeps the JSON trace and a plot for a reviewer who was not at the terminal,
-and, where the candidate can be re-run in this process, the loss-landscape slice and norm
-evolution of :mod:`diagnostics`.
+The summary lists every check of a session, worst first. Writing a report folder is
+:mod:`pytest_convergence.report_folder`'s.
 """
 
 from __future__ import annotations
 
 import math
-import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pytest_convergence.candidates import Candidate
-from pytest_convergence.regions import Region, Verdict, Violation
-from pytest_convergence.replay import ReplayFinding
-from pytest_convergence.traces import CoSimulation, ParameterComparison
-from pytest_convergence.workloads import Workload
+if TYPE_CHECKING:
+    from pytest_convergence.regions import Region, Verdict, Violation
+    from pytest_convergence.replay import ReplayFinding
+    from pytest_convergence.traces import CoSimulation, ParameterComparison
 
-__all__ = ["FailureContext", "format_failure", "write_report"]
+__all__ = [
+    "NOTES_FILE",
+    "SUMMARY_PREFIX",
+    "FailureContext",
+    "format_failure",
+    "summary_lines",
+    "summary_row",
+    "summary_section",
+]
 
 TABLE_ROWS = 10
+# The prefix of a check's figures among a test's user properties (JUnit XML, the summary).
+SUMMARY_PREFIX = "convergence_"
+# A report folder's note of the diagnostics that could not be computed.
 NOTES_FILE = "notes.txt"
-# Written by a diagnostic, or in its place: removed before a report is (re)written into a
-# folder, so a file left by an earlier run never sits beside a newer trace.
-DIAGNOSTIC_FILES = ("landscape.png", "landscape.json", "norms.png", "norms.json", NOTES_FILE)
 
 
 @dataclass(frozen=True)
@@ -167,136 +174,47 @@ def _logm_text(value: float | None) -> str:
     return "-" if value is None else f"{value:.5f}"
 
 
-def write_report(
-    run: CoSimulation,
-    region: Region | None,
-    verdict: Verdict | None,
-    folder: Path,
-    *,
-    workload: Workload | None = None,
-    candidate: Candidate | None = None,
-) -> list[Path]:
-    """Trace as JSON and a plot of per-step LoGM with the region band; returns the files.
-
-    Given the ``workload`` and ``candidate`` that produced ``run``, also the loss-landscape
-    slice at the first failing step (the worst step of a passing run) and the per-layer norm
-    evolution, each as a PNG and its JSON. A diagnostic that cannot be computed (a candidate
-    whose weights are NaN at that step, say) leaves its reason in ``notes.txt`` instead: a report
-    is never lost to a diagnostic.
-    """
-    if (workload is None) != (candidate is None):
-        raise ValueError(
-            "write_report: pass both workload= and candidate= (for the diagnostics) or neither"
-        )
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in DIAGNOSTIC_FILES:
-        (folder / name).unlink(missing_ok=True)
-    written = [run.write(folder / "trace.json")]
-    written.append(_plot_logm(run, region, folder / "logm.png"))
-    if workload is not None and candidate is not None:
-        written += _write_diagnostics(run, verdict, workload, candidate, folder)
-    return written
-
-
-def _write_diagnostics(
-    run: CoSimulation,
-    verdict: Verdict | None,
-    workload: Workload,
-    candidate: Candidate,
-    folder: Path,
-) -> list[Path]:
-    from pytest_convergence import diagnostics
-
-    step = _diagnosed_step(run, verdict)
-    highlight = verdict.first_violation.parameter if verdict and verdict.first_violation else None
-    # Each file is listed as soon as it exists: a plot that fails keeps its JSON listed.
-    written: list[Path] = []
-
-    def landscape() -> None:
-        if step is None:
-            raise ValueError("no step ran, so there is no step to slice")
-        found = diagnostics.loss_landscape_slice(workload, candidate, step)
-        written.append(_write_text(folder / "landscape.json", found.to_json()))
-        written.append(diagnostics.plot_landscape(found, folder / "landscape.png"))
-
-    def norms() -> None:
-        evolution = diagnostics.free_running_norms(run, workload, candidate)
-        written.append(_write_text(folder / "norms.json", evolution.to_json()))
-        written.append(
-            diagnostics.plot_norm_evolution(evolution, folder / "norms.png", highlight=highlight)
-        )
-
-    notes = [
-        note
-        for files, write in (
-            ("landscape.png, landscape.json", landscape),
-            ("norms.png, norms.json", norms),
-        )
-        if (note := _attempt(files, write)) is not None
-    ]
-    if notes:
-        written.append(_write_text(folder / NOTES_FILE, "\n\n".join(notes) + "\n"))
-    return written
-
-
-def _attempt(files: str, write: Callable[[], None]) -> str | None:
-    """Run one diagnostic; on any error, a note with its reason and traceback instead."""
-    try:
-        write()
-    except Exception as error:  # a diagnostic must never cost the verdict its report
-        return f"{files}: not written, {type(error).__name__}: {error}\n\n" + "".join(
-            traceback.format_exception(type(error), error, error.__traceback__)
-        )
-    return None
-
-
-def _write_text(path: Path, text: str) -> Path:
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def _diagnosed_step(run: CoSimulation, verdict: Verdict | None) -> int | None:
-    """The first failing step; for a passing run, the step of its worst check, else the last."""
-    if verdict is not None:
-        worst = verdict.first_violation or verdict.worst
-        if worst is not None:
-            return worst.step
-    return run.comparisons[-1].step if run.comparisons else None
-
-
-def _plot_logm(run: CoSimulation, region: Region | None, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [c.step for c in run.comparisons]
-    reference = [c.reference_global_logm for c in run.comparisons]
-    candidate = [c.candidate_global_logm for c in run.comparisons]
-    previous = [c.previous_global_logm for c in run.comparisons]
-    figure, (trajectory, deltas) = plt.subplots(1, 2, figsize=(11, 4))
-    trajectory.plot(steps, reference, "o-", label="reference")
-    trajectory.plot(steps, candidate, "x--", label=f"candidate {run.candidate}")
-    trajectory.set(
-        xlabel="step", ylabel="global LoGM", title=f"{run.workload}: LoGM after each step"
+def summary_lines(rows: Sequence[dict[str, object]]) -> list[str]:
+    """Workload, candidate, steps, worst ratio to limit and verdict for every check."""
+    header = (
+        f"{'verdict':<9} {'worst/limit':>11}  {'workload':<18} {'candidate':<26} {'steps':>5}  test"
     )
-    trajectory.legend()
-    ref_delta = [_delta(a, b) for a, b in zip(previous, reference, strict=True)]
-    cand_delta = [_delta(a, b) for a, b in zip(previous, candidate, strict=True)]
-    deltas.plot(steps, ref_delta, "o-", label="reference")
-    deltas.plot(steps, cand_delta, "x--", label="candidate")
-    if region is not None:
-        low, high = region.global_logm_delta
-        deltas.axhspan(low, high, color="tab:green", alpha=0.15, label="region (calibration)")
-    deltas.set(xlabel="step", ylabel="LoGM delta per step", title="per-iteration LoGM delta")
-    deltas.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    lines = [header]
+    for row in sorted(rows, key=lambda r: -_ratio(r)):
+        lines.append(
+            f"{row.get('verdict', '?')!s:<9} {_ratio(row):>11.3g}  "
+            f"{row.get('workload', '')!s:<18.18} {row.get('candidate', '')!s:<26.26} "
+            f"{row.get('steps', '')!s:>5}  {row.get('nodeid', '')}"
+        )
+        first = row.get("first_violation")
+        if first:
+            lines.append(f"{'':<23}first violation: {first}")
+    return lines
 
 
-def _delta(before: float | None, after: float | None) -> float:
-    if before is None or after is None:
-        return math.nan
-    return after - before
+def _ratio(row: dict[str, object]) -> float:
+    value = row.get("worst_ratio", 0.0)
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
+def summary_row(properties: Iterable[tuple[str, object]], nodeid: str) -> dict[str, object]:
+    """A test's check figures as one summary row; empty when the test made no check."""
+    row: dict[str, object] = {
+        key.removeprefix(SUMMARY_PREFIX): value
+        for key, value in properties
+        if key.startswith(SUMMARY_PREFIX)
+    }
+    if row:
+        row["nodeid"] = nodeid
+    return row
+
+
+def summary_section(
+    rows: Sequence[dict[str, object]], changes: Mapping[Path, list[str]]
+) -> list[str]:
+    """The terminal summary's lines: every check, worst first, then re-recorded baselines."""
+    lines = summary_lines(rows) if rows else []
+    for path, changed in changes.items():
+        lines.append(f"re-recorded {path}:")
+        lines.extend(f"  {line}" for line in changed)
+    return lines

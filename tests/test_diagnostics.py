@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from pytest_convergence.assertions import ConvergenceError
 from pytest_convergence.candidates import Candidate, mean_exchange
-from pytest_convergence.checks import CheckOptions, ConvergenceChecker
+from pytest_convergence.checks import ConvergenceChecker
+from pytest_convergence.config import ConvergenceConfig
 from pytest_convergence.cosim import cosimulate, train
 from pytest_convergence.diagnostics import (
     ALPHAS,
@@ -30,7 +31,7 @@ from pytest_convergence.diagnostics import (
     plot_norm_evolution,
 )
 from pytest_convergence.regions import calibrate
-from pytest_convergence.report import write_report
+from pytest_convergence.report_folder import write_report
 from pytest_convergence.traces import ParameterStep, StepTrace, Trace
 from pytest_convergence.workloads import Workload, get_workload, synthetic_classification
 from pytest_convergence.zoo.candidates import (
@@ -384,16 +385,13 @@ def test_a_diagnostic_that_fails_leaves_a_note_and_the_rest_of_the_report(
 def test_a_check_without_a_candidate_to_re_run_reports_the_trace_only(tmp_path: Path) -> None:
     """The DDP path: its hooks run only in worker processes, so there is nothing to re-run."""
     checker = ConvergenceChecker(
-        CheckOptions(tmp_path / "baselines", record=True, report_dir=tmp_path / "reports")
+        ConvergenceConfig(tmp_path / "baselines", record=True, report_dir=tmp_path / "reports")
     )
     with pytest.raises(ConvergenceError) as caught:
-        checker.judge_run(
-            MLP,
-            SCALED.name,
-            tmp_path / "baselines" / "mlp.json",
+        checker.run(
+            checker.request(MLP, candidate=SCALED.name, label="ddp-like"),
             run=lambda: cosimulate(MLP, SCALED),
             calibrate_region=lambda: calibrate(MLP, seeds=[0], draws=2),
-            label="ddp-like",
         )
     folder = tmp_path / "reports" / "ddp-like"
     assert f"Report: {folder} (trace.json, logm.png)\n" in str(caught.value)
@@ -402,7 +400,7 @@ def test_a_check_without_a_candidate_to_re_run_reports_the_trace_only(tmp_path: 
 
 def test_the_failure_message_points_at_the_note_of_a_missing_diagnostic(tmp_path: Path) -> None:
     checker = ConvergenceChecker(
-        CheckOptions(tmp_path / "baselines", record=True, report_dir=tmp_path / "reports")
+        ConvergenceConfig(tmp_path / "baselines", record=True, report_dir=tmp_path / "reports")
     )
     candidate = Candidate("nan-gradients", gradient_transform=poison)
     with pytest.raises(ConvergenceError) as caught:

@@ -26,7 +26,8 @@ from torch._C._distributed_c10d import GradBucket
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from pytest_convergence.candidates import Candidate, mean_exchange
-from pytest_convergence.checks import BoundCheck, CheckOptions, ConvergenceChecker
+from pytest_convergence.checks import BoundCheck, ConvergenceChecker
+from pytest_convergence.config import ConvergenceConfig
 from pytest_convergence.cosim import cosimulate
 from pytest_convergence.distributed import (
     DistributedHook,
@@ -181,7 +182,7 @@ def test_check_distributed_records_and_judges_like_the_fixture(tmp_path: Path) -
     """Under --convergence-record: the default region is calibrated single-process and written
     where ``convergence.check`` writes it; the fp16 hook passes it and is listed like a check."""
     properties: list[tuple[str, object]] = []
-    checker = ConvergenceChecker(CheckOptions(baselines_dir=tmp_path, record=True))
+    checker = ConvergenceChecker(ConvergenceConfig(baselines_dir=tmp_path, record=True))
     bound = BoundCheck(
         checker=checker,
         defaults={},

@@ -129,10 +129,10 @@ def test_asking_for_cuda_without_it_is_a_usage_error(pytester: pytest.Pytester) 
 def test_settings_live_in_the_config_stash(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         """
-        from pytest_convergence.plugin import settings_key
+        from pytest_convergence.plugin import config_key
 
         def test_reads_settings(request):
-            settings = request.config.stash[settings_key]
+            settings = request.config.stash[config_key]
             assert (settings.enabled, settings.seed, settings.device) == (False, 3, "cpu")
         """
     )
@@ -188,14 +188,14 @@ def test_xdist_workers_share_the_cores_instead_of_oversubscribing_them(
     [("auto", None, None), ("auto", 2, 4), ("auto", 16, 1), ("3", 2, 3), (" AUTO ", 4, 2)],
 )
 def test_thread_counts_resolve_per_worker(text: str, workers: int | None, expected: int) -> None:
-    from pytest_convergence.settings import resolve_threads
+    from pytest_convergence.config import resolve_threads
 
     assert resolve_threads(text, cpu_count=8, workers=workers) == expected
 
 
 @pytest.mark.parametrize("text", ["0", "-1", "many"])
 def test_bad_thread_counts_are_refused(text: str) -> None:
-    from pytest_convergence.settings import resolve_threads
+    from pytest_convergence.config import resolve_threads
 
     with pytest.raises(ValueError, match="use 'auto' or a positive int"):
         resolve_threads(text, cpu_count=8, workers=None)

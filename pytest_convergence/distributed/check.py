@@ -1,9 +1,10 @@
 """``check_distributed``: a DDP hook judged like any candidate, with the fixture's baselines,
-options, summary and report folders."""
+options, summary and report folders (the same :class:`~pytest_convergence.checks.CheckRequest`
+as ``convergence.check``)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from pytest_convergence.distributed.cosimulation import (
     calibrate_distributed,
@@ -11,14 +12,13 @@ from pytest_convergence.distributed.cosimulation import (
 )
 from pytest_convergence.distributed.hooks import DistributedHook
 from pytest_convergence.regions import DEFAULT_TOLERANCE, Region, calibrate
+from pytest_convergence.traces import CoSimulation
 from pytest_convergence.workloads import Workload
 
 if TYPE_CHECKING:
     from pytest_convergence.checks import BoundCheck, CheckResult
 
 __all__ = ["check_distributed"]
-
-_T = TypeVar("_T")
 
 
 def check_distributed(
@@ -47,22 +47,15 @@ def check_distributed(
     hook, ``<workload>--<hook name>.json``.
     """
     __tracebackhide__ = True
-    checker = convergence.checker
-    defaults = convergence.defaults
-    chosen = workload if workload is not None else defaults.get("workload")
-    if not isinstance(chosen, str | Workload):
-        raise ValueError(
-            "check_distributed() needs a workload: pass workload=..., or set "
-            "@pytest.mark.convergence(workload=...)"
-        )
-    resolved = checker.resolve(
-        chosen,
-        steps=steps if steps is not None else _marker(defaults, "steps", int),
-        seed=seed if seed is not None else _marker(defaults, "seed", int),
-        dtype=_marker(defaults, "dtype", str),
-        device=_marker(defaults, "device", str),
-    )
     region_hook = hook if own_region else known_good
+    request = convergence.request(
+        hook.name,
+        workload=workload,
+        steps=steps,
+        seed=seed,
+        known_good=region_hook.name if region_hook else None,
+    )
+    resolved = request.workload
 
     def calibrate_region() -> Region:
         if region_hook is None:
@@ -76,30 +69,14 @@ def check_distributed(
             start_method=start_method,
         )
 
-    checks_before = len(checker.results)
-    try:
-        return checker.judge_run(
+    def run() -> CoSimulation:
+        return cosimulate_distributed(
             resolved,
-            hook.name,
-            checker.baseline_for(resolved, region_hook.name if region_hook else None),
-            run=lambda: cosimulate_distributed(
-                resolved,
-                hook,
-                world_size=world_size,
-                backend=backend,
-                timeout_s=timeout_s,
-                start_method=start_method,
-            ),
-            calibrate_region=calibrate_region,
-            known_good=region_hook.name if region_hook else None,
-            label=convergence.label,
+            hook,
+            world_size=world_size,
+            backend=backend,
+            timeout_s=timeout_s,
+            start_method=start_method,
         )
-    finally:
-        if len(checker.results) > checks_before:
-            convergence.record(checker.results[-1])
 
-
-def _marker(defaults: dict[str, object], key: str, kind: type[_T]) -> _T | None:
-    """A marker argument of the expected type, or None (the checker's default applies)."""
-    value = defaults.get(key)
-    return value if isinstance(value, kind) else None
+    return convergence.run(request, run=run, calibrate_region=calibrate_region)
