@@ -9,6 +9,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from pytest_convergence.opcheck import Comparison
     from pytest_convergence.regions import Verdict
     from pytest_convergence.traces import CoSimulation
 
@@ -106,3 +109,12 @@ class ConvergenceError(AssertionError):
 
 class MissingBaselineError(AssertionError):
     """No baseline recorded for this check: a test failure that says how to create one."""
+
+
+class OpMismatchError(AssertionError):
+    """The candidate op's outputs or gradients differ from the reference op's beyond the limit
+    derived from the reference's own error. ``comparisons`` holds every quantity's figures."""
+
+    def __init__(self, message: str, comparisons: Sequence[Comparison] = ()) -> None:
+        super().__init__(message)
+        self.comparisons = tuple(comparisons)

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from pytest_convergence.errors import OpMismatchError
+
 __all__ = [
     "DEFAULT_RTOL_FACTOR",
     "Comparison",
@@ -41,15 +43,6 @@ __all__ = [
 DEFAULT_RTOL_FACTOR = 256.0
 
 _MORE_FAILURES_SHOWN = 5
-
-
-class OpMismatchError(AssertionError):
-    """The candidate op's outputs or gradients differ from the reference op's beyond the limit
-    derived from the reference's own error. ``comparisons`` holds every quantity's figures."""
-
-    def __init__(self, message: str, comparisons: Sequence[Comparison] = ()) -> None:
-        super().__init__(message)
-        self.comparisons = tuple(comparisons)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,10 @@ gradient) may or may not admit; see ``docs/detection.md`` for what was measured.
 
 The zoo's hyper-parameters (SGD, lr 0.05, momentum 0.9, weight decay 5e-4) are the defaults of
 the optimizer factories here.
+
+Length: a catalogue of two dozen independent candidates, each a short factory with a docstring
+saying where its bug ships; the detection benchmark and the examples import them by name, and
+one module per handful of them would scatter a list that is read as a list.
 """
 
 from __future__ import annotations
