@@ -94,6 +94,7 @@ def fingerprints(quick: bool) -> list[tuple[str, Callable[[], str]]]:
             )
         )
     rows += _failure_path_rows()
+    rows += _verdict_rows()
     rows.append(("pruned-vgg16-mini co-simulation mask-not-reapplied", _pruned))
     if not quick:
         rows.append(("lenet5 DDP co-simulation fp16 hook", _ddp))
@@ -112,6 +113,30 @@ def _failure_path_rows() -> list[tuple[str, Callable[[], str]]]:
         ("mlp replay of step 2", lambda: repr(replay_step(mlp, bug, 2))),
         ("mlp loss-landscape slice at step 2", lambda: loss_landscape_slice(mlp, bug, 2).to_json()),
     ]
+
+
+def _verdict_rows() -> list[tuple[str, Callable[[], str]]]:
+    """Verdicts against a committed baseline: every check's count, violations and the worst."""
+    from pathlib import Path
+
+    from pytest_convergence.baselines import load_baseline
+    from pytest_convergence.regions import judge
+
+    folder = Path(__file__).resolve().parent.parent / "baselines"
+    rows: list[tuple[str, Callable[[], str]]] = []
+    for name, candidate in (
+        ("lenet5", thread_count(1)),
+        ("lenet5", scaled_layer_gradient("conv1.weight", 0.9)),
+        ("vgg16-mini", wrong_momentum()),
+        ("resnet50-mini", scaled_layer_gradient("layer4.2.conv3.weight", 0.5)),
+    ):
+
+        def verdict(name: str = name, candidate: Candidate = candidate) -> str:
+            region = load_baseline(folder / f"{name}.json").region
+            return repr(judge(cosimulate(get_workload(name), candidate), region))
+
+        rows.append((f"{name} verdict {candidate.name}", verdict))
+    return rows
 
 
 def _pruned() -> str:
