@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pytest_convergence.errors import BaselineError
 from pytest_convergence.regions import Calibration, ParameterRegion, Region
 
 if sys.platform != "win32":
@@ -71,23 +72,6 @@ _TORCH_MINOR = re.compile(r"^\s*(\d+)\.(\d+)")
 # mkstemp creates files readable by their owner only; a baseline is shared, committed data.
 _NEW_FILE_MODE = 0o644
 _WINDOWS_REPLACE_ATTEMPTS = 20
-
-
-class BaselineError(ValueError):
-    """A baseline file cannot be trusted: unreadable, malformed, or recorded elsewhere.
-
-    The message starts with the file's path, because the fix is always an edit or a re-record
-    of that one file.
-    """
-
-    def __init__(self, path: object, reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
-
-    def __reduce__(self) -> tuple[type[BaselineError], tuple[str, str]]:
-        # Keeps the exception picklable across processes despite the two-argument constructor.
-        return (type(self), (self.path, self.reason))
 
 
 class BaselineMismatchWarning(UserWarning):

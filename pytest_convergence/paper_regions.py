@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_convergence._version import __version__
+from pytest_convergence.errors import RegionFileError
 
 __all__ = [
     "BASELINE_SCHEMA",
@@ -79,22 +80,6 @@ PAPER_REGIONS: dict[str, PaperRegion] = {
     "vgg16": PaperRegion("VGG-16", -0.13456, 0.01279),
     "resnet50": PaperRegion("ResNet-50", -0.03719, 0.03691),
 }
-
-
-class RegionFileError(ValueError):
-    """A region file cannot be used: unreadable, malformed, or a file of another kind.
-
-    The message starts with the file's path, because the fix is an edit or a re-run of
-    ``pytest-convergence region`` for that one file.
-    """
-
-    def __init__(self, path: object, reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
-
-    def __reduce__(self) -> tuple[type[RegionFileError], tuple[str, str]]:
-        return (type(self), (self.path, self.reason))
 
 
 @dataclass(frozen=True)
