@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from pytest_convergence.candidates import Candidate, register_candidate
     from pytest_convergence.cosim import cosimulate, train
     from pytest_convergence.errors import (
+        FileFormatError,
         NonFiniteWeightError,
         SnapshotFormatError,
         UnsafeExternalDataError,
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Candidate",
     "ConvergenceError",
+    "FileFormatError",
     "LogmSum",
     "NonFiniteWeightError",
     "ParameterLogm",
@@ -84,6 +86,7 @@ _HOME_MODULE = {
     "Snapshot": "snapshots",
     "load_snapshot": "snapshots",
     "save_snapshot": "snapshots",
+    "FileFormatError": "errors",
     "NonFiniteWeightError": "errors",
     "SnapshotFormatError": "errors",
     "UnsafeExternalDataError": "errors",

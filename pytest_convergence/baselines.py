@@ -12,26 +12,19 @@ Importing this module imports torch (through :mod:`pytest_convergence.regions`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import re
-import stat
-import sys
-import tempfile
-import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pytest_convergence import jsonfile
+from pytest_convergence.errors import BaselineError
 from pytest_convergence.regions import Calibration, ParameterRegion, Region
-
-if sys.platform != "win32":
-    import fcntl
 
 if TYPE_CHECKING:
     from pytest_convergence.environment import EnvironmentInfo
@@ -68,26 +61,6 @@ MAX_CHANGE_LINES = 10
 _NEGLIGIBLE_CHANGE = 5e-4
 _UNSAFE_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]")
 _TORCH_MINOR = re.compile(r"^\s*(\d+)\.(\d+)")
-# mkstemp creates files readable by their owner only; a baseline is shared, committed data.
-_NEW_FILE_MODE = 0o644
-_WINDOWS_REPLACE_ATTEMPTS = 20
-
-
-class BaselineError(ValueError):
-    """A baseline file cannot be trusted: unreadable, malformed, or recorded elsewhere.
-
-    The message starts with the file's path, because the fix is always an edit or a re-record
-    of that one file.
-    """
-
-    def __init__(self, path: object, reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
-
-    def __reduce__(self) -> tuple[type[BaselineError], tuple[str, str]]:
-        # Keeps the exception picklable across processes despite the two-argument constructor.
-        return (type(self), (self.path, self.reason))
 
 
 class BaselineMismatchWarning(UserWarning):
@@ -173,112 +146,31 @@ def load_baseline(path: Path) -> Baseline:
     differently from "recorded but broken".
     """
     path = Path(path)
-    try:
-        region, provenance = _parse_document(_decode_json(_read_text(path)))
-    except _InvalidError as error:
-        raise BaselineError(path, str(error)) from None
+    region, provenance = jsonfile.load_file(path, _parse_document, BaselineError)
     return Baseline(path=path, region=region, provenance=provenance)
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise
-    except OSError as error:
-        raise _InvalidError("", f"cannot read the file: {error.strerror or error}") from None
-    except UnicodeDecodeError as error:
-        raise _InvalidError("", f"not UTF-8 text: {error.reason}") from None
-
-
-def _decode_json(text: str) -> object:
-    try:
-        return json.loads(text, object_pairs_hook=_unique_keys)
-    except json.JSONDecodeError as error:
-        raise _InvalidError(
-            "", f"invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}"
-        ) from None
-    except RecursionError:
-        raise _InvalidError("", "JSON nested too deeply to be a baseline") from None
-
-
-class _InvalidError(Exception):
-    """A problem at one place in a document, raised before the file's path is attached."""
-
-    def __init__(self, where: str, problem: str) -> None:
-        super().__init__(f"{where}: {problem}" if where else problem)
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """Refuse duplicate keys, which a botched merge of two recordings leaves behind and which
-    ``json`` would otherwise resolve silently in favour of the last one."""
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _InvalidError("", f"duplicate key {key!r} in a JSON object")
-        result[key] = value
-    return result
-
-
-_Parser = Callable[[object, str], Any]
-
-
 def _parse_document(document: object) -> tuple[Region, Provenance]:
-    top = _mapping(document, "the top level")
-    _check_schema(top)
-    _check_keys(top, "the top level", _TOP_KEYS)
-    provenance = Provenance(**_parse_fields(top["provenance"], "provenance", _PROVENANCE_FIELDS))
-    calibration = Calibration(
-        **_parse_fields(top["calibration"], "calibration", _CALIBRATION_FIELDS)
-    )
-    parameters = _parameters(top["parameters"], calibration.steps)
+    top = jsonfile.fields(_SCHEMA.body(document), jsonfile.TOP, _TOP_FIELDS)
+    calibration: Calibration = top["calibration"]
+    for name, parameter in top["parameters"].items():
+        _check_steps(parameter, jsonfile.entry("parameters", name), calibration.steps)
     region = Region(
         calibration=calibration,
-        parameters=parameters,
-        global_logm_delta=_interval(top["global_logm_delta"], "global_logm_delta"),
-        global_logm_gap_limit=_limit(top["global_logm_gap_limit"], "global_logm_gap_limit"),
+        parameters=top["parameters"],
+        global_logm_delta=top["global_logm_delta"],
+        global_logm_gap_limit=top["global_logm_gap_limit"],
     )
-    return region, provenance
+    return region, top["provenance"]
 
 
-def _check_schema(top: dict[str, object]) -> None:
-    """Checked before anything else, so a future layout reads as "upgrade", not as damage."""
-    schema = top.get("schema")
-    if schema != SCHEMA:
-        raise _InvalidError(
-            "schema", f"expected {SCHEMA!r}, found {schema!r}: not a pytest-convergence baseline"
+def _parameters(value: object, where: str) -> dict[str, ParameterRegion]:
+    return {
+        name: ParameterRegion(
+            name=name, **jsonfile.fields(entry, jsonfile.entry(where, name), _PARAMETER_FIELDS)
         )
-    if "schema_version" not in top:
-        raise _InvalidError("the top level", "missing key 'schema_version'")
-    version = _positive(top["schema_version"], "schema_version")
-    if version > SCHEMA_VERSION:
-        raise _InvalidError(
-            "schema_version",
-            f"{version} was written by a newer pytest-convergence; upgrade "
-            f"(this version reads schema_version {SCHEMA_VERSION})",
-        )
-    if version < SCHEMA_VERSION:
-        raise _InvalidError(
-            "schema_version",
-            f"{version} was written by an older pytest-convergence whose regions lack checks "
-            f"this version makes (schema_version {SCHEMA_VERSION}); re-record it: {RECORD_HINT}",
-        )
-
-
-def _parse_fields(value: object, where: str, parsers: dict[str, _Parser]) -> dict[str, Any]:
-    mapping = _mapping(value, where)
-    _check_keys(mapping, where, tuple(parsers))
-    return {key: parse(mapping[key], f"{where}.{key}") for key, parse in parsers.items()}
-
-
-def _parameters(value: object, steps: int) -> dict[str, ParameterRegion]:
-    parameters: dict[str, ParameterRegion] = {}
-    for name, entry in _mapping(value, "parameters").items():
-        where = f"parameters[{json.dumps(name)}]"
-        parameter = ParameterRegion(name=name, **_parse_fields(entry, where, _PARAMETER_FIELDS))
-        _check_steps(parameter, where, steps)
-        parameters[name] = parameter
-    return parameters
+        for name, entry in jsonfile.mapping(value, where).items()
+    }
 
 
 def _check_steps(parameter: ParameterRegion, where: str, steps: int) -> None:
@@ -288,165 +180,62 @@ def _check_steps(parameter: ParameterRegion, where: str, steps: int) -> None:
     for key in (*per_step, "rounding_scale"):
         found = len(getattr(parameter, key))
         if found != steps:
-            raise _InvalidError(
-                f"{where}.{key}",
+            raise jsonfile.DocumentError(
+                jsonfile.key(where, key),
                 f"{found} per-step values, but calibration.steps is {steps}: "
                 "per-step lists must all have one value per step",
             )
 
 
-def _mapping(value: object, where: str) -> dict[str, object]:
-    if not isinstance(value, dict):
-        raise _InvalidError(where, f"expected a JSON object, found {_kind(value)}")
-    return value
-
-
-def _check_keys(mapping: dict[str, object], where: str, expected: tuple[str, ...]) -> None:
-    missing = [key for key in expected if key not in mapping]
-    if missing:
-        raise _InvalidError(where, "missing key " + ", ".join(repr(key) for key in missing))
-    unexpected = [key for key in mapping if key not in expected]
-    if unexpected:
-        raise _InvalidError(where, "unexpected key " + ", ".join(repr(key) for key in unexpected))
-
-
-def _kind(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"the boolean {json.dumps(value)}"
-    if isinstance(value, (int, float, str)):
-        return f"{type(value).__name__} {value!r}"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
-
-
-def _string(value: object, where: str) -> str:
-    if not isinstance(value, str):
-        raise _InvalidError(where, f"expected a string, found {_kind(value)}")
-    return value
-
-
-def _optional_string(value: object, where: str) -> str | None:
-    return None if value is None else _string(value, where)
-
-
-def _timestamp(value: object, where: str) -> str:
-    text = _string(value, where)
-    try:
-        # Python 3.10's fromisoformat does not know the "Z" suffix that other tools write.
-        datetime.fromisoformat(text.removesuffix("Z") + ("+00:00" if text.endswith("Z") else ""))
-    except ValueError:
-        raise _InvalidError(where, f"{text!r} is not an ISO-8601 timestamp") from None
-    return text
-
-
-def _integer(value: object, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _InvalidError(where, f"expected an integer, found {_kind(value)}")
-    return value
-
-
-def _count(value: object, where: str) -> int:
-    number = _integer(value, where)
-    if number < 0:
-        raise _InvalidError(where, f"cannot be negative, found {number}")
-    return number
-
-
-def _positive(value: object, where: str) -> int:
-    number = _integer(value, where)
-    if number < 1:
-        raise _InvalidError(where, f"must be at least 1, found {number}")
-    return number
-
-
-def _real(value: object, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _InvalidError(where, f"expected a number, found {_kind(value)}")
-    try:
-        number = float(value)
-    except OverflowError:
-        raise _InvalidError(where, "number too large for a float") from None
-    if not math.isfinite(number):
-        shown = "NaN" if math.isnan(number) else repr(number)
-        raise _InvalidError(where, f"{shown} is not allowed: baseline values must be finite")
-    return number
-
-
 def _limit(value: object, where: str) -> float:
-    number = _real(value, where)
+    number = jsonfile.finite(value, where)
     if number < 0:
-        raise _InvalidError(where, f"a limit or spread cannot be negative, found {number!r}")
+        raise jsonfile.DocumentError(
+            where, f"a limit or spread cannot be negative, found {number!r}"
+        )
     return number
 
 
-def _optional_limit(value: object, where: str) -> float | None:
-    return None if value is None else _limit(value, where)
+_limits = jsonfile.array_of(_limit)
+_reals = jsonfile.array_of(jsonfile.finite)
+_optional_string = jsonfile.optional(jsonfile.string)
+_optional_limit = jsonfile.optional(_limit)
 
-
-def _array(value: object, where: str) -> list[object]:
-    if not isinstance(value, list):
-        raise _InvalidError(where, f"expected an array, found {_kind(value)}")
-    return value
-
-
-def _limits(value: object, where: str) -> tuple[float, ...]:
-    return tuple(_limit(item, f"{where}[{i}]") for i, item in enumerate(_array(value, where)))
-
-
-def _reals(value: object, where: str) -> tuple[float, ...]:
-    return tuple(_real(item, f"{where}[{i}]") for i, item in enumerate(_array(value, where)))
-
-
-def _seeds(value: object, where: str) -> tuple[int, ...]:
-    return tuple(_integer(item, f"{where}[{i}]") for i, item in enumerate(_array(value, where)))
-
-
-def _interval(value: object, where: str) -> tuple[float, float]:
-    items = _array(value, where)
-    if len(items) != 2:
-        raise _InvalidError(where, f"expected [low, high], found {len(items)} values")
-    low, high = _real(items[0], f"{where}[0]"), _real(items[1], f"{where}[1]")
-    if low > high:
-        raise _InvalidError(where, f"low {low!r} is above high {high!r}")
-    return low, high
-
-
-_TOP_KEYS = (
-    "schema",
-    "schema_version",
-    "provenance",
-    "calibration",
-    "global_logm_delta",
-    "global_logm_gap_limit",
-    "parameters",
+_SCHEMA = jsonfile.Schema(
+    SCHEMA,
+    SCHEMA_VERSION,
+    "a pytest-convergence baseline",
+    too_old="whose regions lack checks this version makes "
+    f"(schema_version {SCHEMA_VERSION}); re-record it: {RECORD_HINT}",
 )
-_PROVENANCE_FIELDS: dict[str, _Parser] = {
-    "workload": _string,
-    "candidate": _optional_string,
-    "dtype": _string,
-    "device": _string,
-    "torch_version": _string,
-    "plugin_version": _string,
-    "threads": _positive,
-    "created": _timestamp,
-}
-_CALIBRATION_FIELDS: dict[str, _Parser] = {
-    "kind": _string,
-    "description": _string,
-    "tolerance": _optional_limit,
-    "gradient_tolerance": _optional_limit,
-    "draws": _positive,
-    "candidate": _optional_string,
-    "seeds": _seeds,
-    "steps": _positive,
-}
-_PARAMETER_FIELDS: dict[str, _Parser] = {
-    "count": _count,
+_PROVENANCE = jsonfile.record(
+    Provenance,
+    {
+        "workload": jsonfile.string,
+        "candidate": _optional_string,
+        "dtype": jsonfile.string,
+        "device": jsonfile.string,
+        "torch_version": jsonfile.string,
+        "plugin_version": jsonfile.string,
+        "threads": jsonfile.positive,
+        "created": jsonfile.timestamp,
+    },
+)
+_CALIBRATION = jsonfile.record(
+    Calibration,
+    {
+        "kind": jsonfile.string,
+        "description": jsonfile.string,
+        "tolerance": _optional_limit,
+        "gradient_tolerance": _optional_limit,
+        "draws": jsonfile.positive,
+        "candidate": _optional_string,
+        "seeds": jsonfile.array_of(jsonfile.integer),
+        "steps": jsonfile.positive,
+    },
+)
+_PARAMETER_FIELDS: dict[str, jsonfile.Parser[Any]] = {
+    "count": jsonfile.count,
     "bias_center": _reals,
     "bias_spread": _limit,
     "bias_z_limit": _limit,
@@ -456,9 +245,17 @@ _PARAMETER_FIELDS: dict[str, _Parser] = {
     "error_scale": _limits,
     "noise_scale": _limits,
     "noise_limit": _limits,
-    "zero_change_limit": _count,
+    "zero_change_limit": jsonfile.count,
     "logm_gap_limit": _limit,
     "rounding_scale": _limits,
+}
+# In the order of the file, after the schema header.
+_TOP_FIELDS: dict[str, jsonfile.Parser[Any]] = {
+    "provenance": _PROVENANCE,
+    "calibration": _CALIBRATION,
+    "global_logm_delta": jsonfile.interval,
+    "global_logm_gap_limit": _limit,
+    "parameters": _parameters,
 }
 
 
@@ -474,8 +271,8 @@ def save_baseline(path: Path, region: Region, provenance: Provenance) -> Path:
     path = Path(path)
     text = _serialize(path, region, provenance)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(path):
-        _write_atomically(path, text)
+    with jsonfile.exclusive_lock(path):
+        jsonfile.write_text_file(path, text, overwrite=True)
     return path
 
 
@@ -488,9 +285,9 @@ def record_baseline(path: Path, region: Region, provenance: Provenance) -> list[
     path = Path(path)
     text = _serialize(path, region, provenance)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(path):
+    with jsonfile.exclusive_lock(path):
         changes = _changes_against_file(path, region)
-        _write_atomically(path, text)
+        jsonfile.write_text_file(path, text, overwrite=True)
     return changes
 
 
@@ -511,11 +308,11 @@ def _serialize(path: Path, region: Region, provenance: Provenance) -> str:
     try:
         for name, parameter in region.parameters.items():
             if parameter.name != name:
-                raise _InvalidError(
-                    f"parameters[{json.dumps(name)}]", f"holds parameter {parameter.name!r}"
+                raise jsonfile.DocumentError(
+                    jsonfile.entry("parameters", name), f"holds parameter {parameter.name!r}"
                 )
         _parse_document(document)
-    except _InvalidError as error:
+    except jsonfile.DocumentError as error:
         raise ValueError(f"{path}: refusing to write an invalid baseline: {error}") from None
     # json writes floats with repr(), the shortest text that reads back as the same float.
     return json.dumps(document, indent=1, allow_nan=False) + "\n"
@@ -523,8 +320,7 @@ def _serialize(path: Path, region: Region, provenance: Provenance) -> str:
 
 def _document(region: Region, provenance: Provenance) -> dict[str, object]:
     return {
-        "schema": SCHEMA,
-        "schema_version": SCHEMA_VERSION,
+        **_SCHEMA.header(),
         "provenance": _fields_of(provenance),
         "calibration": _fields_of(region.calibration),
         "global_logm_delta": list(region.global_logm_delta),
@@ -546,85 +342,6 @@ def _fields_of(instance: Provenance | Calibration | ParameterRegion, skip: str =
 
 def _plain(value: object) -> object:
     return list(value) if isinstance(value, tuple) else value
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    """Serialize every read-decide-write of one baseline across processes.
-
-    The lock lives on a sibling ``<name>.lock`` file rather than on the baseline itself, because
-    the baseline is replaced (a new inode) on every write; the lock file is created once and left
-    in place, since deleting it would let a waiting process lock an unlinked file.
-    """
-    if sys.platform == "win32":
-        # fcntl.flock is POSIX-only. msvcrt.locking could serialize writers on Windows; without
-        # it, this fallback relies on the atomic os.replace alone: readers still never see a torn
-        # file and concurrent writers never corrupt one (the last replace wins), but
-        # record_baseline may summarize changes against a file another writer is replacing.
-        yield
-    else:
-        lock_path = path.with_name(path.name + ".lock")
-        with open(lock_path, "a") as handle:  # "a": create if missing, never truncate
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Temp file in the same folder, fsync, rename over: the file is old or new, never half."""
-    mode = _mode_for(path)
-    descriptor, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, mode)
-        _replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    _sync_folder(path.parent)
-
-
-def _mode_for(path: Path) -> int:
-    """Keep an existing file's permissions; a re-record should not change who can read it."""
-    try:
-        return stat.S_IMODE(path.stat().st_mode)
-    except FileNotFoundError:
-        return _NEW_FILE_MODE
-
-
-def _replace(source: str, target: Path) -> None:
-    if sys.platform == "win32":
-        # Windows refuses to replace a file that another process holds open (a reader inside
-        # load_baseline): retry briefly rather than fail a recording over a transient conflict.
-        for attempt in range(_WINDOWS_REPLACE_ATTEMPTS):
-            try:
-                os.replace(source, target)
-                return
-            except PermissionError:
-                if attempt == _WINDOWS_REPLACE_ATTEMPTS - 1:
-                    raise
-                time.sleep(0.05)
-    else:
-        os.replace(source, target)
-
-
-def _sync_folder(folder: Path) -> None:
-    """Make the rename itself durable, so a crash cannot bring back the old file."""
-    # Skipped on Windows: folders cannot be opened for fsync there; NTFS journals the rename.
-    if sys.platform != "win32":
-        descriptor = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
 
 
 # --- compatibility ------------------------------------------------------------------------------

@@ -29,19 +29,20 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
+from pytest_convergence import jsonfile
 from pytest_convergence.candidates import Candidate
 from pytest_convergence.cosim import train
 from pytest_convergence.engine import Implementation, RandomState, start_of_step
 from pytest_convergence.errors import NonFiniteWeightError
-from pytest_convergence.traces import CoSimulation, Trace, dump_with_schema, load_with_schema
+from pytest_convergence.traces import CoSimulation, MeasurementFile, MeasurementFormat, Trace
 from pytest_convergence.workloads import Batch, Workload
 
 if TYPE_CHECKING:
@@ -83,7 +84,7 @@ _NORM_LAYERS = ("BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "LocalRes
 
 
 @dataclass(frozen=True)
-class LandscapeSlice:
+class LandscapeSlice(MeasurementFile):
     """Losses on one step's batch along the reference-candidate line and random directions.
 
     ``line_losses[i]`` is the loss at ``(1 - alphas[i]) * reference + alphas[i] * candidate``;
@@ -107,20 +108,9 @@ class LandscapeSlice:
     reference_losses: tuple[tuple[float, ...], ...]
     candidate_losses: tuple[tuple[float, ...], ...]
 
-    def to_json(self) -> str:
-        return dump_with_schema(LANDSCAPE_SCHEMA, asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str, *, source: str = "<string>") -> LandscapeSlice:
-        try:
-            data = load_with_schema(LANDSCAPE_SCHEMA, text)
-            for key in ("alphas", "line_losses", "betas"):
-                data[key] = tuple(data[key])
-            for key in ("reference_losses", "candidate_losses"):
-                data[key] = tuple(tuple(curve) for curve in data[key])
-            return cls(**data)
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{source}: malformed landscape slice ({error})") from None
+    FILE_FORMAT: ClassVar[MeasurementFormat] = MeasurementFormat(
+        jsonfile.Schema(LANDSCAPE_SCHEMA, None, "a loss-landscape slice"), "landscape slice"
+    )
 
 
 def filter_normalized_direction(
@@ -424,7 +414,7 @@ class NormPoint:
 
 
 @dataclass(frozen=True)
-class NormEvolution:
+class NormEvolution(MeasurementFile):
     """Per-parameter norms over the steps: one :class:`NormPoint` per step per parameter."""
 
     workload: str
@@ -453,18 +443,9 @@ class NormEvolution:
     def series(self, parameter: str) -> list[NormPoint]:
         return [p for p in self.points if p.parameter == parameter]
 
-    def to_json(self) -> str:
-        return dump_with_schema(NORMS_SCHEMA, asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str, *, source: str = "<string>") -> NormEvolution:
-        try:
-            data = load_with_schema(NORMS_SCHEMA, text)
-            data["parameters"] = tuple(data["parameters"])
-            data["points"] = tuple(NormPoint(**p) for p in data["points"])
-            return cls(**data)
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{source}: malformed norm evolution ({error})") from None
+    FILE_FORMAT: ClassVar[MeasurementFormat] = MeasurementFormat(
+        jsonfile.Schema(NORMS_SCHEMA, None, "a norm evolution"), "norm evolution"
+    )
 
 
 def norm_evolution(

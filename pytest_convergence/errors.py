@@ -1,7 +1,8 @@
 """Exceptions: misuse is a ``ValueError``/``TypeError``; a real divergence is an ``AssertionError``.
 
 Keeping both families here lets callers (the CLI, the plugin) map each to an exit code or a
-usage error without importing torch.
+usage error without importing torch. Every file that cannot be used is a :class:`FileFormatError`
+naming the file first, whatever its kind.
 """
 
 from __future__ import annotations
@@ -33,15 +34,46 @@ class NonFiniteWeightError(ValueError):
         )
 
 
-class SnapshotFormatError(ValueError):
-    """A snapshot file is unreadable, of an unknown format, or unsafe to read."""
+class FileFormatError(ValueError):
+    """A file cannot be used: unreadable, malformed, or a file of another kind.
+
+    The message starts with the file's path, because the fix is always an edit, a re-record or a
+    re-run for that one file; ``reason`` is the rest, for callers that quote it elsewhere.
+    """
 
     def __init__(self, path: object, reason: str) -> None:
-        from pytest_convergence._formats import SUPPORTED_FORMATS_TEXT
-
         self.path = str(path)
         self.reason = reason
-        super().__init__(f"{self.path}: {reason} (supported formats: {SUPPORTED_FORMATS_TEXT})")
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+    def __reduce__(self) -> tuple[type[FileFormatError], tuple[str, str]]:
+        # Keeps the exception picklable across processes despite the two-argument constructor.
+        return (type(self), (self.path, self.reason))
+
+
+class BaselineError(FileFormatError):
+    """A baseline file cannot be trusted: unreadable, malformed, or recorded elsewhere."""
+
+
+class RegionFileError(FileFormatError):
+    """A LoGM-delta region file cannot be used: unreadable, malformed, or a file of another kind
+    (the fix is an edit or a re-run of ``pytest-convergence region``)."""
+
+
+class TraceFormatError(FileFormatError):
+    """A co-simulation trace, loss-landscape slice or norm-evolution JSON cannot be read back."""
+
+
+class SnapshotFormatError(FileFormatError):
+    """A snapshot file is unreadable, of an unknown format, or unsafe to read."""
+
+    def _message(self) -> str:
+        from pytest_convergence._formats import SUPPORTED_FORMATS_TEXT
+
+        return f"{self.path}: {self.reason} (supported formats: {SUPPORTED_FORMATS_TEXT})"
 
 
 class UnsafeExternalDataError(SnapshotFormatError):

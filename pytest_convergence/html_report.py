@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pytest_convergence._version import __version__
-from pytest_convergence.paper_regions import write_text_file
+from pytest_convergence.jsonfile import write_text_file
 from pytest_convergence.traces import CoSimulation, ParameterComparison, StepComparison
 
 __all__ = ["ReportBand", "render_report", "write_html_report"]

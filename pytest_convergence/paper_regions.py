@@ -13,19 +13,20 @@ Nothing here imports torch, so the CLI validates region files and prints its hel
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pytest_convergence import jsonfile
 from pytest_convergence._version import __version__
+from pytest_convergence.errors import RegionFileError
+from pytest_convergence.jsonfile import write_text_file
 
 __all__ = [
     "BASELINE_SCHEMA",
@@ -60,8 +61,6 @@ PAPER_CITATION = (
     "Shen et al. (2018), An empirical study of weights in deep convolutional neural networks "
     "and its application to training convergence, Table 1"
 )
-# A new file is shared, committed data: readable by everyone, like the co-simulation baselines.
-_NEW_FILE_MODE = 0o644
 
 
 @dataclass(frozen=True)
@@ -79,22 +78,6 @@ PAPER_REGIONS: dict[str, PaperRegion] = {
     "vgg16": PaperRegion("VGG-16", -0.13456, 0.01279),
     "resnet50": PaperRegion("ResNet-50", -0.03719, 0.03691),
 }
-
-
-class RegionFileError(ValueError):
-    """A region file cannot be used: unreadable, malformed, or a file of another kind.
-
-    The message starts with the file's path, because the fix is an edit or a re-run of
-    ``pytest-convergence region`` for that one file.
-    """
-
-    def __init__(self, path: object, reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
-
-    def __reduce__(self) -> tuple[type[RegionFileError], tuple[str, str]]:
-        return (type(self), (self.path, self.reason))
 
 
 @dataclass(frozen=True)
@@ -290,240 +273,87 @@ def region_bounds(deltas: Sequence[float], margin: float = 0.0) -> tuple[float, 
 # --- reading ----------------------------------------------------------------------------------
 
 
-class _Invalid(Exception):
-    """A problem at one place in a document, raised before the file's path is attached."""
-
-
 def load_region(path: str | os.PathLike[str]) -> LogmDeltaRegion:
     """Read and validate a region file; every problem is a :class:`RegionFileError`."""
     source = Path(path)
     try:
-        text = source.read_text(encoding="utf-8")
+        region = jsonfile.load_file(source, _parse_region, RegionFileError)
     except FileNotFoundError:
         raise RegionFileError(source, "no such file") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise RegionFileError(source, f"cannot be read: {error}") from None
-    try:
-        region = _parse_region(_decode(text))
-    except _Invalid as error:
-        raise RegionFileError(source, str(error)) from None
     return replace(region, path=source)
 
 
-def _decode(text: str) -> object:
-    try:
-        return json.loads(text, object_pairs_hook=_unique_keys)
-    except json.JSONDecodeError as error:
-        raise _Invalid(
-            f"invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}"
-        ) from None
-    except RecursionError:
-        raise _Invalid("JSON nested too deeply to be a region file") from None
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _Invalid(f"duplicate key {key!r} in a JSON object")
-        result[key] = value
-    return result
-
-
-_TOP_KEYS = (
-    "schema",
-    "schema_version",
-    "model",
-    "granularity",
-    "region",
-    "margin",
-    "provenance",
-    "snapshots",
-    "deltas",
-)
-
-
 def _parse_region(document: object) -> LogmDeltaRegion:
-    top = _mapping(document, "the document")
-    _check_schema(top)
-    _check_keys(top, "the document", _TOP_KEYS)
-    low, high = _interval(top["region"], "region")
-    granularity = _string(top["granularity"], "granularity")
-    if granularity not in GRANULARITIES:
-        raise _Invalid(f"granularity: {granularity!r} is not one of {', '.join(GRANULARITIES)}")
-    margin = _real(top["margin"], "margin")
-    if margin < 0:
-        raise _Invalid(f"margin: {margin} is negative")
-    return LogmDeltaRegion(
-        model=_optional_string(top["model"], "model"),
-        granularity=granularity,
-        low=low,
-        high=high,
-        margin=margin,
-        provenance=_provenance(top["provenance"]),
-        snapshots=tuple(_records(top["snapshots"], "snapshots", SnapshotRecord, _SNAPSHOT_FIELDS)),
-        deltas=tuple(_records(top["deltas"], "deltas", DeltaRecord, _DELTA_FIELDS)),
-    )
-
-
-def _check_schema(top: dict[str, object]) -> None:
-    schema = top.get("schema")
-    if schema == BASELINE_SCHEMA:
-        raise _Invalid(
+    if isinstance(document, dict) and document.get("schema") == BASELINE_SCHEMA:
+        raise jsonfile.DocumentError(
+            None,
             f"this is a co-simulation baseline ({BASELINE_SCHEMA}), used by pytest --convergence; "
             f"'pytest-convergence check' needs a LoGM-delta region file ({REGION_SCHEMA}), "
-            "written by 'pytest-convergence region' or shipped as baselines/paper-*.json"
+            "written by 'pytest-convergence region' or shipped as baselines/paper-*.json",
         )
-    if schema != REGION_SCHEMA:
-        raise _Invalid(f"schema: expected {REGION_SCHEMA!r}, found {schema!r}")
-    version = top.get("schema_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise _Invalid(f"schema_version: expected a positive integer, found {version!r}")
-    if version > REGION_SCHEMA_VERSION:
-        raise _Invalid(
-            f"schema_version {version} was written by a newer pytest-convergence "
-            f"(this one reads {REGION_SCHEMA_VERSION}); upgrade"
-        )
+    top = jsonfile.fields(_SCHEMA.body(document), jsonfile.TOP, _TOP_FIELDS)
+    low, high = top.pop("region")
+    if top["margin"] < 0:
+        raise jsonfile.DocumentError("margin", f"{top['margin']} is negative")
+    return LogmDeltaRegion(**top, low=low, high=high)
 
 
-_Parser = Callable[[object, str], Any]
+def _one_of(choices: tuple[str, ...]) -> jsonfile.Parser[str]:
+    def parse(value: object, where: str) -> str:
+        text = jsonfile.non_empty_string(value, where)
+        if text not in choices:
+            raise jsonfile.DocumentError(where, f"{text!r} is not one of {', '.join(choices)}")
+        return text
+
+    return parse
 
 
-def _provenance(value: object) -> RegionProvenance:
-    parsed = _fields(value, "provenance", _PROVENANCE_FIELDS)
-    if parsed["source"] not in SOURCES:
-        raise _Invalid(f"provenance.source: {parsed['source']!r} is not one of {SOURCES}")
-    return RegionProvenance(**parsed)
-
-
-def _records(
-    value: object, where: str, kind: Callable[..., Any], parsers: dict[str, _Parser]
-) -> list[Any]:
-    if not isinstance(value, list):
-        raise _Invalid(f"{where}: expected a list, found {_kind(value)}")
-    return [kind(**_fields(item, f"{where}[{i}]", parsers)) for i, item in enumerate(value)]
-
-
-def _fields(value: object, where: str, parsers: dict[str, _Parser]) -> dict[str, Any]:
-    mapping = _mapping(value, where)
-    _check_keys(mapping, where, tuple(parsers))
-    return {key: parse(mapping[key], f"{where}.{key}") for key, parse in parsers.items()}
-
-
-def _mapping(value: object, where: str) -> dict[str, object]:
-    if not isinstance(value, dict):
-        raise _Invalid(f"{where}: expected a JSON object, found {_kind(value)}")
-    return value
-
-
-def _check_keys(mapping: dict[str, object], where: str, expected: tuple[str, ...]) -> None:
-    unknown = [key for key in mapping if key not in expected]
-    missing = [key for key in expected if key not in mapping]
-    if unknown:
-        raise _Invalid(f"{where}: unknown key {unknown[0]!r}")
-    if missing:
-        raise _Invalid(f"{where}: missing key {missing[0]!r}")
-
-
-def _kind(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, int | float):
-        return "a number"
-    return "a list" if isinstance(value, list) else "an object"
-
-
-def _string(value: object, where: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise _Invalid(f"{where}: expected a non-empty string, found {_kind(value)}")
-    return value
-
-
-def _optional_string(value: object, where: str) -> str | None:
-    return None if value is None else _string(value, where)
-
-
-def _integer(value: object, where: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise _Invalid(f"{where}: expected an integer, found {_kind(value)}")
-    return value
-
-
-def _optional_positive(value: object, where: str) -> int | None:
-    if value is None:
-        return None
-    number = _integer(value, where)
-    if number < 1:
-        raise _Invalid(f"{where}: expected a positive integer, found {number}")
-    return number
-
-
-def _real(value: object, where: str) -> float:
-    if isinstance(value, str) and value.lower() in ("nan", "inf", "-inf", "infinity"):
-        raise _Invalid(f"{where}: {value} is not allowed")
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise _Invalid(f"{where}: expected a number, found {_kind(value)}")
-    if not math.isfinite(value):
-        raise _Invalid(f"{where}: {value} is not allowed")
-    return float(value)
-
-
-def _interval(value: object, where: str) -> tuple[float, float]:
-    if not isinstance(value, list) or len(value) != 2:
-        raise _Invalid(f"{where}: expected [low, high], found {_kind(value)}")
-    low, high = _real(value[0], f"{where}[0]"), _real(value[1], f"{where}[1]")
-    if low > high:
-        raise _Invalid(f"{where}: low {low} is above high {high}")
-    return low, high
-
-
-def _sha256(value: object, where: str) -> str | None:
-    if value is None:
-        return None
-    text = _string(value, where)
+def _sha256(value: object, where: str) -> str:
+    text = jsonfile.non_empty_string(value, where)
     if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
-        raise _Invalid(f"{where}: expected 64 lowercase hex digits")
+        raise jsonfile.DocumentError(where, "expected 64 lowercase hex digits")
     return text
 
 
-def _timestamp(value: object, where: str) -> str:
-    text = _string(value, where)
-    try:
-        datetime.fromisoformat(text)
-    except ValueError:
-        raise _Invalid(f"{where}: {text!r} is not an ISO-8601 date and time") from None
-    return text
+_optional_string = jsonfile.optional(jsonfile.non_empty_string)
+_optional_positive = jsonfile.optional(jsonfile.positive)
 
-
-_PROVENANCE_FIELDS: dict[str, _Parser] = {
-    "source": _string,
-    "description": _string,
-    "created": _timestamp,
-    "plugin_version": _string,
+_SCHEMA = jsonfile.Schema(REGION_SCHEMA, REGION_SCHEMA_VERSION, "a LoGM-delta region file")
+_PROVENANCE_FIELDS: dict[str, jsonfile.Parser[Any]] = {
+    "source": _one_of(SOURCES),
+    "description": jsonfile.non_empty_string,
+    "created": jsonfile.timestamp,
+    "plugin_version": jsonfile.non_empty_string,
     "paper": _optional_string,
     "dataset": _optional_string,
     "framework": _optional_string,
     "iterations_per_epoch": _optional_positive,
     "epoch_every": _optional_positive,
 }
-_SNAPSHOT_FIELDS: dict[str, _Parser] = {
-    "path": _string,
-    "step": _integer,
-    "global_logm": _real,
-    "sha256": _sha256,
+_SNAPSHOT_FIELDS: dict[str, jsonfile.Parser[Any]] = {
+    "path": jsonfile.non_empty_string,
+    "step": jsonfile.integer,
+    "global_logm": jsonfile.finite,
+    "sha256": jsonfile.optional(_sha256),
 }
-_DELTA_FIELDS: dict[str, _Parser] = {
-    "from_step": _integer,
-    "to_step": _integer,
-    "delta": _real,
+_DELTA_FIELDS: dict[str, jsonfile.Parser[Any]] = {
+    "from_step": jsonfile.integer,
+    "to_step": jsonfile.integer,
+    "delta": jsonfile.finite,
 }
 assert tuple(_PROVENANCE_FIELDS) == tuple(f.name for f in fields(RegionProvenance))
 assert tuple(_SNAPSHOT_FIELDS) == tuple(f.name for f in fields(SnapshotRecord))
 assert tuple(_DELTA_FIELDS) == tuple(f.name for f in fields(DeltaRecord))
+# In the order of the file, after the schema header.
+_TOP_FIELDS: dict[str, jsonfile.Parser[Any]] = {
+    "model": _optional_string,
+    "granularity": _one_of(GRANULARITIES),
+    "region": jsonfile.interval,
+    "margin": jsonfile.finite,
+    "provenance": jsonfile.record(RegionProvenance, _PROVENANCE_FIELDS),
+    "snapshots": jsonfile.array_of(jsonfile.record(SnapshotRecord, _SNAPSHOT_FIELDS)),
+    "deltas": jsonfile.array_of(jsonfile.record(DeltaRecord, _DELTA_FIELDS)),
+}
 
 
 # --- writing ----------------------------------------------------------------------------------
@@ -559,46 +389,3 @@ def save_region(
 ) -> Path:
     """Write a region file atomically; an existing file is kept unless ``overwrite``."""
     return write_text_file(Path(path), dumps_region(region), overwrite=overwrite)
-
-
-def write_text_file(path: Path, text: str, *, overwrite: bool = False) -> Path:
-    """Write ``text`` through a temp file in the same folder, then move it into place.
-
-    Readers see the old file or the new one, never half of one. Without ``overwrite`` the move
-    is a hard link, which fails rather than replaces when another process created the file in
-    the meantime.
-    """
-    folder = path.parent
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{path}: folder {folder} does not exist")
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder, not a file name")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass --force (overwrite=True) to replace it")
-    descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, _NEW_FILE_MODE)
-        _move_into_place(temporary, path, overwrite=overwrite)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-    return path
-
-
-def _move_into_place(temporary: str, path: Path, *, overwrite: bool) -> None:
-    if overwrite:
-        os.replace(temporary, path)
-        return
-    try:
-        os.link(temporary, path)
-    except FileExistsError:
-        raise FileExistsError(
-            f"{path} already exists; pass --force (overwrite=True) to replace it"
-        ) from None
-    except OSError:
-        # Filesystems without hard links: the existence check above is the best we can do.
-        os.replace(temporary, path)

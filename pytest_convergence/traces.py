@@ -1,32 +1,147 @@
 """Traces: what a co-simulation measured, per step and per parameter, serializable to JSON.
 
 A trace keeps statistics, never weights, so memory stays bounded however many steps run, and the
-JSON written into a report folder is enough to re-plot and re-judge a run offline.
+JSON written into a report folder is enough to re-plot and re-judge a run offline. That JSON, and
+the landscape and norms JSON of :mod:`pytest_convergence.diagnostics`, are measurement files: the
+fields of their classes, read back by :func:`from_constructor` (:class:`MeasurementFile`).
 """
 
 from __future__ import annotations
 
+import collections.abc
+import functools
+import inspect
 import itertools
-import json
 import math
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, ClassVar, TypeAlias, TypeVar, cast
+
+from pytest_convergence import jsonfile
+from pytest_convergence.errors import TraceFormatError
 
 __all__ = [
     "CoSimulation",
+    "MeasurementFile",
+    "MeasurementFormat",
     "ParameterColumns",
     "ParameterComparison",
     "ParameterStep",
     "StepComparison",
     "StepTrace",
     "Trace",
+    "TraceFormatError",
+    "from_constructor",
 ]
+
+T = TypeVar("T")
+_NONE = type(None)
 
 TRACE_SCHEMA = "pytest-convergence/trace"
 TRACE_SCHEMA_VERSION = 1
+
+
+# --- measurement files ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MeasurementFormat:
+    """The file of a kind of measurement (a trace, a landscape slice, a norm evolution): a
+    schema header, then the arguments of the class's constructor, one value per line, with the
+    Inf and NaN of a diverged run kept as text. A damaged one is a ``TraceFormatError``
+    reading "malformed {what} (...)".
+    """
+
+    schema: jsonfile.Schema
+    what: str
+
+    def dumps(self, fields: dict[str, Any]) -> str:
+        return jsonfile.dumps_text_floats({**self.schema.header(), **fields})
+
+    def loads(self, text: str, kind: type[T], *, source: str) -> T:
+        parse = self.schema.reader(from_constructor(kind))
+        return jsonfile.load_text(text, parse, source=source, error=self._error)
+
+    def _error(self, source: str, problem: str) -> TraceFormatError:
+        return TraceFormatError(source, f"malformed {self.what} ({problem})")
+
+
+def from_constructor(kind: type[T]) -> jsonfile.Parser[T]:
+    """A parser of an object holding the arguments of ``kind``'s constructor, each read by the
+    parser of its annotated type; an argument with a default may be absent, so that a file
+    written before it existed still reads.
+
+    Measurement files mirror their classes field for field, so the classes are their schema:
+    a field added to a class is read back without a second list to keep in step. Floats may be
+    Inf or NaN (``jsonfile.text_float``); a type with no parser is a ``TypeError`` on first use.
+    """
+    parse: jsonfile.Parser[T] = _constructed(cast(object, kind))
+    return parse
+
+
+@functools.cache  # one parser per class, built on first use
+def _constructed(kind: Any) -> jsonfile.Parser[Any]:
+    parameters = inspect.signature(kind).parameters
+    hints = typing.get_type_hints(kind.__init__)
+    parsers = {name: _parser_for(hints[name]) for name in parameters}
+    defaults = [name for name, item in parameters.items() if item.default is not item.empty]
+    return jsonfile.record(kind, parsers, optional=defaults)
+
+
+def _parser_for(hint: Any) -> jsonfile.Parser[Any]:
+    simple: dict[object, jsonfile.Parser[Any]] = {
+        str: jsonfile.string,
+        bool: jsonfile.boolean,
+        int: jsonfile.integer,
+        float: jsonfile.text_float,
+    }
+    if hint in simple:
+        return simple[hint]
+    origin, arguments = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union) and len(arguments) == 2 and _NONE in arguments:
+        return jsonfile.optional(_parser_for(next(a for a in arguments if a is not _NONE)))
+    if origin in (tuple, collections.abc.Sequence) and arguments[1:] in ((), (Ellipsis,)):
+        return jsonfile.array_of(_parser_for(arguments[0]))
+    if origin is list:
+        return _as_list(jsonfile.array_of(_parser_for(arguments[0])))
+    if origin is dict and arguments[0] is str:
+        return jsonfile.dict_of(_parser_for(arguments[1]))
+    if isinstance(hint, type) and origin is None:
+        return from_constructor(hint)
+    raise TypeError(f"no JSON parser for the type {hint!r}")
+
+
+def _as_list(parse: jsonfile.Parser[tuple[T, ...]]) -> jsonfile.Parser[list[T]]:
+    def parse_list(value: object, where: str) -> list[T]:
+        return list(parse(value, where))
+
+    return parse_list
+
+
+M = TypeVar("M", bound="MeasurementFile")
+
+
+class MeasurementFile:
+    """Base of a dataclass kept as a measurement file: ``to_json`` and ``from_json`` in the
+    :class:`MeasurementFormat` the class declares as ``FILE_FORMAT``."""
+
+    FILE_FORMAT: ClassVar[MeasurementFormat]
+
+    def to_json(self) -> str:
+        return self.FILE_FORMAT.dumps(asdict(cast(Any, self)))
+
+    @classmethod
+    def from_json(cls: type[M], text: str, *, source: str = "<string>") -> M:
+        """Read back :meth:`to_json`'s text; a damaged one is a ``TraceFormatError`` naming
+        ``source``."""
+        return cls.FILE_FORMAT.loads(text, cls, source=source)
+
+
+# --- records ----------------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
@@ -223,7 +338,7 @@ class StepComparison:
 
 
 @dataclass
-class CoSimulation:
+class CoSimulation(MeasurementFile):
     """A reference and one candidate stepped in lockstep from identical state."""
 
     workload: str
@@ -237,74 +352,18 @@ class CoSimulation:
     # Parameter name -> class of the module that owns it, for reports ("Conv2d").
     module_types: dict[str, str] = field(default_factory=dict)
 
+    FILE_FORMAT: ClassVar[MeasurementFormat] = MeasurementFormat(
+        jsonfile.Schema(TRACE_SCHEMA, TRACE_SCHEMA_VERSION, "a co-simulation trace"),
+        "co-simulation trace",
+    )
+
     def to_json(self) -> str:
         fields = {item.name: getattr(self, item.name) for item in dataclass_fields(self)}
         fields["reference"] = self.reference.to_dict()  # its steps are not dataclasses
         fields["comparisons"] = [asdict(comparison) for comparison in self.comparisons]
         fields["module_types"] = dict(self.module_types)
-        return dump_with_schema(TRACE_SCHEMA, fields, schema_version=TRACE_SCHEMA_VERSION)
+        return self.FILE_FORMAT.dumps(fields)
 
     def write(self, path: Path) -> Path:
-        path.write_text(self.to_json(), encoding="utf-8")
-        return path
-
-    @classmethod
-    def from_json(cls, text: str, *, source: str = "<string>") -> CoSimulation:
-        try:
-            data = load_with_schema(TRACE_SCHEMA, text)
-            data.pop("schema_version", None)
-            reference = Trace(
-                label=data["reference"]["label"],
-                steps=[_step_trace(s) for s in data["reference"]["steps"]],
-            )
-            comparisons = [_step_comparison(c) for c in data.pop("comparisons")]
-            data["reference"] = reference
-            return cls(**data, comparisons=comparisons)
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{source}: malformed co-simulation trace ({error})") from None
-
-
-def _step_trace(data: dict[str, Any]) -> StepTrace:
-    parameters = tuple(ParameterStep(**p) for p in data.pop("parameters"))
-    return StepTrace(**data, parameters=parameters)
-
-
-def _step_comparison(data: dict[str, Any]) -> StepComparison:
-    parameters = tuple(ParameterComparison(**p) for p in data.pop("parameters"))
-    return StepComparison(**data, parameters=parameters)
-
-
-def dump_with_schema(schema: str, fields: dict[str, Any], **header: Any) -> str:
-    """A JSON document of ``fields`` under a ``schema`` tag (and ``header`` entries), with Inf
-    and NaN stored as text."""
-    return json.dumps(_finite_or_text({"schema": schema, **header, **fields}), indent=1)
-
-
-def load_with_schema(schema: str, text: str) -> dict[str, Any]:
-    """The fields of a :func:`dump_with_schema` document, Inf and NaN restored; ValueError
-    when it is tagged with another schema (the caller names the file)."""
-    data = _text_to_float(json.loads(text))
-    if data.pop("schema", None) != schema:
-        raise ValueError(f"not a {schema} file")
-    return data  # type: ignore[no-any-return]
-
-
-def _finite_or_text(value: Any) -> Any:
-    """JSON has no Inf or NaN: store them as strings and restore them on load."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return repr(value)
-    if isinstance(value, dict):
-        return {key: _finite_or_text(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite_or_text(item) for item in value]
-    return value
-
-
-def _text_to_float(value: Any) -> Any:
-    if value in ("inf", "-inf", "nan"):
-        return float(value)
-    if isinstance(value, dict):
-        return {key: _text_to_float(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_text_to_float(item) for item in value]
-    return value
+        """Write :meth:`to_json` atomically, replacing an older trace."""
+        return jsonfile.write_text_file(path, self.to_json(), overwrite=True)

@@ -37,6 +37,7 @@ from pytest_convergence.paper_regions import (
     PAPER_CITATION,
     PAPER_REGIONS,
     REGION_SCHEMA,
+    RegionFileError,
     load_region,
     paper_region,
 )
@@ -486,7 +487,7 @@ def test_check_refuses_a_co_simulation_baseline_naming_both_kinds(
         ({"region": [0.1, -0.1]}, "region: low 0.1 is above high -0.1"),
         ({"region": [0.0, "nan"]}, "region[1]: nan is not allowed"),
         ({"schema_version": 99}, "written by a newer pytest-convergence"),
-        ({"extra": 1}, "unknown key 'extra'"),
+        ({"extra": 1, "more": 2}, "unexpected key 'extra', 'more'"),
     ],
 )
 def test_a_malformed_region_file_is_refused_naming_the_file_and_the_entry(
@@ -505,6 +506,30 @@ def test_a_malformed_region_file_is_refused_naming_the_file_and_the_entry(
 
     assert code == EXIT_ERROR
     assert_one_line_error(err, "broken.json", message)
+
+
+def test_a_region_file_names_every_missing_and_unexpected_key_at_once(tmp_path: Path) -> None:
+    document = json.loads(PAPER_FILES["vgg16"].read_text())
+    del document["provenance"]["paper"], document["provenance"]["dataset"]
+    document["provenance"]["extra"] = 1
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(document))
+
+    with pytest.raises(RegionFileError) as caught:
+        load_region(broken)
+
+    assert str(caught.value) == (
+        f"{broken}: provenance: missing key 'paper', 'dataset'; unexpected key 'extra'"
+    )
+
+
+def test_a_region_file_accepts_a_utc_timestamp_written_with_z(tmp_path: Path) -> None:
+    document = json.loads(PAPER_FILES["vgg16"].read_text())
+    document["provenance"]["created"] = "2026-11-23T17:43:36Z"
+    region = tmp_path / "z.json"
+    region.write_text(json.dumps(document))
+
+    assert load_region(region).provenance.created == "2026-11-23T17:43:36Z"
 
 
 def test_check_of_snapshots_of_different_architectures_is_a_usage_error(

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from torch import nn
 
 from pytest_convergence.candidates import Candidate, mean_exchange
 from pytest_convergence.cosim import cosimulate, cosimulate_many, train
-from pytest_convergence.traces import CoSimulation
+from pytest_convergence.traces import CoSimulation, TraceFormatError, from_constructor
 from pytest_convergence.workloads import Workload, get_workload, sgd
 
 PLAIN_SGD = sgd(lr=0.05, momentum=0.0, weight_decay=0.0)
@@ -115,6 +117,37 @@ def test_a_co_simulation_round_trips_through_json() -> None:
 def test_a_malformed_trace_names_its_source() -> None:
     with pytest.raises(ValueError, match=r"trace\.json: malformed co-simulation trace"):
         CoSimulation.from_json('{"schema": "other"}', source="trace.json")
+
+
+def test_a_malformed_trace_names_the_place_in_the_document() -> None:
+    document = json.loads(cosimulate(mlp(steps=2), scale_gradient("fc1.weight", 2.0)).to_json())
+    document["comparisons"][1]["parameters"][0]["bias"] = "x"
+    with pytest.raises(TraceFormatError) as caught:
+        CoSimulation.from_json(json.dumps(document), source="trace.json")
+    assert str(caught.value) == (
+        "trace.json: malformed co-simulation trace "
+        "(comparisons[1].parameters[0].bias: expected a number, found str 'x')"
+    )
+
+
+def test_a_trace_written_before_a_field_with_a_default_existed_still_reads() -> None:
+    run = cosimulate(mlp(steps=2), scale_gradient("fc1.weight", 2.0))
+    document = json.loads(run.to_json())
+    for comparison in document["comparisons"]:
+        for parameter in comparison["parameters"]:
+            del parameter["radial"]
+    again = CoSimulation.from_json(json.dumps(document))
+    assert all(p.radial is None for c in again.comparisons for p in c.parameters)
+    assert again.comparisons[0].parameters[0].bias == run.comparisons[0].parameters[0].bias
+
+
+def test_a_measurement_field_of_a_type_no_file_can_hold_is_a_type_error() -> None:
+    @dataclass(frozen=True)
+    class Unreadable:
+        steps: set[int]
+
+    with pytest.raises(TypeError, match="no JSON parser for the type set"):
+        from_constructor(Unreadable)
 
 
 def test_co_simulation_is_deterministic() -> None:
