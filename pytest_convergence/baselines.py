@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pytest_convergence import jsonfile
+from pytest_convergence.config import MISMATCH_POLICIES, RECORD_COMMAND
 from pytest_convergence.errors import BaselineError
 from pytest_convergence.regions import Calibration, ParameterRegion, Region
 
@@ -53,8 +54,7 @@ SCHEMA = "pytest-convergence/baseline"
 # 4: per-step rounding_scale, the floor under a parameter's error scale, spreads and noise limit.
 # Older files are refused with the command that re-records them: they would judge differently.
 SCHEMA_VERSION = 4
-MISMATCH_POLICIES = ("warn", "fail")
-RECORD_HINT = "pytest --convergence --convergence-record <the tests that use it>"
+RECORD_HINT = f"{RECORD_COMMAND} <the tests that use it>"
 # A re-record summary is read in a terminal and a pull request: the biggest changes, not all.
 MAX_CHANGE_LINES = 10
 # Relative changes below this are float noise between two recordings, not worth a line.
