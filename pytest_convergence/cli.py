@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from pytest_convergence._formats import SUPPORTED_SUFFIXES
 from pytest_convergence._version import __version__
-from pytest_convergence.errors import NonFiniteWeightError
+from pytest_convergence.errors import CliError, NonFiniteWeightError
 from pytest_convergence.paper_regions import (
     BASELINE_SCHEMA,
     PAPER_REGIONS,
@@ -90,10 +90,6 @@ _FIRST_INTEGER = re.compile(r"\d+")
 _DIGITS = re.compile(r"(\d+)")
 _GLOB_CHARACTERS = frozenset("*?[")
 _PAPER_PREFIX = "paper:"
-
-
-class CliError(Exception):
-    """An input or usage problem, reported as one line and exit status 2."""
 
 
 class _DivergedError(CliError):

@@ -37,3 +37,8 @@ class SnapshotFormatError(ValueError):
 
 class UnsafeExternalDataError(SnapshotFormatError):
     """ONNX external data points outside the model's folder: refuse to read it."""
+
+
+class CliError(Exception):
+    """An input or usage problem of the ``pytest-convergence`` command: one line on stderr and
+    exit status 2, because the fix is an argument or a file, never a traceback to debug."""
