@@ -85,7 +85,6 @@ DIFF_ROWS = 20
 REGION_ROWS = 40
 # Differences listed when two snapshots do not have the same parameters.
 MISMATCH_EXAMPLES = 5
-_CHUNK = 1 << 20
 _FIRST_INTEGER = re.compile(r"\d+")
 _DIGITS = re.compile(r"(\d+)")
 _GLOB_CHARACTERS = frozenset("*?[")
@@ -318,14 +317,15 @@ def _measure_tensor(name: str, tensor: torch.Tensor, with_stats: bool) -> Parame
 
 
 def _summarize(path: Path, snapshot: Snapshot, rows: list[ParameterRow]) -> SnapshotLogm:
-    nonzero = sum(row.count - row.zeros for row in rows)
-    log_sum = math.fsum(row.logm * (row.count - row.zeros) for row in rows if row.logm is not None)
+    from pytest_convergence.metrics import compose_logm_sum
+
+    total = compose_logm_sum(rows)
     return SnapshotLogm(
         path=str(path),
         step=snapshot.step,
-        global_logm=log_sum / nonzero if nonzero else None,
-        count=sum(row.count for row in rows),
-        zeros=sum(row.zeros for row in rows),
+        global_logm=total.logm,
+        count=total.count,
+        zeros=total.zeros,
         parameters=tuple(rows),
         skipped=snapshot.skipped,
     )
@@ -916,7 +916,9 @@ def _diff_pair(
         row_a = _measure_tensor(name, tensor_a, with_stats=False)
     with _about(path_b):
         row_b = _measure_tensor(name, tensor_b, with_stats=False)
-    relative, largest = _difference_norms(tensor_a, tensor_b)
+    from pytest_convergence.metrics import difference_norms
+
+    norms = difference_norms(tensor_a, tensor_b)
     return ParameterDiff(
         name=name,
         shape=row_a.shape,
@@ -927,35 +929,23 @@ def _diff_pair(
         logm_abs_diff=None
         if row_a.logm is None or row_b.logm is None
         else abs(row_b.logm - row_a.logm),
-        relative_l2_error=relative,
-        max_abs_diff=largest,
+        relative_l2_error=norms.relative_l2_error,
+        max_abs_diff=norms.max_abs_diff,
         zeros_a=row_a.zeros,
         zeros_b=row_b.zeros,
     )
 
 
-def _difference_norms(tensor_a: torch.Tensor, tensor_b: torch.Tensor) -> tuple[float, float]:
-    """||a - b|| / ||a|| and max |a - b|, in float64, a chunk at a time (no full-size copy)."""
-    import torch
-
-    flat_a, flat_b = tensor_a.reshape(-1), tensor_b.reshape(-1)
-    error_sq, norm_sq, largest = 0.0, 0.0, 0.0
-    for start in range(0, flat_a.numel(), _CHUNK):
-        piece_a = flat_a[start : start + _CHUNK].to(torch.float64)
-        difference = piece_a - flat_b[start : start + _CHUNK].to(torch.float64)
-        error_sq += float(torch.dot(difference, difference))
-        norm_sq += float(torch.dot(piece_a, piece_a))
-        largest = max(largest, float(difference.abs().max()))
-    if norm_sq > 0:
-        return math.sqrt(error_sq) / math.sqrt(norm_sq), largest
-    return (math.inf if error_sq > 0 else 0.0), largest
-
-
 def _composed_logm(diffs: Sequence[ParameterDiff], side: str) -> float | None:
-    parts = [(getattr(d, f"logm_{side}"), d.shape, getattr(d, f"zeros_{side}")) for d in diffs]
-    nonzero = [(logm, math.prod(shape) - zeros) for logm, shape, zeros in parts if logm is not None]
-    total = sum(n for _, n in nonzero)
-    return math.fsum(logm * n for logm, n in nonzero) / total if total else None
+    from pytest_convergence.metrics import ParameterLogm, compose_logm_sum
+
+    parts = [
+        ParameterLogm(
+            d.name, getattr(d, f"logm_{side}"), math.prod(d.shape), getattr(d, f"zeros_{side}")
+        )
+        for d in diffs
+    ]
+    return compose_logm_sum(parts).logm
 
 
 def _diff_lines(
