@@ -27,7 +27,6 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TextIO
@@ -40,14 +39,11 @@ from pytest_convergence.paper_regions import (
     PAPER_REGIONS,
     REGION_SCHEMA,
     LogmDeltaRegion,
-    RegionProvenance,
-    SnapshotRecord,
     StepLogm,
     consecutive_deltas,
-    epoch_boundaries,
     load_region,
+    measured_region,
     paper_region,
-    region_bounds,
     save_region,
     write_text_file,
 )
@@ -574,45 +570,17 @@ def _file_sha256(path: Path) -> str:
 def _build_region(
     args: argparse.Namespace, points: list[StepLogm], hashes: list[str | None]
 ) -> LogmDeltaRegion:
-    per_epoch = args.iterations_per_epoch is not None or args.epoch_every is not None
-    if per_epoch:
-        try:
-            boundaries = epoch_boundaries(
-                points,
-                iterations_per_epoch=args.iterations_per_epoch,
-                epoch_every=args.epoch_every,
-            )
-        except ValueError as error:
-            raise CliError(str(error)) from None
-        deltas = consecutive_deltas(boundaries)
-    else:
-        deltas = consecutive_deltas(points)
-    low, high = region_bounds([d.delta for d in deltas], args.margin)
-    granularity = "epoch" if per_epoch else "iteration"
-    provenance = RegionProvenance(
-        source="measured",
-        description=(
-            f"measured from {len(points)} snapshots, steps {points[0].step}..{points[-1].step}"
-        ),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        plugin_version=__version__,
-        iterations_per_epoch=args.iterations_per_epoch,
-        epoch_every=args.epoch_every,
-    )
-    snapshots = tuple(
-        SnapshotRecord(p.path, p.step, p.logm, digest)
-        for p, digest in zip(points, hashes, strict=True)
-    )
-    return LogmDeltaRegion(
-        model=args.model,
-        granularity=granularity,
-        low=low,
-        high=high,
-        margin=args.margin,
-        provenance=provenance,
-        snapshots=snapshots,
-        deltas=tuple(deltas),
-    )
+    try:
+        return measured_region(
+            points,
+            iterations_per_epoch=args.iterations_per_epoch,
+            epoch_every=args.epoch_every,
+            margin=args.margin,
+            model=args.model,
+            sha256=hashes,
+        )
+    except ValueError as error:
+        raise CliError(str(error)) from None
 
 
 def _region_lines(region: LogmDeltaRegion, points: list[StepLogm], limit: int) -> list[str]:
