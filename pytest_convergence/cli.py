@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
     from pytest_convergence.html_report import ReportBand
     from pytest_convergence.snapshots import Snapshot
+    from pytest_convergence.snapshots.measure import ParameterRow, SnapshotLogm
 
 __all__ = [
     "EXIT_ERROR",
@@ -90,6 +91,17 @@ _PAPER_PREFIX = "paper:"
 class _DivergedError(CliError):
     """A snapshot holds NaN or Inf weights: an input error for most commands, but for
     ``check`` the very divergence a region exists to catch."""
+
+
+def __getattr__(name: str) -> Any:
+    """``ParameterRow`` and ``SnapshotLogm`` moved to :mod:`pytest_convergence.snapshots.measure`;
+    they are still importable from here, and loaded on first use so ``--help`` stays free of
+    torch."""
+    if name in ("ParameterRow", "SnapshotLogm"):
+        from pytest_convergence.snapshots import measure as measuring
+
+        return getattr(measuring, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --- progress ---------------------------------------------------------------------------------
@@ -255,76 +267,15 @@ def _one_line(error: BaseException) -> str:
     return text or type(error).__name__
 
 
-# --- measuring snapshots ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ParameterRow:
-    """One parameter of one snapshot, as the tables and ``--json`` show it."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    logm: float | None
-    count: int
-    zeros: int
-    l2_norm: float | None = None
-    std: float | None = None
-
-
-@dataclass(frozen=True)
-class SnapshotLogm:
-    """A snapshot's global LoGM and its parameters, measured one tensor at a time."""
-
-    path: str
-    step: int | None
-    global_logm: float | None
-    count: int
-    zeros: int
-    parameters: tuple[ParameterRow, ...]
-    skipped: tuple[str, ...]
+# --- measuring snapshots ---------------------------------------------------------------------
 
 
 def measure(path: Path, *, with_stats: bool = False) -> SnapshotLogm:
-    """Stream a snapshot: each tensor is loaded, measured and released before the next.
-
-    The global LoGM is composed from the parameters' log sums, so no file is read twice.
-    """
-    from pytest_convergence.snapshots import load_snapshot
+    """Stream a snapshot, naming the file in any error."""
+    from pytest_convergence.snapshots.measure import measure_snapshot
 
     with _about(path):
-        snapshot = load_snapshot(path)
-        rows = [_measure_tensor(name, snapshot[name], with_stats) for name in snapshot]
-    return _summarize(path, snapshot, rows)
-
-
-def _measure_tensor(name: str, tensor: torch.Tensor, with_stats: bool) -> ParameterRow:
-    from pytest_convergence.metrics import parameter_logms, parameter_stats
-
-    shape = tuple(tensor.shape)
-    dtype = str(tensor.dtype).removeprefix("torch.")
-    if with_stats:
-        stats = parameter_stats({name: tensor})[0]
-        return ParameterRow(
-            name, shape, dtype, stats.logm, stats.count, stats.zeros, stats.l2_norm, stats.std
-        )
-    part = parameter_logms({name: tensor})[0]
-    return ParameterRow(name, shape, dtype, part.logm, part.count, part.zeros)
-
-
-def _summarize(path: Path, snapshot: Snapshot, rows: list[ParameterRow]) -> SnapshotLogm:
-    from pytest_convergence.metrics import compose_logm_sum
-
-    total = compose_logm_sum(rows)
-    return SnapshotLogm(
-        path=str(path),
-        step=snapshot.step,
-        global_logm=total.logm,
-        count=total.count,
-        zeros=total.zeros,
-        parameters=tuple(rows),
-        skipped=snapshot.skipped,
-    )
+        return measure_snapshot(path, with_stats=with_stats)
 
 
 def _global_logm(measured: SnapshotLogm) -> float:
@@ -880,10 +831,12 @@ def _diff_tensors(
 def _diff_pair(
     name: str, tensor_a: torch.Tensor, tensor_b: torch.Tensor, path_a: Path, path_b: Path
 ) -> ParameterDiff:
+    from pytest_convergence.snapshots.measure import measure_tensor
+
     with _about(path_a):
-        row_a = _measure_tensor(name, tensor_a, with_stats=False)
+        row_a = measure_tensor(name, tensor_a)
     with _about(path_b):
-        row_b = _measure_tensor(name, tensor_b, with_stats=False)
+        row_b = measure_tensor(name, tensor_b)
     from pytest_convergence.metrics import difference_norms
 
     norms = difference_norms(tensor_a, tensor_b)

@@ -10,13 +10,27 @@ weights-only, ``.npz`` files without pickle, and ONNX external data only from th
 
 One module per concern: ``snapshot`` (the ``Snapshot`` mapping), ``files`` (``load_snapshot`` and
 ``save_snapshot``, which pick the format from the suffix), one module per format
-(``torch_format``, ``safetensors_format``, ``npz_format``, ``onnx_format``), and ``common`` (what
-the formats share).
+(``torch_format``, ``safetensors_format``, ``npz_format``, ``onnx_format``), ``common`` (what the
+formats share) and ``measure`` (a file's LoGM table, one tensor at a time).
 """
 
 from __future__ import annotations
 
 from pytest_convergence.snapshots.files import load_snapshot, save_snapshot
+from pytest_convergence.snapshots.measure import (
+    ParameterRow,
+    SnapshotLogm,
+    measure_snapshot,
+    measure_tensor,
+)
 from pytest_convergence.snapshots.snapshot import Snapshot
 
-__all__ = ["Snapshot", "load_snapshot", "save_snapshot"]
+__all__ = [
+    "ParameterRow",
+    "Snapshot",
+    "SnapshotLogm",
+    "load_snapshot",
+    "measure_snapshot",
+    "measure_tensor",
+    "save_snapshot",
+]
