@@ -1,17 +1,29 @@
-"""Building a measured LoGM-delta region from a healthy run's step LoGMs."""
+"""LoGM-delta regions: the paper's published ones, and building one from a healthy run's step
+LoGMs."""
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from pytest_convergence import __version__
-from pytest_convergence.paper_regions import StepLogm, measured_region
+from pytest_convergence.paper_regions import (
+    PAPER_CITATION,
+    PAPER_REGIONS,
+    StepLogm,
+    load_region,
+    measured_region,
+    paper_region,
+)
 
+REPOSITORY = Path(__file__).resolve().parent.parent
+PAPER_FILES = {key: REPOSITORY / "baselines" / f"paper-{key}.json" for key in PAPER_REGIONS}
 MOMENT = datetime(2026, 11, 23, 17, 43, 36, tzinfo=timezone.utc)
 
 
@@ -79,3 +91,26 @@ def test_too_few_snapshots_or_epoch_boundaries_are_value_errors() -> None:
         measured_region(
             [StepLogm(0, -1.0, "a.pt"), StepLogm(4, -1.1, "b.pt")], iterations_per_epoch=2
         )
+
+
+@pytest.mark.parametrize("key", PAPER_REGIONS)
+def test_the_shipped_paper_region_files_hold_table_1_with_provenance(key: str) -> None:
+    region = load_region(PAPER_FILES[key])
+
+    published = PAPER_REGIONS[key]
+    assert (region.low, region.high) == (published.low, published.high)
+    assert region.model == published.model
+    assert region.granularity == "epoch"
+    assert region.provenance.source == "paper"
+    assert region.provenance.paper == PAPER_CITATION
+    assert region.provenance.dataset == "ImageNet (full size)"
+    assert region.provenance.framework == "Intel Caffe"
+    assert region == replace(paper_region(key), provenance=region.provenance)
+
+
+def test_the_paper_regions_are_the_published_numbers() -> None:
+    assert {key: (r.low, r.high) for key, r in PAPER_REGIONS.items()} == {
+        "googlenet-v1": (-0.09817, 0.09665),
+        "vgg16": (-0.13456, 0.01279),
+        "resnet50": (-0.03719, 0.03691),
+    }
