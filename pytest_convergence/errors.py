@@ -150,3 +150,8 @@ class OpMismatchError(AssertionError):
     def __init__(self, message: str, comparisons: Sequence[Comparison] = ()) -> None:
         super().__init__(message)
         self.comparisons = tuple(comparisons)
+
+
+class CliError(Exception):
+    """An input or usage problem of the ``pytest-convergence`` command: one line on stderr and
+    exit status 2, because the fix is an argument or a file, never a traceback to debug."""

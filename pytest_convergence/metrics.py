@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import numpy as np
 import torch
@@ -40,11 +40,15 @@ except ImportError:  # installed without a C compiler: the exact tensor path is 
     _logm_kernel = None  # type: ignore[assignment]
 
 __all__ = [
+    "CountedLogm",
+    "DifferenceNorms",
     "LogmSum",
     "ParameterLogm",
     "ParameterStats",
     "WeightsLike",
     "compiled_kernel_available",
+    "compose_logm_sum",
+    "difference_norms",
     "logm",
     "logm_sum",
     "named_weights",
@@ -125,6 +129,31 @@ class ParameterStats:
     std: float | None
 
 
+class CountedLogm(Protocol):
+    """A part's LoGM with its weight and zero counts: what :func:`compose_logm_sum` combines
+    (:class:`ParameterLogm`, :class:`ParameterStats` and the CLI's rows all are one)."""
+
+    @property
+    def logm(self) -> float | None: ...
+
+    @property
+    def count(self) -> int: ...
+
+    @property
+    def zeros(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class DifferenceNorms:
+    """How far tensor b lies from tensor a: ``||b - a|| / ||a||`` and ``max |b - a|``.
+
+    ``relative_l2_error`` is ``inf`` when a is all zeros and b is not, and 0 when both are.
+    """
+
+    relative_l2_error: float
+    max_abs_diff: float
+
+
 def logm(weights: WeightsLike) -> float:
     """Global LoGM: mean log10|w| over all nonzero floating-point weights.
 
@@ -160,6 +189,47 @@ def parameter_stats(weights: WeightsLike) -> list[ParameterStats]:
         l2_norm, std = _norm_and_std(tensor)
         results.append(ParameterStats(name, part.logm, part.count, part.zeros, l2_norm, std))
     return results
+
+
+def compose_logm_sum(parts: Iterable[CountedLogm]) -> LogmSum:
+    """The :class:`LogmSum` of a concatenation, from its parts' LoGMs and counts.
+
+    Tables and traces keep each parameter's LoGM (a mean), not its log sum; the mean times the
+    nonzero count recovers the sum, and ``fsum`` adds them without the rounding a running sum
+    would accumulate over thousands of parameters. A part without a LoGM has no nonzero weight
+    and contributes its zeros only. ``.logm`` of the result is the global LoGM.
+    """
+    weighted: list[float] = []
+    nonzero = zeros = 0
+    for part in parts:
+        part_nonzero = part.count - part.zeros
+        if part.logm is not None:
+            weighted.append(part.logm * part_nonzero)
+        nonzero += part_nonzero
+        zeros += part.zeros
+    return LogmSum(math.fsum(weighted), nonzero, zeros)
+
+
+def difference_norms(
+    tensor_a: torch.Tensor, tensor_b: torch.Tensor, *, chunk: int = CPU_CHUNK
+) -> DifferenceNorms:
+    """Relative L2 error and largest absolute difference of b from a, in float64.
+
+    Taken ``chunk`` elements at a time, so that comparing two large tensors never makes a
+    full-size float64 copy; the tensors may differ in dtype (a float16 implementation against a
+    float32 one) but not in element count.
+    """
+    flat_a, flat_b = tensor_a.reshape(-1), tensor_b.reshape(-1)
+    error_sq, norm_sq, largest = 0.0, 0.0, 0.0
+    for start in range(0, flat_a.numel(), chunk):
+        piece_a = flat_a[start : start + chunk].to(torch.float64)
+        difference = piece_a - flat_b[start : start + chunk].to(torch.float64)
+        error_sq += float(torch.dot(difference, difference))
+        norm_sq += float(torch.dot(piece_a, piece_a))
+        largest = max(largest, float(difference.abs().max()))
+    if norm_sq > 0:
+        return DifferenceNorms(math.sqrt(error_sq) / math.sqrt(norm_sq), largest)
+    return DifferenceNorms(math.inf if error_sq > 0 else 0.0, largest)
 
 
 def named_weights(weights: WeightsLike) -> Iterator[tuple[str, torch.Tensor]]:

@@ -46,6 +46,7 @@ __all__ = [
     "dumps_region",
     "epoch_boundaries",
     "load_region",
+    "measured_region",
     "paper_region",
     "region_bounds",
     "save_region",
@@ -268,6 +269,60 @@ def region_bounds(deltas: Sequence[float], margin: float = 0.0) -> tuple[float, 
     low, high = min(deltas), max(deltas)
     pad = margin * max(abs(low), abs(high))
     return low - pad, high + pad
+
+
+def measured_region(
+    points: Sequence[StepLogm],
+    *,
+    iterations_per_epoch: int | None = None,
+    epoch_every: int | None = None,
+    margin: float = 0.0,
+    model: str | None = None,
+    sha256: Sequence[str | None] | None = None,
+    created: datetime | None = None,
+) -> LogmDeltaRegion:
+    """The region a healthy run's snapshots span, with the provenance a reviewer needs.
+
+    ``points`` are the snapshots' global LoGMs, ordered by step. Without an epoch option the
+    region is per iteration (neighbouring snapshots); with ``iterations_per_epoch`` or
+    ``epoch_every`` it is per epoch, from :func:`epoch_boundaries`. ``sha256`` gives each
+    snapshot file's digest, in the order of ``points``, to record beside it. Raises
+    ``ValueError`` for too few points or epoch boundaries, and for a negative margin.
+    """
+    per_epoch = iterations_per_epoch is not None or epoch_every is not None
+    if per_epoch:
+        boundaries = epoch_boundaries(
+            points, iterations_per_epoch=iterations_per_epoch, epoch_every=epoch_every
+        )
+        deltas = consecutive_deltas(boundaries)
+    else:
+        deltas = consecutive_deltas(points)
+    low, high = region_bounds([d.delta for d in deltas], margin)
+    provenance = RegionProvenance(
+        source="measured",
+        description=(
+            f"measured from {len(points)} snapshots, steps {points[0].step}..{points[-1].step}"
+        ),
+        created=_timestamp_now(created),
+        plugin_version=__version__,
+        iterations_per_epoch=iterations_per_epoch,
+        epoch_every=epoch_every,
+    )
+    digests = [None] * len(points) if sha256 is None else sha256
+    snapshots = tuple(
+        SnapshotRecord(p.path, p.step, p.logm, digest)
+        for p, digest in zip(points, digests, strict=True)
+    )
+    return LogmDeltaRegion(
+        model=model,
+        granularity="epoch" if per_epoch else "iteration",
+        low=low,
+        high=high,
+        margin=margin,
+        provenance=provenance,
+        snapshots=snapshots,
+        deltas=tuple(deltas),
+    )
 
 
 # --- reading ----------------------------------------------------------------------------------

@@ -13,7 +13,14 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from pytest_convergence import NonFiniteWeightError, logm, metrics, parameter_logms, parameter_stats
-from pytest_convergence.metrics import PARALLEL_TENSOR, SMALL_TENSOR, logm_sum
+from pytest_convergence.metrics import (
+    PARALLEL_TENSOR,
+    SMALL_TENSOR,
+    ParameterLogm,
+    compose_logm_sum,
+    difference_norms,
+    logm_sum,
+)
 from tests.conftest import reference_logm
 
 EXACT = 1e-9
@@ -219,3 +226,53 @@ def test_companion_stats_match_numpy() -> None:
     assert stats.l2_norm == pytest.approx(float(np.linalg.norm(array)), rel=1e-12)
     assert stats.std == pytest.approx(float(array.std()), rel=1e-10)
     assert stats.logm == pytest.approx(reference_logm(weights), abs=EXACT)
+
+
+# --- composing parts, and differences of two tensors -------------------------------------------
+
+
+@given(st.lists(weight_tensors(max_size=40_000), min_size=1, max_size=4))
+def test_composing_the_parts_logms_gives_the_logm_of_their_concatenation(
+    parts: list[torch.Tensor],
+) -> None:
+    whole = torch.cat([part.to(torch.float64) for part in parts])
+
+    composed = compose_logm_sum(parameter_logms({f"p{i}": p for i, p in enumerate(parts)}))
+
+    assert composed.logm == pytest.approx(logm(whole), abs=EXACT)
+    assert composed.count == whole.numel()
+    assert composed.zeros == int((whole == 0).sum())
+
+
+def test_a_part_without_a_logm_contributes_only_its_zeros() -> None:
+    parts = [ParameterLogm("dead", None, 4, 4), ParameterLogm("w", -1.5, 6, 2)]
+
+    composed = compose_logm_sum(parts)
+
+    assert (composed.logm, composed.nonzero, composed.zeros, composed.count) == (-1.5, 4, 6, 10)
+    assert compose_logm_sum([ParameterLogm("dead", None, 3, 3)]).logm is None
+    assert compose_logm_sum([]).logm is None
+
+
+@given(st.integers(1, 5_000), st.integers(0, 2**31), st.integers(1, 700))
+def test_difference_norms_match_float64_norms_whatever_the_chunk(
+    size: int, seed: int, chunk: int
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(size, generator=generator)
+    b = (a.double() + 1e-3 * torch.randn(size, generator=generator, dtype=torch.float64)).half()
+
+    norms = difference_norms(a, b, chunk=chunk)
+
+    difference = b.double() - a.double()
+    expected = float(difference.norm() / a.double().norm())
+    assert norms.relative_l2_error == pytest.approx(expected, rel=1e-9)
+    assert norms.max_abs_diff == float(difference.abs().max())
+
+
+def test_difference_norms_from_all_zero_weights_are_infinite_or_zero() -> None:
+    zeros = torch.zeros(2, 3)
+
+    assert difference_norms(zeros, torch.ones(6)).relative_l2_error == math.inf
+    assert difference_norms(zeros, zeros).relative_l2_error == 0.0
+    assert difference_norms(torch.empty(0), torch.empty(0)).max_abs_diff == 0.0

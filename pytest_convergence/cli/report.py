@@ -1,0 +1,121 @@
+"""``pytest-convergence report``: a self-contained HTML page of a co-simulation trace."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pytest_convergence.cli.arguments import Subcommands
+from pytest_convergence.cli.errors import errors_naming
+from pytest_convergence.cli.exit_status import EXIT_OK
+from pytest_convergence.cli.inputs import PAPER_PREFIX, load_region_spec
+from pytest_convergence.cli.output import PROG, check_writable, emit
+from pytest_convergence.errors import CliError
+from pytest_convergence.paper_regions import BASELINE_SCHEMA, REGION_SCHEMA, write_text_file
+
+if TYPE_CHECKING:
+    from pytest_convergence.html_report import ReportBand
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(commands: Subcommands) -> None:
+    """Register ``report``, its options and its handler."""
+    report = commands.add_parser(
+        "report",
+        help="self-contained HTML page of a co-simulation trace",
+        description="A self-contained HTML page (no network) of a trace.json written by "
+        "pytest --convergence: LoGM trajectories, the region band, the comparison table.",
+    )
+    report.add_argument("trace", metavar="TRACE.json", help="trace from a report folder")
+    report.add_argument(
+        "--out", metavar="FILE", help="the HTML file (default: report.html beside the trace)"
+    )
+    report.add_argument(
+        "--baseline",
+        metavar="FILE",
+        help="region to draw: a co-simulation baseline, a region file or paper:MODEL "
+        "(default: baselines/<workload>.json when it exists)",
+    )
+    report.add_argument("--force", action="store_true", help="replace an existing --out file")
+    report.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``report``; returns the exit status."""
+    from pytest_convergence.html_report import render_report
+    from pytest_convergence.traces import CoSimulation
+
+    trace = Path(args.trace)
+    out = Path(args.out) if args.out else trace.with_name("report.html")
+    check_writable(out, force=args.force)
+    with errors_naming(trace):
+        cosimulation = CoSimulation.from_json(trace.read_text(encoding="utf-8"), source=str(trace))
+    band = _report_band(args.baseline, cosimulation.workload, cosimulation.candidate)
+    page = render_report(cosimulation, band=band, source=str(trace))
+    with errors_naming(out):
+        write_text_file(out, page, overwrite=args.force)
+    region = f" with the region of {band.source}" if band is not None else " (no region band)"
+    emit(f"Wrote {out}{region}")
+    return EXIT_OK
+
+
+def _report_band(spec: str | None, workload: str, candidate: str) -> ReportBand | None:
+    """The region to draw: the one named, else the workload's baseline in ./baselines if any.
+
+    A named region that cannot be read is an error; a guessed one that cannot be read only
+    costs the band, with a warning, because the page is still worth having.
+    """
+    if spec is not None:
+        return _band_from(spec)
+    guess = _default_baseline(workload, candidate)
+    if guess is None:
+        return None
+    try:
+        return _band_from(guess)
+    except CliError as error:
+        print(f"{PROG} report: warning: no region band: {error}", file=sys.stderr)
+        return None
+
+
+def _band_from(spec: str) -> ReportBand:
+    from pytest_convergence.html_report import ReportBand
+
+    if spec.startswith(PAPER_PREFIX) or _schema_of(spec) == REGION_SCHEMA:
+        region, name = load_region_spec(spec)
+        return ReportBand(
+            region.low, region.high, f"LoGM-delta region per {region.granularity}", name
+        )
+    from pytest_convergence.baselines import load_baseline
+
+    with errors_naming(spec):
+        baseline = load_baseline(Path(spec))
+    low, high = baseline.region.global_logm_delta
+    return ReportBand(low, high, "per-iteration LoGM-delta region of the baseline", spec)
+
+
+def _default_baseline(workload: str, candidate: str) -> str | None:
+    folder = Path("baselines")
+    for name in (f"{workload}--{candidate}.json", f"{workload}.json"):
+        if "/" not in name and "\\" not in name and (folder / name).is_file():
+            return str(folder / name)
+    return None
+
+
+def _schema_of(spec: str) -> object:
+    with errors_naming(spec):
+        text = Path(spec).read_text(encoding="utf-8")
+    try:
+        document = json.loads(text)
+    except ValueError:
+        raise CliError(f"{spec}: not a JSON region or baseline file") from None
+    schema = document.get("schema") if isinstance(document, dict) else None
+    if schema not in (REGION_SCHEMA, BASELINE_SCHEMA):
+        raise CliError(
+            f"{spec}: schema {schema!r} is neither a LoGM-delta region ({REGION_SCHEMA}) nor a "
+            f"co-simulation baseline ({BASELINE_SCHEMA})"
+        )
+    return schema

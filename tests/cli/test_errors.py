@@ -1,0 +1,72 @@
+"""Damaged and unsafe input: one line on stderr naming the file, exit 2, never a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+import pytest_convergence as pc
+from pytest_convergence.cli import EXIT_ERROR
+from tests.cli.helpers import SUFFIXES, assert_one_line_error, run_cli, sample_weights
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_a_truncated_snapshot_exits_2_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], suffix: str
+) -> None:
+    path = pc.save_snapshot(sample_weights(), tmp_path / f"damaged{suffix}")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    code, _, err = run_cli(capsys, "logm", path)
+
+    assert code == EXIT_ERROR
+    assert_one_line_error(err, str(path))
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("weights.h5", b"\x89HDF", "unknown suffix '.h5'"),
+        ("empty.pt", b"", "the file is empty"),
+        ("garbage.safetensors", b"not a safetensors file at all", "cannot be read"),
+    ],
+)
+def test_unknown_empty_and_corrupt_files_exit_2_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, content: bytes, message: str
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+
+    code, _, err = run_cli(capsys, "logm", path)
+
+    assert code == EXIT_ERROR
+    assert_one_line_error(err, name, message)
+
+
+def test_a_missing_snapshot_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "diff", tmp_path / "a.pt", tmp_path / "b.pt")
+
+    assert code == EXIT_ERROR
+    assert_one_line_error(err, "a.pt: no such file")
+
+
+def test_onnx_external_data_outside_the_model_folder_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "secret.bin").write_bytes(np.array([4.0, 2.0], dtype=np.float32).tobytes())
+    (tmp_path / "model").mkdir()
+    proto = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=(2,))
+    proto.data_location = TensorProto.EXTERNAL
+    proto.external_data.add(key="location", value="../secret.bin")
+    graph = helper.make_graph([], "weights", [], [], initializer=[proto])
+    model = tmp_path / "model" / "m.onnx"
+    model.write_bytes(helper.make_model(graph).SerializeToString())
+
+    code, out, err = run_cli(capsys, "logm", model)
+
+    assert code == EXIT_ERROR
+    assert out == ""
+    assert_one_line_error(err, "m.onnx", "'../secret.bin'", "inside the model's folder")
