@@ -9,7 +9,9 @@ copies (Python's ``copy.deepcopy`` walks every entry) and ``load_state_dict``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +20,7 @@ import torch
 if TYPE_CHECKING:
     from pytest_convergence.engine import Implementation
 
-__all__ = ["RandomState", "TrainingState"]
+__all__ = ["RandomState", "TrainingState", "preserved_random_state"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,17 @@ class RandomState:
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state_all(self.cuda)
+
+
+@contextlib.contextmanager
+def preserved_random_state() -> Iterator[None]:
+    """Leave the global RNG as found: work after a verdict (a replay, a diagnostic) runs in a
+    test that may go on drawing from it."""
+    found = RandomState.capture()
+    try:
+        yield
+    finally:
+        found.restore()
 
 
 @dataclass
