@@ -45,6 +45,7 @@ __all__ = [
     "CheckResult",
     "ConvergenceChecker",
     "MissingBaselineError",
+    "Runner",
 ]
 
 
@@ -59,6 +60,36 @@ class CheckRequest:
     baseline: Path
     known_good: str | None = None
     label: str | None = None
+
+
+@dataclass(frozen=True)
+class Runner:
+    """How a request's co-simulation is produced: ``run`` it, ``calibrate_region`` when
+    recording, ``replay`` its first failing step, and the ``report_candidate`` that the report
+    folder's diagnostics re-run (None where it cannot run in this process: a DDP hook)."""
+
+    run: Callable[[], CoSimulation]
+    calibrate_region: Callable[[], Region]
+    replay: Callable[[int], ReplayFinding] | None = None
+    report_candidate: Candidate | None = None
+
+    @classmethod
+    def in_process(
+        cls,
+        workload: Workload,
+        candidate: Candidate,
+        *,
+        known_good: Candidate | None = None,
+        tolerance: float = DEFAULT_TOLERANCE,
+    ) -> Runner:
+        """``candidate`` co-simulated in this process; the region the reference's under
+        perturbation at ``tolerance``, or ``known_good``'s."""
+        return cls(
+            run=lambda: cosimulate(workload, candidate),
+            calibrate_region=lambda: calibrate(workload, candidate=known_good, tolerance=tolerance),
+            replay=lambda step: replay_step(workload, candidate, step),
+            report_candidate=candidate,
+        )
 
 
 @dataclass
@@ -119,14 +150,10 @@ class ConvergenceChecker:
             known_good=known_good.name if known_good else None,
             label=label,
         )
-        resolved = request.workload
-        return self.run(
-            request,
-            run=lambda: cosimulate(resolved, candidate),
-            calibrate_region=lambda: calibrate(resolved, candidate=known_good, tolerance=tolerance),
-            replay=lambda step: replay_step(resolved, candidate, step),
-            report_candidate=candidate,
+        runner = Runner.in_process(
+            request.workload, candidate, known_good=known_good, tolerance=tolerance
         )
+        return self.run(request, runner)
 
     def request(
         self,
@@ -157,29 +184,21 @@ class ConvergenceChecker:
             path = self.baseline_for(resolved, known_good)
         return CheckRequest(resolved, candidate, path, known_good, label)
 
-    def run(
-        self,
-        request: CheckRequest,
-        *,
-        run: Callable[[], CoSimulation],
-        calibrate_region: Callable[[], Region],
-        replay: Callable[[int], ReplayFinding] | None = None,
-        report_candidate: Candidate | None = None,
-    ) -> CheckResult:
+    def run(self, request: CheckRequest, runner: Runner) -> CheckResult:
         """Load (or, when recording, calibrate and write) the request's baseline, run the
         co-simulation, judge it, keep the result; on failure replay the first failing step,
         write the report folder, and raise :class:`ConvergenceError` with the message.
 
-        ``report_candidate``: the candidate, re-run on the workload for the report folder's
-        loss-landscape and norm plots; None where it cannot run in this process (a DDP hook),
-        and the folder has the trace and LoGM plot only."""
+        Without a ``runner.report_candidate`` the report folder has the trace and the LoGM
+        plot only."""
         __tracebackhide__ = True
         workload = request.workload
+        report_candidate = runner.report_candidate
         if self.config.record:
-            stored = self._record(request, calibrate_region)
+            stored = self._record(request, runner.calibrate_region)
         else:
             stored = self._load(request)
-        simulation = run()
+        simulation = runner.run()
         result = CheckResult(
             workload=workload.name,
             candidate=request.candidate,
@@ -199,7 +218,7 @@ class ConvergenceChecker:
             return result
         result.verdict = "failed"
         result.first_violation = f"step {first.step} {first.parameter}: {first.check}"
-        finding = replay(first.step) if replay is not None else None
+        finding = runner.replay(first.step) if runner.replay is not None else None
         written = self._write_report(request, simulation, stored.region, verdict, report_candidate)
         context = self._context(request, stored, written)
         message = format_failure(simulation, verdict, stored.region, context, finding)
@@ -383,16 +402,10 @@ class BoundCheck:
             baseline=baseline,
             known_good=region_candidate.name if region_candidate else None,
         )
-        resolved = request.workload
-        return self.run(
-            request,
-            run=lambda: cosimulate(resolved, resolved_candidate),
-            calibrate_region=lambda: calibrate(
-                resolved, candidate=region_candidate, tolerance=tolerance
-            ),
-            replay=lambda step: replay_step(resolved, resolved_candidate, step),
-            report_candidate=resolved_candidate,
+        runner = Runner.in_process(
+            request.workload, resolved_candidate, known_good=region_candidate, tolerance=tolerance
         )
+        return self.run(request, runner)
 
     def request(
         self,
@@ -424,26 +437,12 @@ class BoundCheck:
             label=self.label,
         )
 
-    def run(
-        self,
-        request: CheckRequest,
-        *,
-        run: Callable[[], CoSimulation],
-        calibrate_region: Callable[[], Region],
-        replay: Callable[[int], ReplayFinding] | None = None,
-        report_candidate: Candidate | None = None,
-    ) -> CheckResult:
+    def run(self, request: CheckRequest, runner: Runner) -> CheckResult:
         """:meth:`ConvergenceChecker.run`, the check's figures then attached to the test."""
         __tracebackhide__ = True
         checks_before = len(self.checker.results)
         try:
-            return self.checker.run(
-                request,
-                run=run,
-                calibrate_region=calibrate_region,
-                replay=replay,
-                report_candidate=report_candidate,
-            )
+            return self.checker.run(request, runner)
         finally:
             if len(self.checker.results) > checks_before:
                 self.record(self.checker.results[-1])

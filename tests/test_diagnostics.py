@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from pytest_convergence.assertions import ConvergenceError
 from pytest_convergence.candidates import Candidate, mean_exchange
-from pytest_convergence.checks import ConvergenceChecker
+from pytest_convergence.checks import ConvergenceChecker, Runner
 from pytest_convergence.config import ConvergenceConfig
 from pytest_convergence.cosim import cosimulate, train
 from pytest_convergence.diagnostics import (
@@ -390,8 +390,10 @@ def test_a_check_without_a_candidate_to_re_run_reports_the_trace_only(tmp_path: 
     with pytest.raises(ConvergenceError) as caught:
         checker.run(
             checker.request(MLP, candidate=SCALED.name, label="ddp-like"),
-            run=lambda: cosimulate(MLP, SCALED),
-            calibrate_region=lambda: calibrate(MLP, seeds=[0], draws=2),
+            Runner(
+                run=lambda: cosimulate(MLP, SCALED),
+                calibrate_region=lambda: calibrate(MLP, seeds=[0], draws=2),
+            ),
         )
     folder = tmp_path / "reports" / "ddp-like"
     assert f"Report: {folder} (trace.json, logm.png)\n" in str(caught.value)

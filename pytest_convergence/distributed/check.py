@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pytest_convergence.checks import Runner
 from pytest_convergence.distributed.cosimulation import (
     calibrate_distributed,
     cosimulate_distributed,
@@ -79,4 +80,4 @@ def check_distributed(
             start_method=start_method,
         )
 
-    return convergence.run(request, run=run, calibrate_region=calibrate_region)
+    return convergence.run(request, Runner(run=run, calibrate_region=calibrate_region))
