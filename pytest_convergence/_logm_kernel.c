@@ -23,6 +23,10 @@
  * step takes a few hundred microseconds, so this, not the per-call cost of many tensor
  * operations, is what a trace may cost (benchmarks/tracing_overhead.py).
  *
+ * compare_segments sums the products of a co-simulation step's comparison (update and error of
+ * every weight) per parameter in one pass, in NumPy's own order of summation, so that the
+ * compiled and the NumPy path give the same bits.
+ *
  * Called from pytest_convergence.metrics with the GIL released, so several threads can each
  * take a slice of one tensor.
  */
@@ -493,6 +497,135 @@ static PyObject *segment_log2_sums(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ---- comparisons of two steps: sums of products, bit for bit NumPy's ---------------------- */
+
+/* Per segment, the sums of four products of the update u = after - before and the error
+ * e = candidate - after: u*u, e*e, e*u and e*after, as np.add.reduceat over the products stored
+ * in rows would give them, to the last bit. So this is NumPy's own order of summation: a
+ * segment's first product plus the pairwise sum of the rest (numpy/_core/src/umath/
+ * loops_utils.h.src: blocks of at most 128 summed in 8 lanes, longer runs split in halves
+ * rounded down to a multiple of 8). Each product is rounded before it is added (no fused
+ * multiply-add: the extension is compiled with -ffp-contract=off), as when NumPy stores it. */
+#define PAIRWISE_BLOCK 128
+
+typedef struct {
+    const double *before, *after, *candidate;
+} StepVectors;
+
+static inline void step_products(const StepVectors *v, Py_ssize_t i, double p[4]) {
+    double after = v->after[i];
+    double update = after - v->before[i];
+    double error = v->candidate[i] - after;
+    p[0] = update * update;
+    p[1] = error * error;
+    p[2] = error * update;
+    p[3] = error * after;
+}
+
+static void pairwise_products(const StepVectors *v, Py_ssize_t first, Py_ssize_t n,
+                              double sums[4]) {
+    double p[4];
+    if (n < 8) {
+        /* -0.0, as NumPy starts: a run of negative zeros sums to -0.0. */
+        for (int q = 0; q < 4; q++) sums[q] = -0.;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            step_products(v, first + i, p);
+            for (int q = 0; q < 4; q++) sums[q] += p[q];
+        }
+    } else if (n <= PAIRWISE_BLOCK) {
+        double lanes[4][8];
+        for (int j = 0; j < 8; j++) {
+            step_products(v, first + j, p);
+            for (int q = 0; q < 4; q++) lanes[q][j] = p[q];
+        }
+        Py_ssize_t i;
+        for (i = 8; i < n - (n % 8); i += 8) {
+            for (int j = 0; j < 8; j++) {
+                step_products(v, first + i + j, p);
+                for (int q = 0; q < 4; q++) lanes[q][j] += p[q];
+            }
+        }
+        for (int q = 0; q < 4; q++) {
+            const double *r = lanes[q];
+            sums[q] = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        }
+        for (; i < n; i++) {
+            step_products(v, first + i, p);
+            for (int q = 0; q < 4; q++) sums[q] += p[q];
+        }
+    } else {
+        Py_ssize_t half = n / 2;
+        half -= half % 8;
+        double left[4], right[4];
+        pairwise_products(v, first, half, left);
+        pairwise_products(v, first + half, n - half, right);
+        for (int q = 0; q < 4; q++) sums[q] = left[q] + right[q];
+    }
+}
+
+PyDoc_STRVAR(
+    compare_segments_doc,
+    "compare_segments(before, after, candidate, ends, out)\n\n"
+    "Per segment of three float64 vectors of one length (segment i ends before ends[i], an\n"
+    "int64 buffer; an empty segment gives zeros), writes the sums of u*u, e*e, e*u and e*after\n"
+    "into row i of out (4 float64 values a segment), with u = after - before and\n"
+    "e = candidate - after: exactly np.add.reduceat of those products, in one pass.");
+
+static PyObject *compare_segments(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer before_view, after_view, candidate_view, ends_view, out_view;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*w*", &before_view, &after_view, &candidate_view,
+                          &ends_view, &out_view))
+        return NULL;
+    Py_ssize_t n = after_view.len / (Py_ssize_t)sizeof(double);
+    Py_ssize_t segments = ends_view.len / (Py_ssize_t)sizeof(int64_t);
+    const int64_t *ends = (const int64_t *)ends_view.buf;
+    int valid = after_view.len % (Py_ssize_t)sizeof(double) == 0 &&
+                before_view.len == after_view.len && candidate_view.len == after_view.len &&
+                out_view.len >= segments * 4 * (Py_ssize_t)sizeof(double);
+    for (Py_ssize_t i = 0; valid && i < segments; i++) {
+        if (ends[i] < (i ? ends[i - 1] : 0) || ends[i] > n) valid = 0;
+    }
+    if (valid) {
+        StepVectors v = {(const double *)before_view.buf, (const double *)after_view.buf,
+                         (const double *)candidate_view.buf};
+        double *out = (double *)out_view.buf;
+        Py_BEGIN_ALLOW_THREADS
+        int64_t start = 0;
+        for (Py_ssize_t i = 0; i < segments; i++) {
+            Py_ssize_t length = (Py_ssize_t)(ends[i] - start);
+            double *row = out + 4 * i;
+            if (length == 0) {
+                for (int q = 0; q < 4; q++) row[q] = 0.;
+            } else {
+                double head[4], rest[4];
+                step_products(&v, start, head);
+                if (length == 1) {
+                    for (int q = 0; q < 4; q++) row[q] = head[q];
+                } else {
+                    pairwise_products(&v, start + 1, length - 1, rest);
+                    for (int q = 0; q < 4; q++) row[q] = head[q] + rest[q];
+                }
+            }
+            start = ends[i];
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&before_view);
+    PyBuffer_Release(&after_view);
+    PyBuffer_Release(&candidate_view);
+    PyBuffer_Release(&ends_view);
+    PyBuffer_Release(&out_view);
+    if (!valid) {
+        PyErr_SetString(PyExc_ValueError,
+                        "compare_segments needs three float64 buffers of one length, "
+                        "non-decreasing int64 segment ends within them, and 4 float64 outputs "
+                        "per segment");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 /* A C-contiguous float32 or float64 buffer ("f" or "d", native byte order), or 0 with no
  * error set when obj exports another kind (the caller takes its general path). */
 static int float_buffer(PyObject *obj, Py_buffer *view) {
@@ -805,6 +938,7 @@ static PyMethodDef methods[] = {
     {"segment_log2_sums", segment_log2_sums, METH_VARARGS, segment_log2_sums_doc},
     {"trace_parameters", trace_parameters, METH_VARARGS, trace_parameters_doc},
     {"sums_of_squares", sums_of_squares, METH_O, sums_of_squares_doc},
+    {"compare_segments", compare_segments, METH_VARARGS, compare_segments_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -17,3 +17,11 @@ def trace_parameters(
     weights: Sequence[NDArray[Any]], previous: NDArray[Any] | None, out: NDArray[Any], /
 ) -> tuple[list[float | None], list[int], list[float], list[float], float | None] | None: ...
 def sums_of_squares(arrays: Sequence[Any], /) -> list[float] | None: ...
+def compare_segments(
+    before: NDArray[Any],
+    after: NDArray[Any],
+    candidate: NDArray[Any],
+    ends: NDArray[Any],
+    out: NDArray[Any],
+    /,
+) -> None: ...

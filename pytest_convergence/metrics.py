@@ -336,6 +336,20 @@ def segment_log2_sums(values: NDArray[Any], ends: NDArray[Any], out: NDArray[Any
     _logm_kernel.segment_log2_sums(values, values.itemsize, ends, out)
 
 
+def compare_segments(
+    before: NDArray[np.float64],
+    after: NDArray[np.float64],
+    candidate: NDArray[np.float64],
+    ends: NDArray[np.int64],
+    out: NDArray[np.float64],
+) -> None:
+    """Row i of ``out``: the sums of u*u, e*e, e*u and e*after over segment i (ending before
+    ``ends[i]``) of three float64 vectors, u = after - before, e = candidate - after; the bits
+    of ``np.add.reduceat`` over those products (NaN signs aside), by the compiled kernel."""
+    assert _logm_kernel is not None, "check compiled_kernel_available() first"
+    _logm_kernel.compare_segments(before, after, candidate, ends, out)
+
+
 # Per parameter LoGM, zero count, sum of squares and update norm; then the global LoGM.
 TraceSums: TypeAlias = tuple[list[float | None], list[int], list[float], list[float], float | None]
 

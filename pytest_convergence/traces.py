@@ -275,9 +275,11 @@ class Trace:
         return [s.loss for s in self.steps if s.loss is not None]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ParameterComparison:
-    """Candidate against reference for one parameter after one re-synced step.
+    """Candidate against reference for one parameter after one re-synced step. Read-only by
+    convention, not frozen: one is built per parameter per step of every co-simulation, and a
+    frozen dataclass's constructor costs several times as much.
 
     ``bias`` is the projection of the candidate's update error onto the reference's update,
     relative to it: the candidate moved (1 + bias) times as far along the reference's direction.

@@ -227,6 +227,33 @@ class ParameterLayout:
         result: list[list[float]] = sums.tolist()
         return result
 
+    def comparison_sums(
+        self, before: FlatVector, after: FlatVector, candidate: FlatVector
+    ) -> list[list[float]]:
+        """Per parameter, the sums of u*u, e*e, e*u and e*after, with the update
+        u = after - before and the error e = candidate - after: one pass of the compiled kernel
+        over NumPy vectors (the same bits as NumPy's sums), elementwise rows and
+        :meth:`sum_rows` elsewhere."""
+        vectors = (before, after, candidate)
+        if metrics.compiled_kernel_available() and all(
+            isinstance(v, np.ndarray) and v.dtype == np.float64 and v.shape == (self._size,)
+            for v in vectors
+        ):
+            out = np.empty((len(self.counts), 4), dtype=np.float64)
+            metrics.compare_segments(before, after, candidate, self._ends, out)  # type: ignore[arg-type]
+            sums: list[list[float]] = out.T.tolist()
+            return sums
+        with self.elementwise(4) as (xp, rows):
+            update, error, projection, radial = rows
+            start, end, other = (self.operand(v) for v in vectors)
+            xp.subtract(end, start, out=update)
+            xp.subtract(other, end, out=error)
+            xp.multiply(error, update, out=projection)
+            xp.multiply(error, end, out=radial)
+            xp.square(update, out=update)
+            xp.square(error, out=error)
+        return self.sum_rows(rows)
+
     def update_norms(self, values: FlatVector, before: FlatVector) -> list[float]:
         """Per-parameter norm of ``values - before``, two flat vectors of this layout."""
         with self.elementwise(1) as (xp, rows):
@@ -466,16 +493,9 @@ def compare_weights(
     layout: ParameterLayout, start: FlatWeights, reference: FlatWeights, candidate: FlatWeights
 ) -> tuple[ParameterComparison, ...]:
     """Candidate against reference after one step taken from ``start`` by both."""
-    with layout.elementwise(4) as (xp, rows):
-        update, error, projection, radial = rows
-        before, after, other = (layout.operand(w.values) for w in (start, reference, candidate))
-        xp.subtract(after, before, out=update)
-        xp.subtract(other, after, out=error)
-        xp.multiply(error, update, out=projection)
-        xp.multiply(error, after, out=radial)
-        xp.square(update, out=update)
-        xp.square(error, out=error)
-    update_squared, error_squared, projections, radials = layout.sum_rows(rows)
+    update_squared, error_squared, projections, radials = layout.comparison_sums(
+        start.values, reference.values, candidate.values
+    )
     return tuple(
         _comparison(
             name,
