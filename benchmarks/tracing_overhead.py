@@ -39,10 +39,10 @@ from dataclasses import dataclass
 import torch
 
 from pytest_convergence import zoo
-from pytest_convergence.tracing import (
+from pytest_convergence.step_statistics import (
     KeptGradients,
     ParameterLayout,
-    SnapshotSeries,
+    WeightSeries,
     gradient_norms,
     step_trace,
 )
@@ -87,14 +87,14 @@ class Trainer:
         self.layout = ParameterLayout([n for n, _ in named], self.parameters)
         self.kept = KeptGradients(self.parameters)
         self.initial = copy.deepcopy((self.model.state_dict(), self.optimizer.state_dict()))
-        self.snapshots = SnapshotSeries(self.layout, self.parameters)
+        self.snapshots = WeightSeries(self.layout, self.parameters)
 
     def restart(self) -> None:
         """Back to the initial weights and optimizer state, so no run drifts or diverges."""
         model_state, optimizer_state = self.initial
         self.model.load_state_dict(model_state)  # in place: the parameters keep their storage
         self.optimizer.load_state_dict(optimizer_state)
-        self.snapshots = SnapshotSeries(self.layout, self.parameters)
+        self.snapshots = WeightSeries(self.layout, self.parameters)
 
     def step(self, way: str, batch: tuple[torch.Tensor, torch.Tensor], number: int) -> Timing:
         """One training step ``way``: its seconds, and those of its tracing alone."""

@@ -106,7 +106,7 @@ typedef double f64x4_unaligned __attribute__((vector_size(32), aligned(8), may_a
 #define MULTIVERSION
 #endif
 
-/* ---- widening copies and sums of squares: a step's snapshot and norms ------------------ */
+/* ---- widening copies and sums of squares: a step's weight vector and norms ------------- */
 
 /* Copies n weights, widened to float64, to dst; adds their squares to *squares and, with prev,
  * the squares of (dst - prev) to *update: a step's flat snapshot, weight norms and update

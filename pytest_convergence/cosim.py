@@ -24,8 +24,8 @@ from pytest_convergence.engine import (
     reference_recipe,
     run_lockstep,
 )
+from pytest_convergence.step_statistics import WeightSeries, step_trace
 from pytest_convergence.traces import CoSimulation, Trace
-from pytest_convergence.tracing import SnapshotSeries, step_trace
 from pytest_convergence.workloads import Workload
 
 __all__ = ["cosimulate", "cosimulate_many", "train"]
@@ -55,7 +55,7 @@ def train(workload: Workload, candidate: Candidate = REFERENCE) -> tuple[Trace, 
     implementation = Implementation.build(workload, candidate)
     trace = Trace(label=candidate.name)
     layout = parameter_layout(implementation.model)
-    series = SnapshotSeries(layout, list(implementation.model.parameters()))
+    series = WeightSeries(layout, list(implementation.model.parameters()))
     trace.steps.append(step_trace(layout, series.latest, step=0, loss=None))
     for index, batch in enumerate(workload.make_batches()):
         trained = implementation.train_step(batch, index + 1, traced=True)

@@ -30,16 +30,16 @@ from torch import nn
 
 from pytest_convergence.candidates import REFERENCE, Candidate, mean_exchange
 from pytest_convergence.errors import NonFiniteWeightError
-from pytest_convergence.traces import CoSimulation, StepComparison, Trace
-from pytest_convergence.tracing import (
+from pytest_convergence.step_statistics import (
     FlatWeights,
     KeptGradients,
     ParameterLayout,
-    SnapshotSeries,
+    WeightSeries,
     compare_weights,
     gradient_norms,
     step_trace,
 )
+from pytest_convergence.traces import CoSimulation, StepComparison, Trace
 from pytest_convergence.training_state import RandomState, TrainingState
 from pytest_convergence.workloads import Batch, Workload
 
@@ -253,14 +253,14 @@ def run_lockstep(
     """
     layout = parameter_layout(reference.model)
     results = [_new_run(workload, side.candidate.name, reference.model) for side in sides]
-    series = SnapshotSeries(layout, list(reference.model.parameters()))
+    series = WeightSeries(layout, list(reference.model.parameters()))
     if record:
         initial = step_trace(layout, series.latest, step=0, loss=None)
         for result in results:
             result.reference.steps.append(initial)
     stopped = [False] * len(sides)
     keep = any(side.reuses_reference_gradients for side in sides)
-    # Each side's snapshot from the step before, whose vector the next one overwrites.
+    # Each side's flat weights from the step before, whose vector the next ones overwrite.
     spent: list[FlatWeights | None] = [None] * len(sides)
     before: TrainingState | None = None
     for index, batch in enumerate(batches):

@@ -179,7 +179,7 @@ class StepTrace:
     """One implementation after ``step`` steps (step 0: the initial weights). Read-only by
     convention, not frozen, for the reason given at :class:`ParameterStep`.
 
-    A trace taken while training (:func:`pytest_convergence.tracing.step_trace`) keeps each
+    A trace taken while training (:func:`pytest_convergence.step_statistics.step_trace`) keeps each
     step's statistics as the columns the snapshot returned and builds the per-parameter
     records when they are first read: building them inside the step cost a small model's
     training step about 2% more (benchmarks/tracing_overhead.py), and a passing check never

@@ -5,11 +5,13 @@ takes a few hundred microseconds: computing LoGM, zero counts and norms one tens
 statistic at a time would cost more than the step. On the CPU one compiled call per step
 (:meth:`ParameterLayout.compiled_trace`) reads the parameters in place and returns every
 parameter's LoGM, zero count, weight and update norm and the global LoGM, with the step's
-float64 snapshot. Elsewhere (CUDA, no compiler, half precision or strided tensors) the
+float64 weight vector. Elsewhere (CUDA, no compiler, half precision or strided tensors) the
 parameters are flattened into one float64 vector and every statistic is a segment sum over it
 (the kernel's segmented pass where it exists, exact float64 tensor operations otherwise): a
 fixed handful of vectorized operations per step, whatever the number of parameters.
-Comparisons of two snapshots are segment sums over their flat vectors everywhere.
+Comparisons of two such vectors are segment sums over them everywhere. (In this module a
+weight vector is an in-memory :class:`FlatWeights`; a *snapshot* is a weights file,
+:mod:`pytest_convergence.snapshots`.)
 
 Gradient norms are taken earlier, between backward and the optimizer step
 (:func:`gradient_norms`), from ``.grad`` itself: no copy of the gradients is needed for them.
@@ -38,7 +40,7 @@ __all__ = [
     "FlatWeights",
     "KeptGradients",
     "ParameterLayout",
-    "SnapshotSeries",
+    "WeightSeries",
     "compare_weights",
     "gradient_norms",
     "step_trace",
@@ -335,11 +337,11 @@ class FlatWeights:
         gradient_norms: list[float] | None = None,
         reuse: FlatWeights | None = None,
     ) -> FlatWeights:
-        """Snapshot of ``tensors``; with ``previous`` (the snapshot before the step) the update
+        """Flat weights of ``tensors``; with ``previous`` (those before the step) the update
         norms, taken in the same pass. ``gradient_norms``, the step's (:func:`gradient_norms`,
         measured before the optimizer step), are kept beside them.
 
-        ``reuse``: a snapshot of the same layout that the caller is done with (a run's from two
+        ``reuse``: flat weights of the same layout that the caller is done with (a run's from two
         steps back), whose vector the new one may overwrite: on a small model, allocating a
         fresh vector and writing it while it is out of cache cost a measurable share of the
         step (benchmarks/tracing_overhead.py). It must not be used afterwards.
@@ -379,10 +381,10 @@ class FlatWeights:
         return [math.isfinite(square) for square in self.squares]
 
 
-class SnapshotSeries:
-    """One implementation's snapshots, step after step: each taken with the one before it (its
+class WeightSeries:
+    """One implementation's flat weights, step after step: each taken with the one before it (its
     update norms) and written into the vector of the one before that, which nothing reads any
-    more (:meth:`FlatWeights.of`'s ``reuse``). The one place that decides when a snapshot is
+    more (:meth:`FlatWeights.of`'s ``reuse``). The one place that decides when a vector is
     spent, so no caller overwrites one it still needs."""
 
     def __init__(self, layout: ParameterLayout, tensors: Sequence[torch.Tensor]) -> None:
@@ -393,7 +395,7 @@ class SnapshotSeries:
     def advance(
         self, tensors: Sequence[torch.Tensor], gradient_norms: list[float] | None
     ) -> tuple[FlatWeights, FlatWeights]:
-        """The snapshots before and after the step just taken; the one before stays valid
+        """The flat weights before and after the step just taken; those before stay valid
         until the next call."""
         before = self.latest
         after = FlatWeights.of(
@@ -476,7 +478,7 @@ def step_trace(
 ) -> StepTrace:
     """One implementation's statistics after ``step``: update and gradient norms are those
     ``weights`` was taken with (0 and None without). Its records are built when first read
-    (:class:`StepTrace`), from the snapshot's lists, which nothing changes afterwards."""
+    (:class:`StepTrace`), from the flat weights' lists, which nothing changes afterwards."""
     columns = (
         layout.names,
         layout.counts,

@@ -11,16 +11,16 @@ from torch.utils.dlpack import to_dlpack  # type: ignore[attr-defined]
 
 from pytest_convergence import metrics
 from pytest_convergence.metrics import parameter_logms
-from pytest_convergence.traces import ParameterStep, StepTrace
-from pytest_convergence.tracing import (
+from pytest_convergence.step_statistics import (
     FlatWeights,
     KeptGradients,
     ParameterLayout,
-    SnapshotSeries,
+    WeightSeries,
     compare_weights,
     gradient_norms,
     step_trace,
 )
+from pytest_convergence.traces import ParameterStep, StepTrace
 from tests.conftest import reference_logm
 
 # Every test on both paths: the compiled kernel and the tensor operations.
@@ -111,7 +111,7 @@ def test_a_snapshot_that_reuses_a_spent_one_is_the_snapshot_it_would_be_anew(
 def test_a_snapshot_series_overwrites_only_the_snapshot_two_steps_back() -> None:
     weights = [torch.randn(30), torch.randn(4, 5)]
     layout = ParameterLayout(["a", "b"], weights)
-    series = SnapshotSeries(layout, weights)
+    series = WeightSeries(layout, weights)
     first = series.latest
     kept = np.asarray(first.values).copy()
     values = []
