@@ -110,7 +110,7 @@ def _failure_path_rows() -> list[tuple[str, Callable[[], str]]]:
     bug = scaled_layer_gradient("fc2.weight", 0.5)
     return [
         ("mlp calibration, 3 steps", lambda: repr(calibrate(mlp))),
-        ("mlp replay of step 2", lambda: repr(replay_step(mlp, bug, 2))),
+        ("mlp replay of step 2", lambda: replay_step(mlp, bug, 2).describe()),
         ("mlp loss-landscape slice at step 2", lambda: loss_landscape_slice(mlp, bug, 2).to_json()),
     ]
 

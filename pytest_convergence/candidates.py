@@ -1,15 +1,17 @@
 """Candidates: what a candidate implementation changes relative to the reference.
 
 Any combination of: a context manager around forward and backward (a monkeypatched kernel, a
-backend flag), a model transform (module swap), a gradient transform after backward, a gradient
-exchange across W virtual workers, another optimizer, or a whole other step function. Everything
-not named stays the reference's, so a co-simulation isolates exactly the change under test.
+backend flag), a model transform (module swap, ``torch.compile``), a gradient transform after
+backward, a gradient exchange across W virtual workers, another optimizer or learning-rate
+scheduler, micro-batches, a precision policy, or a whole other step function. Everything not
+named stays the reference's (the workload's), so a co-simulation isolates exactly the change
+under test.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TypeAlias
@@ -19,15 +21,16 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
 
 from pytest_convergence.compression import mean_over_workers
+from pytest_convergence.precision import get_policy
 from pytest_convergence.registry import Registry
-from pytest_convergence.workloads import AfterStep
+from pytest_convergence.training_step import SchedulerFactory, StepFunction
+from pytest_convergence.workloads import AfterStep, OptimizerFactory
 
 __all__ = [
     "REFERENCE",
     "Candidate",
     "GradientExchange",
     "GradientTransform",
-    "StepFunction",
     "arithmetic_noise",
     "get_candidate",
     "gradient_noise",
@@ -39,18 +42,6 @@ __all__ = [
 GradientTransform: TypeAlias = Callable[[Sequence[tuple[str, torch.Tensor]], int], None]
 # Per-worker gradients (outer: workers, inner: parameters in order) -> averaged gradients.
 GradientExchange: TypeAlias = Callable[[Sequence[Sequence[torch.Tensor]], int], list[torch.Tensor]]
-# (model, optimizer, inputs, targets, loss_fn) -> loss; must leave the stepped weights behind.
-StepFunction: TypeAlias = Callable[
-    [
-        nn.Module,
-        torch.optim.Optimizer,
-        torch.Tensor,
-        torch.Tensor,
-        Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    ],
-    torch.Tensor,
-]
-OptimizerFactory: TypeAlias = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
 def mean_exchange(per_worker: Sequence[Sequence[torch.Tensor]], step: int) -> list[torch.Tensor]:
@@ -64,16 +55,29 @@ class Candidate:
 
     name: str
     context: Callable[[], AbstractContextManager[object]] | None = None
-    model_transform: Callable[[nn.Module], nn.Module] | None = None
+    # Returns the transformed model (an OptimizedModule from torch.compile included), or None
+    # when it changed the model in place (model.compile()).
+    model_transform: Callable[[nn.Module], nn.Module | None] | None = None
     gradient_transform: GradientTransform | None = None
     exchange: GradientExchange | None = None
     workers: int = 1
     optimizer_factory: OptimizerFactory | None = None
+    # The candidate's own training step (the StepContext contract of training_step.py).
     step_fn: StepFunction | None = None
     # The candidate's own post-optimizer-step code, run instead of the workload's: a pruning
     # loop that forgets to re-apply its masks is ``after_step=lambda model: None``.
     after_step: AfterStep | None = None
     description: str = ""
+    scheduler_factory: SchedulerFactory | None = None
+    # Gradient accumulation over this many micro-batches instead of the workload's.
+    micro_batches: int | None = None
+    # The precision policy the candidate trains under instead of the workload's: its check is
+    # judged against a region calibrated for that policy.
+    precision: str | None = None
+    # The candidate legitimately draws its random numbers otherwise (fused dropout, another
+    # attention kernel, micro-batches through dropout): judged against a region that admits a
+    # different random stream.
+    random_stream: bool = False
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -86,12 +90,18 @@ class Candidate:
                 f"got {self.workers}"
             )
         if self.step_fn is not None and (
-            self.gradient_transform is not None or self.exchange is not None
+            self.exchange is not None or self.micro_batches is not None
         ):
             raise ValueError(
-                f"candidate {self.name!r}: step_fn replaces the whole step; apply gradient "
-                "transforms or exchanges inside it instead"
+                f"candidate {self.name!r}: step_fn replaces the whole step; exchange gradients "
+                "or accumulate micro-batches inside it instead"
             )
+        if self.micro_batches is not None and self.micro_batches < 1:
+            raise ValueError(
+                f"candidate {self.name!r}: micro_batches must be >= 1, got {self.micro_batches}"
+            )
+        if self.precision is not None:
+            get_policy(self.precision)
 
     @property
     def only_transforms_gradients(self) -> bool:
@@ -103,6 +113,9 @@ class Candidate:
             and self.exchange is None
             and self.step_fn is None
             and self.after_step is None
+            and self.scheduler_factory is None
+            and self.micro_batches is None
+            and self.precision is None
         )
 
     def forward_context(self) -> AbstractContextManager[object]:

@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pytest_convergence.batches import Batch, split
 from pytest_convergence.candidates import REFERENCE, Candidate, mean_exchange
 from pytest_convergence.errors import NonFiniteWeightError
+from pytest_convergence.precision import PrecisionPolicy, get_policy
 from pytest_convergence.step_statistics import (
     FlatWeights,
     KeptGradients,
@@ -41,7 +43,15 @@ from pytest_convergence.step_statistics import (
 )
 from pytest_convergence.traces import CoSimulation, StepComparison, Trace
 from pytest_convergence.training_state import RandomState, TrainingState
-from pytest_convergence.workloads import Batch, Workload
+from pytest_convergence.training_step import (
+    NamedParameters,
+    StepContext,
+    StepFunction,
+    before_optimizer_step,
+    finish_step,
+    forward_backward,
+)
+from pytest_convergence.workloads import Workload
 
 __all__ = [
     "CandidateSide",
@@ -83,10 +93,12 @@ class TrainedStep:
 
 @dataclass
 class Implementation:
-    """A model, its optimizer and the candidate recipe that steps them.
+    """A model, its optimizer (and learning-rate scheduler and GradScaler) and the candidate
+    recipe that steps them.
 
-    ``forward_model`` is what the forward pass calls: the model itself, or a wrapper that owns
-    how gradients are reduced (``DistributedDataParallel``) around the same parameters.
+    ``forward_model`` is what the forward pass calls: the model itself, or a wrapper around the
+    same parameters that owns how gradients are reduced (``DistributedDataParallel``) or how
+    the forward is computed (``torch.compile``'s ``OptimizedModule``).
     """
 
     model: nn.Module
@@ -94,54 +106,137 @@ class Implementation:
     recipe: Candidate
     workload: Workload
     forward_model: nn.Module | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    scaler: torch.amp.GradScaler | None = None
     _kept: KeptGradients | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def build(
         cls, workload: Workload, recipe: Candidate, model: nn.Module | None = None
     ) -> Implementation:
-        """The workload's model (or ``model``) with the recipe's optimizer, else the
-        workload's; a model built here gets the recipe's model transform."""
+        """The workload's model (or ``model``) with the recipe's optimizer and scheduler, else
+        the workload's; a model built here gets the recipe's model transform."""
+        forward_model = None
         if model is None:
-            model = workload.build_model()
-            if recipe.model_transform is not None:
-                model = recipe.model_transform(model)
+            model, forward_model = transformed(workload.build_model(), recipe)
+        return cls.around(workload, recipe, model, forward_model)
+
+    @classmethod
+    def around(
+        cls,
+        workload: Workload,
+        recipe: Candidate,
+        model: nn.Module,
+        forward_model: nn.Module | None = None,
+    ) -> Implementation:
+        """An implementation that trains ``model`` (through ``forward_model``)."""
         factory = recipe.optimizer_factory or workload.optimizer_factory
-        return cls(model, factory(model.parameters()), recipe, workload)
+        optimizer = factory(NamedParameters(model))
+        schedule = recipe.scheduler_factory or workload.scheduler_factory
+        policy = get_policy(recipe.precision or workload.precision)
+        device_type = torch.device(workload.device).type
+        return cls(
+            model,
+            optimizer,
+            recipe,
+            workload,
+            forward_model=forward_model,
+            scheduler=schedule(optimizer) if schedule is not None else None,
+            scaler=policy.make_scaler(device_type),
+        )
+
+    @property
+    def policy(self) -> PrecisionPolicy:
+        return get_policy(self.recipe.precision or self.workload.precision)
+
+    def context(self, step: int) -> StepContext:
+        """What this implementation's step function is given at ``step``."""
+        device_type = torch.device(self.workload.device).type
+        policy = self.policy
+        return StepContext(
+            model=self.model,
+            optimizer=self.optimizer,
+            step=step,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+            forward=self.workload.loss,
+            forward_model=self.forward_model,
+            autocast=lambda: policy.context(device_type),
+        )
 
     def train_step(
         self, batch: Batch, step: int, *, traced: bool = False, keep_gradients: bool = False
     ) -> TrainedStep:
         """One training step; when ``traced``, the norms of the gradients the optimizer saw,
-        and with ``keep_gradients`` a copy of them (see :meth:`keep_gradients`)."""
-        inputs, targets = batch
+        and with ``keep_gradients`` a copy of the gradients (see :meth:`keep_gradients`)."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.recipe.step_fn is not None:
-            with self.recipe.forward_context():
-                loss = self.recipe.step_fn(
-                    self.model, self.optimizer, inputs, targets, self.workload.loss_fn
-                )
-            self.after_optimizer_step()
-            return TrainedStep(float(loss.detach()), None)
+        context = self.context(step)
+        step_fn = self.recipe.step_fn or self.workload.step_fn
+        if step_fn is not None:
+            return self._own_step(step_fn, context, batch, traced=traced, keep=keep_gradients)
         with self.recipe.forward_context():
             if self.recipe.workers > 1:
-                loss = self._exchanged_backward(inputs, targets, step)
+                loss = self._exchanged_backward(context, batch, step)
             else:
-                forward = self.forward_model if self.forward_model is not None else self.model
-                loss = self.workload.loss_fn(forward(inputs), targets)
-                loss.backward()  # type: ignore[no-untyped-call]
-        named = list(self.model.named_parameters())
-        if self.recipe.gradient_transform is not None:
-            present = [(name, p.grad) for name, p in named if p.grad is not None]
-            self.recipe.gradient_transform(present, step)
-        parameters = [p for _, p in named]
-        trained = TrainedStep(float(loss.detach()), gradient_norms(parameters) if traced else None)
-        if keep_gradients:
-            trained.gradients = self.keep_gradients(parameters)
-        self.optimizer.step()
+                micro_batches = self.recipe.micro_batches or self.workload.micro_batches
+                loss = forward_backward(context, batch, micro_batches=micro_batches)
+        trained = TrainedStep(float(loss.detach()), None)
+        parameters = list(self.model.parameters())
+
+        def gradients_ready() -> None:
+            self._transform_gradients(step)
+            if keep_gradients:
+                trained.gradients = self.keep_gradients(parameters)
+
+        def before_update() -> None:
+            if traced:
+                trained.gradient_norms = gradient_norms(parameters)
+
+        finish_step(
+            context,
+            clip_grad_norm=self.workload.clip_grad_norm,
+            gradients_ready=gradients_ready,
+            before_update=before_update,
+        )
         self.after_optimizer_step()
         return trained
+
+    def _own_step(
+        self,
+        step_fn: StepFunction,
+        context: StepContext,
+        batch: Batch,
+        *,
+        traced: bool,
+        keep: bool,
+    ) -> TrainedStep:
+        """A step function's step: the gradient transform, the traced norms and the kept
+        gradients happen right before its optimizer applies the gradients."""
+        trained = TrainedStep(0.0, None)
+        parameters = list(self.model.parameters())
+
+        def gradients_seen() -> None:
+            self._transform_gradients(context.step)
+            if traced:
+                trained.gradient_norms = gradient_norms(parameters)
+            if keep:
+                trained.gradients = self.keep_gradients(parameters)
+
+        with (
+            before_optimizer_step(self.optimizer, gradients_seen),
+            self.recipe.forward_context(),
+        ):
+            loss = step_fn(context, batch)
+        trained.loss = float(loss.detach())
+        self.after_optimizer_step()
+        return trained
+
+    def _transform_gradients(self, step: int) -> None:
+        transform = self.recipe.gradient_transform
+        if transform is not None:
+            named = self.model.named_parameters()
+            transform([(name, p.grad) for name, p in named if p.grad is not None], step)
 
     def keep_gradients(self, parameters: Sequence[torch.Tensor]) -> KeptGradients:
         """A copy of the gradients of the model's ``parameters`` as they are now, in buffers this
@@ -158,17 +253,13 @@ class Implementation:
             with torch.no_grad():
                 after_step(self.model)
 
-    def _exchanged_backward(
-        self, inputs: torch.Tensor, targets: torch.Tensor, step: int
-    ) -> torch.Tensor:
+    def _exchanged_backward(self, context: StepContext, batch: Batch, step: int) -> torch.Tensor:
         parameters = list(self.model.parameters())
         per_worker: list[list[torch.Tensor]] = []
         losses = []
-        for shard_inputs, shard_targets in zip(
-            inputs.chunk(self.recipe.workers), targets.chunk(self.recipe.workers), strict=True
-        ):
+        for shard in split(batch, self.recipe.workers):
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self.workload.loss_fn(self.model(shard_inputs), shard_targets)
+            loss = context.loss(shard)
             loss.backward()  # type: ignore[no-untyped-call]
             per_worker.append([_clone_or_zeros(p) for p in parameters])
             losses.append(loss.detach())
@@ -177,6 +268,22 @@ class Implementation:
         for parameter, gradient in zip(parameters, averaged, strict=True):
             parameter.grad = gradient.to(parameter.dtype)
         return torch.stack(losses).mean()
+
+
+def transformed(model: nn.Module, recipe: Candidate) -> tuple[nn.Module, nn.Module | None]:
+    """The model after ``recipe``'s model transform, and the module its forward pass calls
+    when that is another one: ``torch.compile(model)`` returns an ``OptimizedModule`` around
+    the same parameters (named ``_orig_mod.*``), which trains the model inside it; a transform
+    that returns None (``model.compile()``) changed the model in place."""
+    if recipe.model_transform is None:
+        return model, None
+    result = recipe.model_transform(model)
+    if result is None:
+        return model, None
+    inner = getattr(result, "_orig_mod", None)
+    if isinstance(inner, nn.Module):
+        return inner, result
+    return result, None
 
 
 @dataclass
@@ -191,16 +298,21 @@ class CandidateSide:
         cls, workload: Workload, reference: Implementation, candidate: Candidate
     ) -> CandidateSide:
         """A copy of the reference's model, transformed as the candidate says."""
-        model = copy.deepcopy(reference.model)
+        model, forward_model = transformed(copy.deepcopy(reference.model), candidate)
         if candidate.model_transform is not None:
-            model = candidate.model_transform(model)
             check_same_parameters(reference.model, model, candidate.name)
-        return cls(candidate, Implementation.build(workload, candidate, model))
+        return cls(candidate, Implementation.around(workload, candidate, model, forward_model))
 
     @property
     def reuses_reference_gradients(self) -> bool:
-        """A gradient-only candidate starts from the reference's gradients: no forward pass."""
-        return self.candidate.only_transforms_gradients
+        """A gradient-only candidate starts from the reference's gradients: no forward pass
+        (unless the workload's own step function owns the step, or a GradScaler may skip it)."""
+        implementation = self.implementation
+        return (
+            self.candidate.only_transforms_gradients
+            and implementation.workload.step_fn is None
+            and implementation.scaler is None
+        )
 
     def step_from(
         self, before: TrainingState, batch: Batch, step: int, reference: TrainedStep
@@ -220,15 +332,17 @@ class CandidateSide:
         return self.implementation.train_step(batch, step).loss
 
     def _step_with_gradients(self, gradients: Sequence[torch.Tensor], step: int) -> None:
-        named = list(self.implementation.model.named_parameters())
-        for (_, parameter), gradient in zip(named, gradients, strict=True):
+        """The declared step after backward, from the reference's gradients."""
+        implementation = self.implementation
+        for parameter, gradient in zip(implementation.model.parameters(), gradients, strict=True):
             parameter.grad = gradient.clone()
-        assert self.candidate.gradient_transform is not None
-        self.candidate.gradient_transform(
-            [(n, p.grad) for n, p in named if p.grad is not None], step
+        finish_step(
+            implementation.context(step),
+            clip_grad_norm=implementation.workload.clip_grad_norm,
+            gradients_ready=lambda: implementation._transform_gradients(step),
+            before_update=lambda: None,
         )
-        self.implementation.optimizer.step()
-        self.implementation.after_optimizer_step()
+        implementation.after_optimizer_step()
 
 
 def run_lockstep(

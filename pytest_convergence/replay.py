@@ -4,19 +4,25 @@ A verdict says which parameter left its region; a kernel author needs to know wh
 computed something different. Replaying the failing step from the reference's state with forward
 hooks on every module, then comparing gradients, points at the first module whose output
 diverged, or says that forward and backward agree and the difference arises after backward
-(a gradient exchange, a compression, the optimizer).
+(a gradient exchange, a compression, the optimizer). Both sides start the replay from the same
+random state; when the candidate's forward and backward leave the generator elsewhere, it drew
+its random numbers otherwise (other dropout masks), and the finding says so first: that is the
+divergence, and it is legitimate for a candidate declared ``random_stream=True``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from pytest_convergence.batches import Batch
 from pytest_convergence.candidates import Candidate
-from pytest_convergence.engine import Implementation, start_of_step
+from pytest_convergence.engine import Implementation, StepStart, start_of_step
+from pytest_convergence.training_state import RandomState
 from pytest_convergence.workloads import Workload
 
 __all__ = ["Divergence", "ReplayFinding", "replay_step"]
@@ -39,8 +45,19 @@ class ReplayFinding:
     threshold: float
     divergence: Divergence | None
     modules_compared: int
+    # The candidate's forward and backward left the random generator in another state.
+    random_stream_differs: bool = False
 
     def describe(self) -> str:
+        if self.random_stream_differs:
+            return (
+                f"Replay of step {self.step}: the random stream differs: from the same random "
+                "state, the candidate's forward and backward drew other random numbers than the "
+                "reference's (other dropout masks, another number of draws), so its updates "
+                "differ by that noise; if that is intended (a fused dropout or attention kernel, "
+                "micro-batches through dropout), declare Candidate(random_stream=True) and "
+                "record its region, which admits another random stream"
+            )
         if self.divergence is None:
             return (
                 f"Replay of step {self.step}: forward outputs of {self.modules_compared} modules "
@@ -61,11 +78,13 @@ def replay_step(workload: Workload, candidate: Candidate, step: int) -> ReplayFi
     start = start_of_step(workload, candidate, step)
     reference, side, state = start.reference, start.side, start.state
     threshold = math.sqrt(torch.finfo(workload.dtype).eps)
-    inputs, targets = start.batch
+    random_differs = not candidate.random_stream and _draws_otherwise(start, step)
     state.restore(reference)
-    reference_outputs, reference_order = _forward_backward(reference, inputs, targets, None)
+    reference_outputs, reference_order = _forward_backward(reference, start.batch, step, None)
     state.restore(side.implementation)
-    candidate_outputs, _ = _forward_backward(side.implementation, inputs, targets, candidate)
+    candidate_outputs, _ = _forward_backward(side.implementation, start.batch, step, candidate)
+    if random_differs:
+        return ReplayFinding(step, threshold, None, len(reference_order), True)
     for name in reference_order:
         if name not in candidate_outputs:
             continue
@@ -73,6 +92,8 @@ def replay_step(workload: Workload, candidate: Candidate, step: int) -> ReplayFi
         if rel_error > threshold:
             module = reference.model.get_submodule(name)
             kind = type(module).__name__
+            if not candidate.random_stream and "Dropout" in kind:
+                return ReplayFinding(step, threshold, None, len(reference_order), True)
             forward = Divergence("forward output", name, kind, abs_error, rel_error)
             return ReplayFinding(step, threshold, forward, len(reference_order))
     divergence = None
@@ -83,11 +104,34 @@ def replay_step(workload: Workload, candidate: Candidate, step: int) -> ReplayFi
     return ReplayFinding(step, threshold, divergence, len(reference_order))
 
 
+def _draws_otherwise(start: StepStart, step: int) -> bool:
+    """Whether the candidate's step draws its random numbers otherwise than the reference's:
+    from the same state its whole step leaves the generator elsewhere (another number of
+    draws), or it cuts the batch into other micro-batches through a model with active dropout
+    (the same draws, in another order: other masks)."""
+    reference, side = start.reference, start.side
+    start.state.restore(reference)
+    reference.train_step(start.batch, step)
+    after_reference = RandomState.capture()
+    start.state.restore(side.implementation)
+    side.implementation.train_step(start.batch, step)
+    if not RandomState.capture().same_as(after_reference):
+        return True
+    parts = (side.candidate.micro_batches or side.implementation.workload.micro_batches) != (
+        reference.recipe.micro_batches or reference.workload.micro_batches
+    )
+    return (parts or side.candidate.step_fn is not None) and _has_active_dropout(reference.model)
+
+
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+def _has_active_dropout(model: nn.Module) -> bool:
+    return any(isinstance(module, _DROPOUT) and module.p > 0 for module in model.modules())
+
+
 def _forward_backward(
-    implementation: Implementation,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    candidate: Candidate | None,
+    implementation: Implementation, batch: Batch, step: int, candidate: Candidate | None
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Outputs of every module in call order, with gradients left on the parameters."""
     outputs: dict[str, torch.Tensor] = {}
@@ -106,14 +150,10 @@ def _forward_backward(
     model = implementation.model
     model.train()
     model.zero_grad(set_to_none=True)
+    kernels = candidate.forward_context() if candidate is not None else contextlib.nullcontext()
     try:
-        context = candidate.forward_context() if candidate is not None else None
-        if context is not None:
-            with context:
-                loss = implementation.workload.loss_fn(model(inputs), targets)
-                loss.backward()  # type: ignore[no-untyped-call]
-        else:
-            loss = implementation.workload.loss_fn(model(inputs), targets)
+        with kernels:
+            loss = implementation.context(step).loss(batch)
             loss.backward()  # type: ignore[no-untyped-call]
     finally:
         for handle in handles:

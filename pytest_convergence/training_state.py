@@ -13,7 +13,7 @@ import contextlib
 import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 
@@ -35,6 +35,13 @@ class RandomState:
         cuda = torch.cuda.get_rng_state_all() if _cuda_initialized() else None
         return cls(torch.get_rng_state(), cuda)
 
+    def same_as(self, other: RandomState) -> bool:
+        """Whether both generators are in the same state (have drawn alike since)."""
+        cuda_equal = (self.cuda is None) == (other.cuda is None) and all(
+            torch.equal(a, b) for a, b in zip(self.cuda or [], other.cuda or [], strict=True)
+        )
+        return torch.equal(self.cpu, other.cpu) and cuda_equal
+
     def restore(self) -> None:
         """Back to this state: the same dropout masks, the same draws."""
         torch.set_rng_state(self.cpu)
@@ -53,21 +60,34 @@ def preserved_random_state() -> Iterator[None]:
         found.restore()
 
 
+# One parameter's optimizer state (momentum buffers, Adam's moments and step), copied.
+ParameterState: TypeAlias = dict[str, Any]
+
+
 @dataclass
 class TrainingState:
-    """Everything a step depends on, captured before the reference takes it.
+    """Everything a step depends on, captured before the reference takes it: weights, buffers,
+    optimizer state, GradScaler state and RNG state.
 
-    ``optimizer`` is a deep copy of the reference optimizer's ``state_dict()``: its state
-    tensors are live (momentum buffers), so sharing them would let a candidate's step change
-    the reference's. Capturing again into the same object (``reuse``) overwrites its tensors
-    in place: a small model's step is a few hundred microseconds, and a deep copy per step
-    (Python's ``copy.deepcopy`` walks every entry) cost more than the step's tracing.
+    Optimizer state is kept per parameter of the model, by its position in
+    ``model.parameters()``, not by its place in the optimizer's parameter groups: a candidate
+    optimizer with other groups (one group where the reference has decay and no-decay ones,
+    the natural form of a weight-decay bug) re-syncs parameter by parameter. Its own
+    hyper-parameters and per-parameter state the reference has no entry for (AMSGrad's maximum,
+    another optimizer's moments) stay its own. The learning-rate scheduler is not re-synced:
+    each side's steps in lockstep with its own optimizer, so a schedule bug shows as the
+    candidate's own learning rate.
+
+    Capturing again into the same object (``reuse``) overwrites its tensors in place: a small
+    model's step is a few hundred microseconds, and fresh copies every step cost more than the
+    step's tracing.
     """
 
     parameters: list[torch.Tensor]
     buffers: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
+    optimizer: list[ParameterState | None]
     rng: RandomState
+    scaler: dict[str, Any] | None = None
 
     @classmethod
     def capture(
@@ -76,116 +96,127 @@ class TrainingState:
         """The state of ``implementation`` now; ``reuse``: a state of the same implementation
         that nothing reads any more, whose tensors are overwritten."""
         model = implementation.model
-        parameters = [p.detach() for p in model.parameters()]
-        buffers = {n: b.detach() for n, b in model.named_buffers()}
-        optimizer = implementation.optimizer.state_dict()
-        if reuse is not None and _copy_into(reuse.parameters, parameters):
-            reused_buffers = reuse.buffers if _same_names(reuse.buffers, buffers) else None
-            if reused_buffers is not None and _copy_into(
-                list(reused_buffers.values()), list(buffers.values())
-            ):
-                copied = _copy_state_dict_into(reuse.optimizer, optimizer)
-                return cls(
-                    reuse.parameters,
-                    reused_buffers,
-                    copied if copied is not None else copy.deepcopy(optimizer),
-                    RandomState.capture(),
-                )
+        parameters: list[torch.Tensor] = list(model.parameters())
+        buffers = dict(model.named_buffers())
+        kept = reuse if reuse is not None and reuse.buffers.keys() == buffers.keys() else None
+        scaler = implementation.scaler
         return cls(
-            parameters=[p.clone() for p in parameters],
-            buffers={n: b.clone() for n, b in buffers.items()},
-            optimizer=copy.deepcopy(optimizer),
+            parameters=_copies(parameters, kept.parameters if kept else None),
+            buffers=dict(
+                zip(
+                    buffers,
+                    _copies(list(buffers.values()), list(kept.buffers.values()) if kept else None),
+                    strict=True,
+                )
+            ),
+            optimizer=_optimizer_state(
+                implementation.optimizer, parameters, kept.optimizer if kept else None
+            ),
             rng=RandomState.capture(),
+            scaler=copy.deepcopy(scaler.state_dict()) if scaler is not None else None,
         )
 
     def restore(self, implementation: Implementation) -> None:
-        """Reset ``implementation`` to this state, keeping what is its own: the optimizer's
-        hyper-parameters (an optimizer that differs only in them would be invisible
-        otherwise), buffers of swapped-in modules the reference lacks, and per-parameter
-        optimizer state the reference's has no entry for."""
+        """Reset ``implementation`` to this state, keeping what is its own (see above), and
+        buffers of swapped-in modules the reference lacks."""
+        parameters: list[torch.Tensor] = list(implementation.model.parameters())
+        if len(parameters) != len(self.parameters):
+            raise ValueError(
+                f"the model has {len(parameters)} parameters, the captured state "
+                f"{len(self.parameters)}"
+            )
         with torch.no_grad():
-            torch._foreach_copy_(list(implementation.model.parameters()), self.parameters)
+            torch._foreach_copy_(parameters, self.parameters)
             # By name: a swapped-in module may carry buffers the reference lacks.
             for name, buffer in implementation.model.named_buffers():
                 if name in self.buffers:
                     buffer.copy_(self.buffers[name])
-        if not self._restore_optimizer_in_place(implementation.optimizer):
-            self._load_optimizer_state(implementation.optimizer)
+        _restore_optimizer(implementation.optimizer, parameters, self.optimizer)
+        if self.scaler is not None and implementation.scaler is not None:
+            implementation.scaler.load_state_dict(copy.deepcopy(self.scaler))
         self.rng.restore()
 
-    def _restore_optimizer_in_place(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Copy the captured state into the candidate optimizer's own tensors, where it holds
-        every captured entry with the same shapes and dtypes and its groups have the same
-        layout and keys: the common case (the same optimizer, or one with SGD's state layout),
-        exactly what :meth:`_load_optimizer_state` would leave, without its deep copy."""
-        groups = optimizer.param_groups
-        captured_groups = self.optimizer["param_groups"]
-        if len(groups) != len(captured_groups) or any(
-            len(group["params"]) != len(theirs["params"]) or group.keys() != theirs.keys()
-            for group, theirs in zip(groups, captured_groups, strict=True)
-        ):
-            return False
-        parameters = [p for group in groups for p in group["params"]]
-        targets: list[torch.Tensor] = []
-        sources: list[torch.Tensor] = []
-        assignments: list[tuple[dict[str, Any], str, Any]] = []
-        for index, entries in self.optimizer["state"].items():
-            if not isinstance(index, int) or not 0 <= index < len(parameters):
-                return False
-            own = optimizer.state.get(parameters[index])
-            if own is None:
-                return False
-            for key, value in entries.items():
-                mine = own.get(key, _MISSING)
-                if isinstance(value, torch.Tensor):
-                    if not _same_kind(mine, value):
-                        return False
+
+def _copies(tensors: list[torch.Tensor], into: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    """Copies of ``tensors``, written into ``into`` (earlier copies) where they fit."""
+    if (
+        into is not None
+        and len(into) == len(tensors)
+        and all(_same_kind(target, source) for target, source in zip(into, tensors, strict=True))
+    ):
+        with torch.no_grad():
+            if into:
+                torch._foreach_copy_(into, tensors)
+        return into
+    return [tensor.detach().clone() for tensor in tensors]
+
+
+def _optimizer_state(
+    optimizer: torch.optim.Optimizer,
+    parameters: list[torch.Tensor],
+    previous: list[ParameterState | None] | None,
+) -> list[ParameterState | None]:
+    """Each model parameter's optimizer state, copied (into ``previous``' tensors where the
+    same entries are there). State of tensors that are not the model's parameters is refused:
+    it could not be given to a candidate's."""
+    position = {id(parameter): index for index, parameter in enumerate(parameters)}
+    captured: list[ParameterState | None] = [None] * len(parameters)
+    targets: list[torch.Tensor] = []
+    sources: list[torch.Tensor] = []
+    for key, entries in optimizer.state.items():
+        index = position.get(id(key))
+        if index is None:
+            raise ValueError(
+                "the optimizer keeps state for a tensor that is not one of the model's "
+                "parameters; co-simulation re-syncs optimizer state parameter by parameter"
+            )
+        old = previous[index] if previous is not None and len(previous) == len(parameters) else None
+        copied: ParameterState = {}
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                target = old.get(name) if old is not None else None
+                if isinstance(target, torch.Tensor) and _same_kind(target, value):
+                    targets.append(target)
+                    sources.append(value.detach())
+                    copied[name] = target
+                else:
+                    copied[name] = value.detach().clone()
+            else:
+                copied[name] = value if _is_immutable(value) else copy.deepcopy(value)
+        captured[index] = copied
+    with torch.no_grad():
+        if targets:
+            torch._foreach_copy_(targets, sources)
+    return captured
+
+
+def _restore_optimizer(
+    optimizer: torch.optim.Optimizer,
+    parameters: list[torch.Tensor],
+    captured: list[ParameterState | None],
+) -> None:
+    """Write the captured per-parameter state into the optimizer's, parameter by parameter:
+    into its own tensors where they fit (no allocation), as copies where it has none."""
+    managed = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    targets: list[torch.Tensor] = []
+    sources: list[torch.Tensor] = []
+    for parameter, entries in zip(parameters, captured, strict=True):
+        if entries is None or id(parameter) not in managed:
+            continue
+        own = optimizer.state[parameter]
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                mine = own.get(name)
+                if isinstance(mine, torch.Tensor) and _same_kind(mine, value):
                     targets.append(mine)
                     sources.append(value)
-                elif _is_immutable(value) and mine is not _MISSING:
-                    assignments.append((own, key, value))
                 else:
-                    return False
-        with torch.no_grad():
-            if targets:
-                torch._foreach_copy_(targets, sources)
-        for own, key, value in assignments:
-            own[key] = value
-        return True
-
-    def _load_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
-        # load_state_dict also copies the reference's hyper-parameters (lr, momentum, ...):
-        # keep the candidate's own, or an optimizer that differs only in them is invisible.
-        own_options = [
-            {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups
-        ]
-        own_state = self._state_the_reference_lacks(optimizer)
-        optimizer.load_state_dict(copy.deepcopy(self.optimizer))
-        for group, options in zip(optimizer.param_groups, own_options, strict=True):
-            group.update(options)
-        parameters = [p for group in optimizer.param_groups for p in group["params"]]
-        for index, entries in own_state.items():
-            optimizer.state[parameters[index]].update(entries)
-
-    def _state_the_reference_lacks(
-        self, optimizer: torch.optim.Optimizer
-    ) -> dict[int, dict[str, object]]:
-        """The candidate optimizer's own per-parameter state that the reference's has no entry
-        for (AMSGrad's running maximum, another optimizer's moments), by parameter index. As
-        with buffers, it stays the candidate's own across re-syncs: loading the reference's
-        state dict would drop it, and the candidate's next step would fail or start over."""
-        reference_state = self.optimizer.get("state", {})
-        assert isinstance(reference_state, dict)
-        own: dict[int, dict[str, object]] = {}
-        for index, entries in optimizer.state_dict()["state"].items():
-            theirs = reference_state.get(index, {})
-            extra = {key: value for key, value in entries.items() if key not in theirs}
-            if extra:
-                own[index] = extra
-        return own
-
-
-_MISSING = object()
+                    own[name] = value.clone()
+            else:
+                own[name] = value if _is_immutable(value) else copy.deepcopy(value)
+    with torch.no_grad():
+        if targets:
+            torch._foreach_copy_(targets, sources)
 
 
 def _same_kind(mine: object, value: torch.Tensor) -> bool:
@@ -199,59 +230,7 @@ def _same_kind(mine: object, value: torch.Tensor) -> bool:
 
 
 def _is_immutable(value: object) -> bool:
-    return value is None or isinstance(value, bool | int | float | str)
-
-
-def _same_names(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> bool:
-    return first.keys() == second.keys()
-
-
-def _copy_into(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> bool:
-    """Copy ``sources`` into ``targets`` when each pair has the same shape, dtype, device and
-    strided layout (then True); otherwise touch nothing (False)."""
-    if len(targets) != len(sources) or not all(
-        _same_kind(target, source) for target, source in zip(targets, sources, strict=True)
-    ):
-        return False
-    with torch.no_grad():
-        if targets:
-            torch._foreach_copy_(targets, sources)
-    return True
-
-
-def _copy_state_dict_into(
-    previous: dict[str, Any], state_dict: dict[str, Any]
-) -> dict[str, Any] | None:
-    """A deep copy of ``state_dict`` that writes its state tensors into those of ``previous``,
-    an earlier copy of the same optimizer's state dict with the same entries; None where the
-    entries differ (then a plain deep copy it is)."""
-    state, old_state = state_dict["state"], previous["state"]
-    if state.keys() != old_state.keys():
-        return None
-    targets: list[torch.Tensor] = []
-    sources: list[torch.Tensor] = []
-    copied_state: dict[Any, dict[str, Any]] = {}
-    for index, entries in state.items():
-        old = old_state[index]
-        if entries.keys() != old.keys():
-            return None
-        copied: dict[str, Any] = {}
-        for key, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                if not _same_kind(old[key], value):
-                    return None
-                targets.append(old[key])
-                sources.append(value.detach())
-                copied[key] = old[key]
-            elif _is_immutable(value):
-                copied[key] = value
-            else:
-                return None
-        copied_state[index] = copied
-    with torch.no_grad():
-        if targets:
-            torch._foreach_copy_(targets, sources)
-    return {"state": copied_state, "param_groups": copy.deepcopy(state_dict["param_groups"])}
+    return value is None or isinstance(value, bool | int | float | str | tuple)
 
 
 def _cuda_initialized() -> bool:

@@ -2,7 +2,11 @@
 
 A workload names everything that decides the weights after N steps (model, data, loss, optimizer,
 seed, dtype, device), so a reference and a candidate run from identical initial weights on
-identical batches, and a baseline recorded today applies to the run tomorrow.
+identical batches, and a baseline recorded today applies to the run tomorrow. It also says how
+one step trains, as the user's loop does: the forward pass that gives the loss
+(:mod:`pytest_convergence.batches`), micro-batches, gradient clipping, a learning-rate scheduler,
+a precision policy (:mod:`pytest_convergence.precision`), or a step function of its own
+(:mod:`pytest_convergence.training_step`).
 """
 
 from __future__ import annotations
@@ -16,12 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pytest_convergence.batches import Batch, BatchError, Forward, LossFunction, default_loss
+from pytest_convergence.batches import place as place_batch
+from pytest_convergence.batches import validate as validate_batch
+from pytest_convergence.precision import DEFAULT_POLICY, PrecisionPolicy, get_policy
 from pytest_convergence.registry import Registry
+from pytest_convergence.training_step import NamedParameters, SchedulerFactory, StepFunction
 
 __all__ = [
     "AfterStep",
     "Batch",
     "BatchSource",
+    "OptimizerFactory",
     "Workload",
     "add_workload_source",
     "get_workload",
@@ -34,14 +44,13 @@ __all__ = [
     "workload_sources",
 ]
 
-Batch: TypeAlias = tuple[torch.Tensor, torch.Tensor]
 # Called with (seed, steps, dtype, device); returns exactly `steps` batches. Users may instead
 # pass a fixed sequence, any iterable of batches, or a DataLoader.
 BatchSource: TypeAlias = (
     "Callable[[int, int, torch.dtype, torch.device], Sequence[Batch]] | Iterable[Batch]"
 )
-OptimizerFactory: TypeAlias = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-LossFunction: TypeAlias = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# Given the model's parameters (iterable as model.parameters(), or by name: NamedParameters).
+OptimizerFactory: TypeAlias = Callable[[NamedParameters], torch.optim.Optimizer]
 # Runs on the model right after every optimizer step, as a training loop's own code does.
 AfterStep: TypeAlias = Callable[[nn.Module], None]
 
@@ -94,6 +103,20 @@ class Workload:
     # clipped (BinaryConnect) or rounded onto a fixed-point grid. Part of the reference, so a
     # candidate inherits it unless it brings its own (``Candidate.after_step``).
     after_step: AfterStep | None = None
+    # (model, batch) -> loss. None: loss_fn(model(inputs), targets) for an (inputs, targets)
+    # batch, the model's own loss (model(**batch).loss) for a dict batch.
+    forward: Forward | None = None
+    # Built on the optimizer, stepped after every optimizer step, on each side its own.
+    scheduler_factory: SchedulerFactory | None = None
+    # The global gradient norm is clipped to this before the optimizer step (after unscaling).
+    clip_grad_norm: float | None = None
+    # Gradients accumulated over this many micro-batches of each batch, one optimizer step.
+    micro_batches: int = 1
+    # The precision policy the step runs under (pytest_convergence.precision.POLICIES).
+    precision: str = DEFAULT_POLICY
+    # The user's own training step, given a StepContext: replaces micro_batches, clipping and
+    # the optimizer and scheduler steps above, which it does itself.
+    step_fn: StepFunction | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -102,6 +125,36 @@ class Workload:
             raise ValueError(f"workload {self.name!r}: steps must be >= 1, got {self.steps}")
         if not self.dtype.is_floating_point:
             raise ValueError(f"workload {self.name!r}: dtype must be floating, got {self.dtype}")
+        if self.micro_batches < 1:
+            raise ValueError(
+                f"workload {self.name!r}: micro_batches must be >= 1, got {self.micro_batches}"
+            )
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ValueError(
+                f"workload {self.name!r}: clip_grad_norm must be > 0, got {self.clip_grad_norm}"
+            )
+        get_policy(self.precision)
+        if not isinstance(self.batches, Iterable) and not callable(self.batches):
+            raise BatchError(
+                f"workload {self.name!r}: batches must be a function of (seed, steps, dtype, "
+                f"device), a sequence, an iterable or a DataLoader, got "
+                f"{type(self.batches).__name__}"
+            )
+        if isinstance(self.batches, Sequence) and self.batches:
+            validate_batch(self.batches[0], f"workload {self.name!r}: batch 0")
+
+    @property
+    def policy(self) -> PrecisionPolicy:
+        return get_policy(self.precision)
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The loss of ``model`` on ``batch``: the workload's forward, or the default one."""
+        forward = self.forward if self.forward is not None else default_loss(self.loss_fn)
+        return forward(model, batch)
+
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """The workload's optimizer for ``model``, its factory given the named parameters."""
+        return self.optimizer_factory(NamedParameters(model))
 
     def with_options(self, **changes: Any) -> Workload:
         """A copy with marker or command-line overrides (steps, seed, dtype, device)."""
@@ -134,16 +187,8 @@ class Workload:
         return [self._placed(batch, index) for index, batch in enumerate(batches[: self.steps])]
 
     def _placed(self, batch: object, index: int) -> Batch:
-        if not (isinstance(batch, Sequence) and len(batch) == 2):
-            raise TypeError(
-                f"workload {self.name!r}: batch {index} must be an (inputs, targets) pair, "
-                f"got {type(batch).__name__}"
-            )
-        inputs, targets = batch
-        device = torch.device(self.device)
-        if inputs.is_floating_point():
-            inputs = inputs.to(dtype=self.dtype)
-        return inputs.to(device), targets.to(device)
+        validate_batch(batch, f"workload {self.name!r}: batch {index}")
+        return place_batch(batch, torch.device(self.device), self.dtype)
 
 
 def _batch_iterator(source: Iterable[Batch]) -> Iterator[Batch]:

@@ -261,11 +261,16 @@ def test_the_norm_evolution_has_one_point_per_step_per_parameter() -> None:
     assert NormEvolution.from_json(evolution.to_json()) == evolution
 
 
-def test_a_step_fn_candidate_has_weight_norms_only(tmp_path: Path) -> None:
+def test_a_step_fn_candidate_reports_the_gradients_its_optimizer_saw(tmp_path: Path) -> None:
+    """Read right before its optimizer step: four undivided micro-batch losses, four times the
+    reference's gradient at step 1 (where both start from the same weights)."""
     candidate = accumulation_without_division()
     evolution = free_running_norms(cosimulate(MLP, candidate), MLP, candidate)
-    assert not evolution.candidate_gradients
-    assert all(p.candidate_weight_norm is not None for p in evolution.points)
+    assert evolution.candidate_gradients
+    first = next(p for p in evolution.points if p.step == 1 and p.parameter == "fc3.weight")
+    assert first.candidate_grad_norm is not None
+    assert first.reference_grad_norm is not None
+    assert first.candidate_grad_norm == pytest.approx(4 * first.reference_grad_norm, rel=1e-4)
     assert_png(plot_norm_evolution(evolution, tmp_path / "norms.png"))
 
 

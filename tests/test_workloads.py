@@ -72,10 +72,13 @@ def test_too_few_batches_is_an_error_naming_the_workload() -> None:
         workload.make_batches()
 
 
-def test_a_batch_that_is_not_a_pair_is_a_type_error() -> None:
+def test_a_batch_that_is_neither_a_pair_nor_a_dict_is_refused_at_its_first_use() -> None:
+    """A lone tensor is no batch the default forward pass can use: refused by the first
+    forward, naming what the batch holds and what was expected."""
     workload = Workload("bad", linear, [torch.randn(2, 4)], steps=1)
-    with pytest.raises(TypeError, match=r"batch 0 must be an \(inputs, targets\) pair"):
-        workload.make_batches()
+    (batch,) = workload.make_batches()
+    with pytest.raises(TypeError, match=r"a batch of float32\[2, 4\]: the default forward pass"):
+        workload.loss(linear(), batch)
 
 
 @pytest.mark.parametrize(

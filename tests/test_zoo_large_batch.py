@@ -15,6 +15,7 @@ from torch import nn
 from pytest_convergence import regions
 from pytest_convergence.candidates import Candidate
 from pytest_convergence.cosim import cosimulate
+from pytest_convergence.engine import Implementation
 from pytest_convergence.traces import CoSimulation
 from pytest_convergence.workloads import Workload, get_workload, sgd, synthetic_classification
 from pytest_convergence.zoo.candidates import accumulation_without_division
@@ -41,11 +42,17 @@ def _accumulated_gradients(
     inputs: torch.Tensor,
     targets: torch.Tensor,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The candidate's loss and the gradients its step leaves (an lr-0 optimizer keeps the
-    weights, so the gradients are those of the initial model)."""
-    assert candidate.step_fn is not None
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    loss = candidate.step_fn(model, optimizer, inputs, targets, F.cross_entropy)
+    """The candidate's loss and the gradients its step leaves, one step of the engine (an lr-0
+    optimizer keeps the weights, so the gradients are those of the initial model)."""
+    workload = Workload("one-batch", lambda: model, [(inputs, targets)], steps=1)
+    frozen = Candidate(
+        candidate.name,
+        micro_batches=candidate.micro_batches,
+        step_fn=candidate.step_fn,
+        optimizer_factory=lambda parameters: torch.optim.SGD(parameters, lr=0.0),
+    )
+    trained = Implementation.around(workload, frozen, model).train_step((inputs, targets), 1)
+    loss = torch.tensor(trained.loss)
     return loss, [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
 

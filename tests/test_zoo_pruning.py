@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pytest_convergence.batches import default_loss
 from pytest_convergence.cosim import cosimulate, train
 from pytest_convergence.traces import CoSimulation
+from pytest_convergence.training_step import StepContext
 from pytest_convergence.workloads import Workload, get_workload
 from pytest_convergence.zoo.pruning import (
     PRUNED_A,
@@ -157,7 +159,13 @@ def test_the_smaller_models_step_scatters_the_masked_models_gradients() -> None:
     model.zero_grad(set_to_none=True)
     step_fn = physically_smaller_model().step_fn
     assert step_fn is not None
-    step_fn(model, torch.optim.SGD(model.parameters(), lr=0.0), inputs, targets, F.cross_entropy)
+    context = StepContext(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        step=1,
+        forward=default_loss(F.cross_entropy),
+    )
+    step_fn(context, (inputs, targets))
     actual = [p.grad for p in model.parameters() if p.grad is not None]
     assert len(actual) == len(expected) == 6
     # The masked model's connected kernels do get a gradient (relu(bias) is their input), which

@@ -17,13 +17,14 @@ import torch
 from torch import nn
 
 from pytest_convergence import jsonfile
+from pytest_convergence.batches import Batch, split
 from pytest_convergence.candidates import Candidate
 from pytest_convergence.diagnostics.plotting import fit_to, gaps, log_scale_if_wide, pyplot
 from pytest_convergence.engine import Implementation, start_of_step
 from pytest_convergence.errors import NonFiniteWeightError
 from pytest_convergence.traces import MeasurementFile, MeasurementFormat
 from pytest_convergence.training_state import RandomState, preserved_random_state
-from pytest_convergence.workloads import Batch, Workload
+from pytest_convergence.workloads import Workload
 
 __all__ = [
     "ALPHAS",
@@ -187,18 +188,12 @@ class _LossProbe:
                 buffer.copy_(self.buffers[name])
             self.rng.restore()
             model.train()
-            inputs, targets = self.batch
             # Virtual workers (an exchanging candidate's reference) each see their own shard,
             # and batch norm its statistics; the step's loss is the mean over the shards.
             workers = self.implementation.recipe.workers
-            loss_fn = self.implementation.workload.loss_fn
+            context = self.implementation.context(step=0)
             with self.implementation.recipe.forward_context():
-                losses = [
-                    loss_fn(model(shard_inputs), shard_targets)
-                    for shard_inputs, shard_targets in zip(
-                        inputs.chunk(workers), targets.chunk(workers), strict=True
-                    )
-                ]
+                losses = [context.loss(shard) for shard in split(self.batch, workers)]
             return float(torch.stack(losses).mean())
 
 

@@ -45,8 +45,9 @@ class NormPoint:
     """One parameter after one step of free-running training: L2 norms of its weights and of
     the gradient the optimizer used in that step, in the reference's and the candidate's run.
 
-    Step 0 (the initial weights) has no gradients; a candidate with its own ``step_fn`` reports
-    none; the candidate's values are None after its run stopped on non-finite weights.
+    Step 0 (the initial weights) has no gradients, nor has a step whose optimizer never stepped
+    (a GradScaler skipping non-finite gradients); the candidate's values are None after its
+    run stopped on non-finite weights.
     """
 
     step: int
@@ -278,7 +279,7 @@ def _norms_title(evolution: NormEvolution, chosen: Sequence[str], highlight: str
         f"{evolution.reference} (solid) against candidate {evolution.candidate!r} (dashed)"
     )
     if not evolution.candidate_gradients:
-        title += "\nweights only: the candidate's gradients are not seen (its own step_fn)"
+        title += "\nweights only: the candidate's optimizer never applied gradients"
     last = evolution.steps[-1] if evolution.points else 0
     if evolution.candidate_steps < last:
         title += (

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pytest_convergence.batches import batch_size, to_device
 from pytest_convergence.distributed.hooks import DistributedHook
 from pytest_convergence.distributed.rank import BATCHES_FILE, RankConfig, WorkloadSpec, run_rank
 from pytest_convergence.distributed.supervision import (
@@ -77,12 +78,12 @@ def cosimulate_distributed(
     pickled_hook = _check_arguments(resolved, hook, world_size, backend, timeout_s)
     portable = _portable(resolved)
     cuda = backend == "nccl" or resolved.device.startswith("cuda")
-    batches = [(inputs.cpu(), targets.cpu()) for inputs, targets in resolved.make_batches()]
-    for index, (inputs, _) in enumerate(batches):
-        if inputs.shape[0] % world_size:
+    batches = [to_device(batch, torch.device("cpu")) for batch in resolved.make_batches()]
+    for index, batch in enumerate(batches):
+        if batch_size(batch) % world_size:
             raise ValueError(
-                f"workload {resolved.name!r}: batch {index} has {inputs.shape[0]} samples, not "
-                f"divisible by world_size={world_size}; every rank must get an equal shard"
+                f"workload {resolved.name!r}: batch {index} has {batch_size(batch)} samples, "
+                f"not divisible by world_size={world_size}; every rank must get an equal shard"
             )
     folder = Path(tempfile.mkdtemp(prefix="pytest-convergence-ddp-"))
     try:

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from pytest_convergence.batches import Batch, split, to_device
 from pytest_convergence.candidates import Candidate
 from pytest_convergence.distributed.hooks import DistributedHook, with_evaluated_annotations
 from pytest_convergence.distributed.supervision import (
@@ -35,7 +36,7 @@ from pytest_convergence.distributed.supervision import (
 )
 from pytest_convergence.engine import CandidateSide, Implementation, run_lockstep
 from pytest_convergence.traces import CoSimulation
-from pytest_convergence.workloads import Batch, Workload, get_workload, load_workload_sources
+from pytest_convergence.workloads import Workload, get_workload, load_workload_sources
 
 __all__ = ["BATCHES_FILE", "RankConfig", "WorkloadSpec", "run_rank"]
 
@@ -124,15 +125,8 @@ class DataParallelRank:
         # and the loss reduction's: a hook's state (PowerSGD's) is bound to its group.
         group = dist.new_group(backend=config.world.backend)
         recipe = Candidate(name=self.hook.name, description=self.hook.description)
-        self.reference = Implementation(
-            model, self.workload.optimizer_factory(model.parameters()), recipe, self.workload
-        )
-        self.candidate = Implementation(
-            candidate_model,
-            self.workload.optimizer_factory(candidate_model.parameters()),
-            recipe,
-            self.workload,
-        )
+        self.reference = Implementation.around(self.workload, recipe, model)
+        self.candidate = Implementation.around(self.workload, recipe, candidate_model)
         self.reference.forward_model = DistributedDataParallel(model, device_ids=device_ids)
         candidate_ddp = DistributedDataParallel(
             candidate_model, device_ids=device_ids, process_group=group
@@ -143,13 +137,7 @@ class DataParallelRank:
         folder = Path(config.world.folder)
         batches: list[Batch] = torch.load(folder / BATCHES_FILE, weights_only=True)
         world_size = config.world.world_size
-        self.shards = [
-            (
-                inputs.chunk(world_size)[rank].to(device),
-                targets.chunk(world_size)[rank].to(device),
-            )
-            for inputs, targets in batches
-        ]
+        self.shards = [to_device(split(batch, world_size)[rank], device) for batch in batches]
 
     def cosimulate(self) -> CoSimulation | None:
         """Step both sides through every shard; rank 0 returns the co-simulation. Every rank

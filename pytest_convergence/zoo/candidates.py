@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import StateDict
 
-from pytest_convergence.candidates import Candidate, GradientExchange, OptimizerFactory
+from pytest_convergence.batches import Batch
+from pytest_convergence.candidates import Candidate, GradientExchange
 from pytest_convergence.compression import (
     flatten_gradients,
     last_partition_parameters,
@@ -49,6 +50,8 @@ from pytest_convergence.compression import (
     quantize_int8_partitions,
     unflatten_gradients,
 )
+from pytest_convergence.training_step import StepContext
+from pytest_convergence.workloads import OptimizerFactory
 
 __all__ = [
     "LEARNING_RATE",
@@ -647,21 +650,13 @@ def accumulation_without_division(micro_batches: int = 4) -> Candidate:
     ``micro_batches`` times the batch gradient. Signature: bias about ``micro_batches - 1``.
     """
 
-    def step_fn(
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        inputs: torch.Tensor,
-        targets: torch.Tensor,
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    ) -> torch.Tensor:
+    def step_fn(context: StepContext, batch: Batch) -> torch.Tensor:
         losses = []
-        for micro_inputs, micro_targets in zip(
-            inputs.chunk(micro_batches), targets.chunk(micro_batches), strict=True
-        ):
-            loss = loss_fn(model(micro_inputs), micro_targets)
-            loss.backward()  # type: ignore[no-untyped-call]  # BUG: should be loss / micro_batches
+        for micro in context.split(batch, micro_batches):
+            loss = context.loss(micro)
+            context.backward(loss)  # BUG: should be loss / micro_batches
             losses.append(loss.detach())
-        optimizer.step()
+        context.optimizer_step()
         return torch.stack(losses).mean()
 
     return Candidate(
@@ -683,20 +678,14 @@ def loss_scale_mismatch(scale: float = 1024.0, unscale: float = 512.0) -> Candid
     real scaler does.
     """
 
-    def step_fn(
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        inputs: torch.Tensor,
-        targets: torch.Tensor,
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    ) -> torch.Tensor:
-        loss = loss_fn(model(inputs), targets)
+    def step_fn(context: StepContext, batch: Batch) -> torch.Tensor:
+        loss = context.loss(batch)
         (loss * scale).backward()  # type: ignore[no-untyped-call]
-        gradients = [p.grad for p in model.parameters() if p.grad is not None]
+        gradients = [p.grad for p in context.model.parameters() if p.grad is not None]
         if all(bool(torch.isfinite(g).all()) for g in gradients):
             for gradient in gradients:
                 gradient.div_(unscale)
-            optimizer.step()
+            context.optimizer.step()
         return loss
 
     return Candidate(

@@ -43,7 +43,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from pytest_convergence.candidates import Candidate
 from pytest_convergence.workloads import (
@@ -143,29 +142,9 @@ def gradient_accumulation(micro_batches: int = 4) -> Candidate:
     """
     if micro_batches < 1:
         raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
-
-    def step_fn(
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        inputs: torch.Tensor,
-        targets: torch.Tensor,
-        loss_fn: LossFunction,
-    ) -> torch.Tensor:
-        batch_size = inputs.shape[0]
-        total = inputs.new_zeros(())
-        for micro_inputs, micro_targets in zip(
-            inputs.chunk(micro_batches), targets.chunk(micro_batches), strict=True
-        ):
-            share = micro_inputs.shape[0] / batch_size
-            loss = loss_fn(model(micro_inputs), micro_targets) * share
-            loss.backward()  # type: ignore[no-untyped-call]
-            total = total + loss.detach()
-        optimizer.step()
-        return total
-
     return Candidate(
         name=f"gradient-accumulation-{micro_batches}",
-        step_fn=step_fn,
+        micro_batches=micro_batches,
         description=f"gradients accumulated over {micro_batches} micro-batches, each loss "
         "weighted by its share of the batch",
     )

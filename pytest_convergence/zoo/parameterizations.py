@@ -57,8 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pytest_convergence.candidates import Candidate, OptimizerFactory
-from pytest_convergence.workloads import Workload, sgd, synthetic_classification
+from pytest_convergence.candidates import Candidate
+from pytest_convergence.workloads import OptimizerFactory, Workload, sgd, synthetic_classification
 
 __all__ = [
     "DIRACNET_WORKLOAD",

@@ -40,12 +40,14 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from pytest_convergence.batches import Batch
 from pytest_convergence.candidates import Candidate
+from pytest_convergence.training_step import StepContext
 from pytest_convergence.workloads import Workload, sgd, synthetic_classification
 from pytest_convergence.zoo.models import VGG16Mini
 
@@ -231,22 +233,17 @@ def _scattered(full: Tensor, small: Tensor, layer: nn.Module) -> Tensor:
     return scattered.index_put_((rows[:, None], columns[None, :]), small)
 
 
-def _smaller_model_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    inputs: Tensor,
-    targets: Tensor,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-) -> Tensor:
+def _smaller_model_step(context: StepContext, batch: Batch) -> Tensor:
+    model = context.model
     small = smaller_model(model)
-    loss = loss_fn(small(inputs), targets)
-    loss.backward()  # type: ignore[no-untyped-call]
+    loss = context.loss(batch, model=small)
+    context.backward(loss)
     for module_name, layer in small.named_modules():
         for name, parameter in layer.named_parameters(recurse=False):
             if parameter.grad is not None:
                 full = model.get_parameter(f"{module_name}.{name}" if module_name else name)
                 full.grad = _scattered(full, parameter.grad, layer)
-    optimizer.step()
+    context.optimizer_step()
     return loss
 
 

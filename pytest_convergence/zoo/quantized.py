@@ -59,7 +59,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pytest_convergence.batches import Batch
 from pytest_convergence.candidates import Candidate
+from pytest_convergence.training_step import StepContext
 from pytest_convergence.workloads import Workload, sgd, synthetic_classification
 from pytest_convergence.zoo.models import LeNet5
 
@@ -236,20 +238,14 @@ def popcount_binary_linear() -> Candidate:
     )
 
 
-def _binarized_update_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    inputs: Tensor,
-    targets: Tensor,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-) -> Tensor:
+def _binarized_update_step(context: StepContext, batch: Batch) -> Tensor:
     with torch.no_grad():
-        for layer in _binary_layers(model):
+        for layer in _binary_layers(context.model):
             layer.weight.copy_(binarize(layer.weight))
-    loss = loss_fn(model(inputs), targets)
-    loss.backward()  # type: ignore[no-untyped-call]
+    loss = context.loss(batch)
+    context.backward(loss)
     # BUG: the full-precision weights were never restored; the update lands on +-1.
-    optimizer.step()
+    context.optimizer_step()
     return loss
 
 
