@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -109,10 +110,24 @@ def _failure_path_rows() -> list[tuple[str, Callable[[], str]]]:
     mlp = get_workload("mlp").with_options(steps=3)
     bug = scaled_layer_gradient("fc2.weight", 0.5)
     return [
-        ("mlp calibration, 3 steps", lambda: repr(calibrate(mlp))),
+        ("mlp calibration, 3 steps", lambda: _region_numbers(calibrate(mlp))),
         ("mlp replay of step 2", lambda: replay_step(mlp, bug, 2).describe()),
         ("mlp loss-landscape slice at step 2", lambda: loss_landscape_slice(mlp, bug, 2).to_json()),
     ]
+
+
+def _region_numbers(region: Any) -> str:
+    """A region's limits and what it was calibrated against, in words (the fields a later
+    version adds to its records aside)."""
+    return repr(
+        (
+            region.parameters,
+            region.global_logm_delta,
+            region.global_logm_gap_limit,
+            region.calibration.description,
+            region.calibration.seeds,
+        )
+    )
 
 
 def _verdict_rows() -> list[tuple[str, Callable[[], str]]]:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from pytest_convergence import jsonfile
 from pytest_convergence.config import MISMATCH_POLICIES, RECORD_COMMAND
 from pytest_convergence.errors import BaselineError
+from pytest_convergence.precision import DEFAULT_POLICY
 from pytest_convergence.regions import Calibration, ParameterRegion, Region
 
 if TYPE_CHECKING:
@@ -201,6 +202,10 @@ _reals = jsonfile.array_of(jsonfile.finite)
 _optional_string = jsonfile.optional(jsonfile.string)
 _optional_limit = jsonfile.optional(_limit)
 
+# Calibration fields written only when they are not their default (a region of the fp32 policy
+# without a random stream): every baseline recorded before they existed reads as it was written.
+_DEFAULTED_CALIBRATION = ("random_stream", "precision")
+
 _SCHEMA = jsonfile.Schema(
     SCHEMA,
     SCHEMA_VERSION,
@@ -232,7 +237,10 @@ _CALIBRATION = jsonfile.record(
         "candidate": _optional_string,
         "seeds": jsonfile.array_of(jsonfile.integer),
         "steps": jsonfile.positive,
+        "random_stream": jsonfile.boolean,
+        "precision": jsonfile.non_empty_string,
     },
+    optional=_DEFAULTED_CALIBRATION,
 )
 _PARAMETER_FIELDS: dict[str, jsonfile.Parser[Any]] = {
     "count": jsonfile.count,
@@ -322,7 +330,7 @@ def _document(region: Region, provenance: Provenance) -> dict[str, object]:
     return {
         **_SCHEMA.header(),
         "provenance": _fields_of(provenance),
-        "calibration": _fields_of(region.calibration),
+        "calibration": _calibration_fields(region.calibration),
         "global_logm_delta": list(region.global_logm_delta),
         "global_logm_gap_limit": region.global_logm_gap_limit,
         "parameters": {
@@ -330,6 +338,15 @@ def _document(region: Region, provenance: Provenance) -> dict[str, object]:
             for name, parameter in region.parameters.items()
         },
     }
+
+
+def _calibration_fields(calibration: Calibration) -> dict[str, object]:
+    written: dict[str, object] = _fields_of(calibration)
+    if not calibration.random_stream:
+        del written["random_stream"]
+    if calibration.precision == DEFAULT_POLICY:
+        del written["precision"]
+    return written
 
 
 def _fields_of(instance: Provenance | Calibration | ParameterRegion, skip: str = "") -> Any:

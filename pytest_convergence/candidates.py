@@ -159,7 +159,11 @@ def gradient_noise(relative: float, draw: int) -> Candidate:
 
 
 def arithmetic_noise(
-    relative: float, draw: int, *, gradient_relative: float | None = None
+    relative: float,
+    draw: int,
+    *,
+    gradient_relative: float | None = None,
+    random_stream: bool = False,
 ) -> Candidate:
     """The reference with every leaf module's output perturbed by relative Gaussian noise
     ``relative``, and every gradient by ``gradient_relative`` (default: the same): a stand-in for
@@ -169,6 +173,10 @@ def arithmetic_noise(
     cancellation, so a legitimately different convolution kernel changes it by far more than the
     kernel's own relative error. Noise injected where the kernels are reproduces that downstream
     amplification; noise injected on the final gradients alone does not.
+
+    ``random_stream``: the draw's forward passes also take their random numbers (dropout masks)
+    from a stream of their own, seeded by the draw and the step: a stand-in for any
+    implementation that draws them otherwise (a fused dropout kernel, micro-batches).
     """
     gradient_part = gradient_noise(
         relative if gradient_relative is None else gradient_relative, draw
@@ -189,13 +197,19 @@ def arithmetic_noise(
         # torch annotates the hook as returning None, yet a returned value replaces the output.
         handle = register_module_forward_hook(hook)  # type: ignore[arg-type]
         try:
+            if random_stream:
+                steps_taken[0] += 1
+                torch.manual_seed(104_729 * (draw + 1) + steps_taken[0])
             yield
         finally:
             handle.remove()
 
+    steps_taken = [0]
+    suffix = "-random-stream" if random_stream else ""
     return Candidate(
-        name=f"arithmetic-noise-{relative:.3g}-{draw}",
+        name=f"arithmetic-noise-{relative:.3g}-{draw}{suffix}",
         context=perturbed_outputs,
+        random_stream=random_stream,
         gradient_transform=gradient_part.gradient_transform,
         description=f"reference with module outputs perturbed by {relative:.3g} and gradients "
         f"by {relative if gradient_relative is None else gradient_relative:.3g}",

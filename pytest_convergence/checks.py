@@ -30,7 +30,8 @@ from pytest_convergence.candidates import Candidate, get_candidate
 from pytest_convergence.config import RECORD_COMMAND, RUN_COMMAND, ConvergenceConfig
 from pytest_convergence.cosim import cosimulate
 from pytest_convergence.errors import ConvergenceError, MissingBaselineError
-from pytest_convergence.regions import DEFAULT_TOLERANCE, Region, Verdict, calibrate, judge
+from pytest_convergence.precision import DEFAULT_POLICY, get_policy
+from pytest_convergence.regions import Region, Verdict, calibrate, judge
 from pytest_convergence.replay import ReplayFinding, replay_step
 from pytest_convergence.report import SUMMARY_PREFIX, FailureContext, format_failure
 from pytest_convergence.report_folder import write_report
@@ -60,6 +61,10 @@ class CheckRequest:
     baseline: Path
     known_good: str | None = None
     label: str | None = None
+    # The precision policy the region is calibrated for, and whether it admits another random
+    # stream (both name the baseline file).
+    precision: str = DEFAULT_POLICY
+    random_stream: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,17 +81,24 @@ class Runner:
     @classmethod
     def in_process(
         cls,
-        workload: Workload,
+        request: CheckRequest,
         candidate: Candidate,
         *,
         known_good: Candidate | None = None,
-        tolerance: float = DEFAULT_TOLERANCE,
+        tolerance: float | None = None,
     ) -> Runner:
         """``candidate`` co-simulated in this process; the region the reference's under
-        perturbation at ``tolerance``, or ``known_good``'s."""
+        perturbation at the request's precision policy (or ``tolerance``), or ``known_good``'s."""
+        workload = request.workload
         return cls(
             run=lambda: cosimulate(workload, candidate),
-            calibrate_region=lambda: calibrate(workload, candidate=known_good, tolerance=tolerance),
+            calibrate_region=lambda: calibrate(
+                workload,
+                candidate=known_good,
+                tolerance=tolerance,
+                precision=request.precision,
+                random_stream=request.random_stream,
+            ),
             replay=lambda step: replay_step(workload, candidate, step),
             report_candidate=candidate,
         )
@@ -128,7 +140,7 @@ class ConvergenceChecker:
         device: str | None = None,
         baseline: str | None = None,
         known_good: Candidate | None = None,
-        tolerance: float = DEFAULT_TOLERANCE,
+        tolerance: float | None = None,
         label: str | None = None,
     ) -> CheckResult:
         """Co-simulate ``candidate`` on ``workload`` and judge it against its baseline.
@@ -136,7 +148,9 @@ class ConvergenceChecker:
         ``known_good``: judge against the region of that known-good (lossy) implementation,
         ``<workload>--<known_good>.json``, calibrated against it when recording; pass the
         candidate itself to hold later versions of it to today's behaviour. ``tolerance``: the
-        relative precision a reference-perturbation region accepts, used when recording.
+        relative precision a reference-perturbation region accepts, used when recording (by
+        default that of the precision policy the candidate trains under). A candidate with
+        ``random_stream=True`` is judged against a region that admits another random stream.
         """
         __tracebackhide__ = True
         request = self.request(
@@ -149,10 +163,10 @@ class ConvergenceChecker:
             baseline=baseline,
             known_good=known_good.name if known_good else None,
             label=label,
+            precision=candidate.precision,
+            random_stream=candidate.random_stream,
         )
-        runner = Runner.in_process(
-            request.workload, candidate, known_good=known_good, tolerance=tolerance
-        )
+        runner = Runner.in_process(request, candidate, known_good=known_good, tolerance=tolerance)
         return self.run(request, runner)
 
     def request(
@@ -167,10 +181,13 @@ class ConvergenceChecker:
         baseline: str | None = None,
         known_good: str | None = None,
         label: str | None = None,
+        precision: str | None = None,
+        random_stream: bool = False,
     ) -> CheckRequest:
         """The check of ``candidate`` on ``workload`` with this check's overrides and the
         session's seed and device; ``baseline``: a file name in the baselines folder, else
-        ``<workload>[-<device type>][--<known good>].json``."""
+        the one :meth:`baseline_for` names. ``precision``: the policy the candidate trains
+        under (default: the workload's)."""
         base = get_workload(workload) if isinstance(workload, str) else workload
         resolved = base.with_options(
             steps=steps,
@@ -178,11 +195,12 @@ class ConvergenceChecker:
             dtype=_parse_dtype(dtype) if dtype is not None else None,
             device=device if device is not None else self.config.device,
         )
+        policy = get_policy(precision or resolved.precision).name
         if baseline is not None:
             path = self.config.baselines_dir / baseline
         else:
-            path = self.baseline_for(resolved, known_good)
-        return CheckRequest(resolved, candidate, path, known_good, label)
+            path = self.baseline_for(resolved, known_good, policy, random_stream=random_stream)
+        return CheckRequest(resolved, candidate, path, known_good, label, policy, random_stream)
 
     def run(self, request: CheckRequest, runner: Runner) -> CheckResult:
         """Load (or, when recording, calibrate and write) the request's baseline, run the
@@ -224,11 +242,23 @@ class ConvergenceChecker:
         message = format_failure(simulation, verdict, stored.region, context, finding)
         raise ConvergenceError(message, run=simulation, verdict=verdict)
 
-    def baseline_for(self, workload: Workload, known_good: str | None = None) -> Path:
-        """``<workload>[-<device type>][--<known good>].json`` in the baselines folder."""
+    def baseline_for(
+        self,
+        workload: Workload,
+        known_good: str | None = None,
+        precision: str = DEFAULT_POLICY,
+        *,
+        random_stream: bool = False,
+    ) -> Path:
+        """``<workload>[-<device type>][.<precision policy>][.random-stream][--<known good>]
+        .json`` in the baselines folder (the fp32 policy is not named)."""
         # Regions are per device type: GPU kernels (TF32, cuDNN algorithms) are another regime.
         device_type = torch.device(workload.device).type
         name = workload.name if device_type == "cpu" else f"{workload.name}-{device_type}"
+        if precision != DEFAULT_POLICY:
+            name += f".{precision}"
+        if random_stream:
+            name += ".random-stream"
         return baseline_path(self.config.baselines_dir, name, known_good)
 
     def _load(self, request: CheckRequest) -> Baseline:
@@ -250,6 +280,18 @@ class ConvergenceChecker:
             device=workload.device,
             policy=self.config.mismatch_policy,
         )
+        calibration = stored.region.calibration
+        if (calibration.precision, calibration.random_stream) != (
+            request.precision,
+            request.random_stream,
+        ):
+            raise ValueError(
+                f"{path}: calibrated for the {calibration.precision} precision policy"
+                f"{' with another random stream' if calibration.random_stream else ''}, this "
+                f"check needs {request.precision}"
+                f"{' with another random stream' if request.random_stream else ''}; re-record "
+                f"it: {_command(RECORD_COMMAND, request.label)}"
+            )
         if stored.region.calibration.steps < workload.steps:
             raise ValueError(
                 f"{path}: calibrated for {stored.region.calibration.steps} steps, this check runs "
@@ -376,7 +418,7 @@ class BoundCheck:
         baseline: str | None = None,
         known_good: Candidate | None = None,
         own_region: bool = False,
-        tolerance: float = DEFAULT_TOLERANCE,
+        tolerance: float | None = None,
     ) -> CheckResult:
         """Check ``candidate``, or the marker's; marker arguments are the defaults.
 
@@ -401,9 +443,11 @@ class BoundCheck:
             dtype=dtype,
             baseline=baseline,
             known_good=region_candidate.name if region_candidate else None,
+            precision=resolved_candidate.precision,
+            random_stream=resolved_candidate.random_stream,
         )
         runner = Runner.in_process(
-            request.workload, resolved_candidate, known_good=region_candidate, tolerance=tolerance
+            request, resolved_candidate, known_good=region_candidate, tolerance=tolerance
         )
         return self.run(request, runner)
 
@@ -417,6 +461,8 @@ class BoundCheck:
         dtype: str | None = None,
         baseline: str | None = None,
         known_good: str | None = None,
+        precision: str | None = None,
+        random_stream: bool = False,
     ) -> CheckRequest:
         """The checker's request for this test: the arguments given, else the marker's."""
         chosen = workload if workload is not None else self.defaults.get("workload")
@@ -435,6 +481,8 @@ class BoundCheck:
             baseline=baseline if baseline is not None else self._marker("baseline", str),
             known_good=known_good,
             label=self.label,
+            precision=precision,
+            random_stream=random_stream,
         )
 
     def run(self, request: CheckRequest, runner: Runner) -> CheckResult:

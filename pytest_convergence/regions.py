@@ -31,6 +31,7 @@ from typing import TypeAlias
 
 from pytest_convergence.candidates import Candidate, arithmetic_noise
 from pytest_convergence.cosim import cosimulate, cosimulate_many
+from pytest_convergence.precision import DEFAULT_POLICY, POLICIES, get_policy
 from pytest_convergence.student_t import gaussian_two_sided_tail, limit_with_tail
 from pytest_convergence.traces import CoSimulation, ParameterComparison
 from pytest_convergence.workloads import Workload
@@ -58,8 +59,8 @@ __all__ = [
 # gradient exchange at least as accurate as bf16 rounding (2^-8: fp16 or bf16 exchanges pass).
 # Operation noise is amplified through deep nets; at 2^-8 on every layer's output a plain VGG's
 # updates already differ by ~15% at step 1, hiding real bugs in the noise.
-DEFAULT_TOLERANCE = 2.0**-11
-DEFAULT_GRADIENT_TOLERANCE = 2.0**-8
+DEFAULT_TOLERANCE = POLICIES[DEFAULT_POLICY].tolerance  # 2^-11
+DEFAULT_GRADIENT_TOLERANCE = POLICIES[DEFAULT_POLICY].gradient_tolerance  # 2^-8
 DEFAULT_DRAWS = 4
 DEFAULT_CALIBRATION_SEEDS = 3
 # A known-good candidate runs once per seed (no draws), and its spread is the seed-to-seed
@@ -107,6 +108,11 @@ class Calibration:
     seeds: tuple[int, ...]
     steps: int
     gradient_tolerance: float | None = None
+    # The perturbed runs also drew their random numbers from other streams (other dropout
+    # masks): the region admits a candidate that draws them otherwise.
+    random_stream: bool = False
+    # The precision policy whose accuracy the perturbations stand for.
+    precision: str = DEFAULT_POLICY
 
 
 @dataclass(frozen=True)
@@ -186,17 +192,25 @@ def calibrate(
     *,
     candidate: Candidate | None = None,
     seeds: Sequence[int] | None = None,
-    tolerance: float = DEFAULT_TOLERANCE,
-    gradient_tolerance: float = DEFAULT_GRADIENT_TOLERANCE,
+    tolerance: float | None = None,
+    gradient_tolerance: float | None = None,
     draws: int = DEFAULT_DRAWS,
+    precision: str | None = None,
+    random_stream: bool = False,
 ) -> Region:
     """Calibrate a region from legitimate runs of ``workload``.
 
     Without ``candidate``: the reference against itself under ``draws`` perturbations of every
-    module output (relative ``tolerance``) and every gradient (``gradient_tolerance``). With one:
-    that known-good candidate against the reference. Each over several seeds, so the region does
-    not fit one trajectory.
+    module output (relative ``tolerance``) and every gradient (``gradient_tolerance``), by default
+    the accuracy of the ``precision`` policy (the workload's own by default); with
+    ``random_stream`` each perturbed run also draws its random numbers from a stream of its own.
+    With ``candidate``: that known-good candidate against the reference. Each over several
+    seeds, so the region does not fit one trajectory.
     """
+    policy = get_policy(precision or workload.precision)
+    tolerance = policy.tolerance if tolerance is None else tolerance
+    if gradient_tolerance is None:
+        gradient_tolerance = policy.gradient_tolerance
     if seeds is None:
         count = (
             DEFAULT_CALIBRATION_SEEDS if candidate is None else DEFAULT_CANDIDATE_CALIBRATION_SEEDS
@@ -212,7 +226,12 @@ def calibrate(
                 cosimulate_many(
                     seeded,
                     [
-                        arithmetic_noise(tolerance, d, gradient_relative=gradient_tolerance)
+                        arithmetic_noise(
+                            tolerance,
+                            d,
+                            gradient_relative=gradient_tolerance,
+                            random_stream=random_stream,
+                        )
                         for d in range(draws)
                     ],
                 )
@@ -225,6 +244,8 @@ def calibrate(
             f"reference with module outputs perturbed by relative Gaussian noise "
             f"{tolerance:.3g} and gradients by {gradient_tolerance:.3g}, "
             f"{draws} draws per seed"
+            + (", each with a random stream of its own" if random_stream else "")
+            + ("" if policy.name == DEFAULT_POLICY else f" (precision policy {policy.name})")
             if candidate is None
             else f"known-good candidate {candidate.name!r}"
             + (f": {candidate.description}" if candidate.description else "")
@@ -235,6 +256,8 @@ def calibrate(
         candidate=None if candidate is None else candidate.name,
         seeds=tuple(seeds),
         steps=workload.steps,
+        random_stream=random_stream and candidate is None,
+        precision=policy.name,
     )
     return region_from_runs(runs, calibration)
 

@@ -12,7 +12,7 @@ from pytest_convergence.distributed.cosimulation import (
     cosimulate_distributed,
 )
 from pytest_convergence.distributed.hooks import DistributedHook
-from pytest_convergence.regions import DEFAULT_TOLERANCE, Region, calibrate
+from pytest_convergence.regions import Region, calibrate
 from pytest_convergence.traces import CoSimulation
 from pytest_convergence.workloads import Workload
 
@@ -35,7 +35,7 @@ def check_distributed(
     backend: str = "gloo",
     timeout_s: float = 120.0,
     start_method: str | None = None,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float | None = None,
 ) -> CheckResult:
     """``convergence.check`` for a DDP hook: co-simulate it on ``world_size`` processes and
     judge it with the fixture's baselines, options, summary and report folders.
