@@ -29,6 +29,7 @@ from pytest_convergence.baselines import (
 from pytest_convergence.candidates import Candidate, get_candidate
 from pytest_convergence.config import RECORD_COMMAND, RUN_COMMAND, ConvergenceConfig
 from pytest_convergence.cosim import cosimulate
+from pytest_convergence.engine import compile_ahead
 from pytest_convergence.errors import ConvergenceError, MissingBaselineError
 from pytest_convergence.precision import DEFAULT_POLICY, get_policy
 from pytest_convergence.regions import Region, Verdict, calibrate, judge
@@ -77,6 +78,9 @@ class Runner:
     calibrate_region: Callable[[], Region]
     replay: Callable[[int], ReplayFinding] | None = None
     report_candidate: Candidate | None = None
+    # Compiles what ``run`` would compile (a torch.compile candidate), apart from the check;
+    # its seconds, or None when nothing compiles.
+    warm_up: Callable[[], float | None] | None = None
 
     @classmethod
     def in_process(
@@ -101,6 +105,9 @@ class Runner:
             ),
             replay=lambda step: replay_step(workload, candidate, step),
             report_candidate=candidate,
+            warm_up=(lambda: compile_ahead(workload, candidate))
+            if candidate.model_transform is not None
+            else None,
         )
 
 
@@ -116,6 +123,8 @@ class CheckResult:
     baseline: str
     first_violation: str = ""
     recorded: bool = False
+    # A torch.compile candidate's compilation, timed apart from the check.
+    compile_seconds: float | None = None
 
 
 @dataclass
@@ -216,6 +225,7 @@ class ConvergenceChecker:
             stored = self._record(request, runner.calibrate_region)
         else:
             stored = self._load(request)
+        compile_seconds = runner.warm_up() if runner.warm_up is not None else None
         simulation = runner.run()
         result = CheckResult(
             workload=workload.name,
@@ -225,6 +235,7 @@ class ConvergenceChecker:
             worst_ratio=0.0,
             baseline=str(request.baseline),
             recorded=self.config.record,
+            compile_seconds=compile_seconds,
         )
         self.results.append(result)
         verdict = judge(simulation, stored.region)
@@ -507,6 +518,10 @@ class BoundCheck:
             ("first_violation", result.first_violation),
         ):
             self.record_property(f"{SUMMARY_PREFIX}{key}", value)
+        if result.compile_seconds is not None:
+            self.record_property(
+                f"{SUMMARY_PREFIX}compile_seconds", round(result.compile_seconds, 2)
+            )
 
     def _marker(self, key: str, kind: type[_T]) -> _T | None:
         """A marker argument of the expected type, or None (the checker's default applies)."""

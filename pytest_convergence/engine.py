@@ -22,6 +22,7 @@ candidate that needs its own forward pass; statistics per step, never weights pe
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -42,7 +43,7 @@ from pytest_convergence.step_statistics import (
     step_trace,
 )
 from pytest_convergence.traces import CoSimulation, StepComparison, Trace
-from pytest_convergence.training_state import RandomState, TrainingState
+from pytest_convergence.training_state import RandomState, TrainingState, preserved_random_state
 from pytest_convergence.training_step import (
     NamedParameters,
     StepContext,
@@ -63,6 +64,7 @@ __all__ = [
     "TrainedStep",
     "TrainingState",
     "check_same_parameters",
+    "compile_ahead",
     "module_types",
     "parameter_layout",
     "reference_recipe",
@@ -268,6 +270,27 @@ class Implementation:
         for parameter, gradient in zip(parameters, averaged, strict=True):
             parameter.grad = gradient.to(parameter.dtype)
         return torch.stack(losses).mean()
+
+
+def compile_ahead(workload: Workload, candidate: Candidate) -> float | None:
+    """Compile a ``torch.compile`` candidate before its check: one training step of a throwaway
+    copy on the first batch, the RNG left as found; its seconds, None when the candidate's model
+    transform compiles nothing. Compiled code is cached per module class, so the check's own
+    candidate then steps at its compiled speed and its time is the check's."""
+    implementation = Implementation.build(workload, candidate)
+    if not _compiles(implementation):
+        return None
+    start = time.perf_counter()
+    with preserved_random_state():
+        implementation.train_step(workload.make_batches()[0], 1)
+    return time.perf_counter() - start
+
+
+def _compiles(implementation: Implementation) -> bool:
+    forward = implementation.forward_model
+    return hasattr(forward, "_orig_mod") or (
+        getattr(implementation.model, "_compiled_call_impl", None) is not None
+    )
 
 
 def transformed(model: nn.Module, recipe: Candidate) -> tuple[nn.Module, nn.Module | None]:

@@ -189,6 +189,9 @@ def summary_lines(rows: Sequence[dict[str, object]]) -> list[str]:
         first = row.get("first_violation")
         if first:
             lines.append(f"{'':<23}first violation: {first}")
+        compiled = row.get("compile_seconds")
+        if isinstance(compiled, int | float):
+            lines.append(f"{'':<23}compiled in {compiled:.1f} s, apart from the check")
     return lines
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
 import torch
@@ -271,3 +272,23 @@ def test_a_model_compiled_in_place_is_a_candidate_too() -> None:
 
     run = cosimulate(lm(steps=2), Candidate("compiled-in-place", model_transform=compile_in_place))
     assert worst_relative_error(run.comparisons) < 1e-5
+
+
+def test_a_compiled_candidate_is_compiled_ahead_and_its_time_reported_apart(
+    tmp_path: Path,
+) -> None:
+    from pytest_convergence.checks import ConvergenceChecker
+    from pytest_convergence.config import ConvergenceConfig
+    from pytest_convergence.report import summary_lines
+
+    checker = ConvergenceChecker(ConvergenceConfig(tmp_path, record=True))
+    compiled = Candidate(
+        "compiled", model_transform=lambda model: torch.compile(model, backend="eager")
+    )
+    result = checker.check(compiled, lm(steps=2))
+    assert result.compile_seconds is not None
+    assert result.compile_seconds > 0
+    plain = checker.check(Candidate("same", context=contextlib.nullcontext), lm(steps=2))
+    assert plain.compile_seconds is None
+    row = {"verdict": "passed", "worst_ratio": 0.0, "compile_seconds": 1.234, "nodeid": "t"}
+    assert summary_lines([row])[2].strip() == "compiled in 1.2 s, apart from the check"

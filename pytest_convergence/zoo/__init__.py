@@ -21,6 +21,7 @@ from pytest_convergence.zoo import large_batch as large_batch  # seeds' workload
 from pytest_convergence.zoo import parameterizations as parameterizations
 from pytest_convergence.zoo import pruning as pruning
 from pytest_convergence.zoo import quantized as quantized
+from pytest_convergence.zoo import transformer as transformer
 from pytest_convergence.zoo import workloads as workloads
 
 __all__ = ["SOURCE", "WORKLOADS", "register"]
@@ -37,6 +38,8 @@ WORKLOADS: tuple[Workload, ...] = (
     parameterizations.SYMMETRIC_WORKLOAD,
     large_batch.LARGE_BATCH_WORKLOAD,
     large_batch.MIXUP_WORKLOAD,
+    transformer.TRANSFORMER_LM,
+    transformer.ADAMW_LENET5,
 )
 
 

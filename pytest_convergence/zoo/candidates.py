@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import StateDict
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pytest_convergence.batches import Batch
 from pytest_convergence.candidates import Candidate, GradientExchange
@@ -76,6 +77,7 @@ __all__ = [
     "scaled_layer_gradient",
     "stale_gradient",
     "sum_instead_of_mean_exchange",
+    "tf32_matmuls",
     "thread_count",
     "unfold_conv2d",
     "weight_decay_doubled",
@@ -760,4 +762,58 @@ def fp16_conv_accumulation() -> Candidate:
         name="fp16-conv",
         context=lambda: _conv2d_patched(_fp16_kernel),
         description="conv2d with float16-rounded operands and output",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Precision
+# --------------------------------------------------------------------------------------------
+
+_TF32_OPS = frozenset(
+    {
+        torch.ops.aten.mm.default,
+        torch.ops.aten.addmm.default,
+        torch.ops.aten.bmm.default,
+        torch.ops.aten.convolution.default,
+        torch.ops.aten.convolution_backward.default,
+    }
+)
+
+
+def _to_tf32(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` rounded to TF32's 10-bit mantissa, to nearest even (a float32 tensor)."""
+    bits = tensor.contiguous().view(torch.int32)
+    rounded = (bits + 0x0FFF + ((bits >> 13) & 1)) & ~0x1FFF
+    return rounded.view(torch.float32)
+
+
+class _TF32Matmuls(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """Every matmul and convolution, forward and backward, on float32 inputs rounded to TF32."""
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        if func in _TF32_OPS:
+            args = tuple(
+                _to_tf32(a) if isinstance(a, torch.Tensor) and a.dtype == torch.float32 else a
+                for a in args
+            )
+        return func(*args, **(kwargs or {}))
+
+
+def tf32_matmuls() -> Candidate:
+    """TF32 tensor cores, emulated on any device: the inputs of every matmul and convolution
+    (forward and backward) rounded to 10-bit mantissas, float32 accumulation.
+
+    What ``torch.backends.cuda.matmul.allow_tf32 = True`` does on an Ampere or later GPU: a
+    legitimate precision mode (the ``tf32`` policy), measurable on a CPU through this.
+    """
+    return Candidate(
+        name="tf32-matmuls",
+        context=_TF32Matmuls,
+        description="matmul and convolution inputs rounded to TF32 (10-bit mantissas)",
     )
