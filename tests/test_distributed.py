@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
+import os
 import pickle
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -39,6 +43,12 @@ from pytest_convergence.distributed import (
     fp16_compress_hook,
     int8_hook,
     powersgd_hook,
+)
+from pytest_convergence.distributed.run_folder import (
+    OWNER_FILE,
+    PREFIX,
+    remove_abandoned_folders,
+    run_folder,
 )
 from pytest_convergence.traces import CoSimulation
 from pytest_convergence.workloads import Workload, get_workload, sgd, synthetic_classification
@@ -257,6 +267,117 @@ def test_a_worker_that_hangs_is_terminated_at_the_deadline(private_tmp: Path) ->
     assert time.monotonic() - started < timeout + 6
     assert not _leftover_workers()
     assert not list(private_tmp.glob("pytest-convergence-ddp-*"))
+
+
+# --- the caller is killed ---------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+# A caller whose run hangs mid-step (rank 1 sleeps in its hook, rank 0 waits for it in the
+# all-reduce), as a CI timeout finds it; its timeout_s is far beyond the test's patience.
+_CALLER = (
+    "from pytest_convergence.distributed import cosimulate_distributed\n"
+    "from tests.test_distributed import SLEEPING, TINY\n"
+    "cosimulate_distributed(TINY, SLEEPING, timeout_s=300)\n"
+)
+
+
+def _stat(pid: int) -> tuple[str, int, str] | None:
+    """State, parent pid and start time of a process (None when it is gone), from /proc."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
+    except OSError:
+        return None
+    state, ppid, *rest = text.rsplit(")", 1)[1].split()
+    return state, int(ppid), rest[17]
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """Every process below ``root`` now, with its start time (pids are reused)."""
+    stats = {int(p.name): _stat(int(p.name)) for p in Path("/proc").iterdir() if p.name.isdigit()}
+    found: dict[int, str] = {}
+    parents = {root}
+    while parents:
+        children = {pid: st for pid, st in stats.items() if st and st[1] in parents}
+        found.update({pid: st[2] for pid, st in children.items()})
+        parents = set(children) - {root}
+        stats = {pid: st for pid, st in stats.items() if pid not in found}
+    return found
+
+
+def _running(processes: dict[int, str]) -> list[int]:
+    """Those still running: a zombie has ended, it only waits for its parent to reap it."""
+    return [
+        pid
+        for pid, started in processes.items()
+        if (st := _stat(pid)) is not None and st[2] == started and st[0] not in "ZX"
+    ]
+
+
+def _at(tmp: Path, rank: int, place: str) -> bool:
+    """Whether ``rank`` of the run under ``tmp`` says it is at ``place``."""
+    return any(
+        place in path.read_text(encoding="utf-8")
+        for path in tmp.glob(f"pytest-convergence-ddp-*/progress-{rank}.txt")
+    )
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_workers_and_the_run_folder_die_with_a_killed_caller(tmp_path: Path) -> None:
+    """SIGKILL the caller mid-run: nobody runs its cleanup, yet within seconds the fork server,
+    both ranks and the rendezvous folder are gone."""
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    with (tmp_path / "caller.log").open("w") as log:
+        caller = subprocess.Popen(
+            [sys.executable, "-c", _CALLER], cwd=ROOT, env=env, stdout=log, stderr=log
+        )
+    processes: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while not all(_at(tmp_path, rank, "step 1: candidate") for rank in (0, 1)):
+            assert caller.poll() is None, (tmp_path / "caller.log").read_text()
+            assert time.monotonic() < deadline, "the run never reached step 1"
+            time.sleep(0.1)
+        processes = _descendants(caller.pid)
+        # the fork server, two ranks, multiprocessing's resource tracker
+        assert len(processes) >= 3, processes
+        caller.send_signal(signal.SIGKILL)
+        caller.wait()
+        killed = time.monotonic()
+        while (_running(processes) or list(tmp_path.glob("pytest-convergence-ddp-*"))) and (
+            time.monotonic() - killed < 10
+        ):
+            time.sleep(0.05)
+        assert not _running(processes), "still running 10 s after the caller was killed"
+        assert not list(tmp_path.glob("pytest-convergence-ddp-*"))
+    finally:
+        caller.kill()
+        caller.wait()
+        for pid in _running(processes):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no folder is judged abandoned there")
+def test_the_next_run_removes_the_folders_of_dead_owners_only(private_tmp: Path) -> None:
+    """What a caller and workers all killed at once leave: a folder whose owner file nobody
+    locks any more (the kernel released the dead owner's lock). A live owner's folder, and one
+    without an owner file (an older version's), stay."""
+    import fcntl
+
+    abandoned, alive, unowned = (private_tmp / f"{PREFIX}{n}" for n in "abc")
+    for folder in (abandoned, alive, unowned):
+        folder.mkdir()
+        (folder / "progress-0.txt").write_text("step 1: reference")
+    (abandoned / OWNER_FILE).write_text("12345\n")
+    with (alive / OWNER_FILE).open("w") as owner:
+        fcntl.flock(owner, fcntl.LOCK_EX)  # as a live caller holds it
+        with run_folder() as folder:
+            assert (folder / OWNER_FILE).exists()
+            assert remove_abandoned_folders() == []  # its own is held too
+        assert not abandoned.exists()
+        assert alive.exists()
+        assert unowned.exists()
+        assert not folder.exists()
 
 
 # --- no processes: argument checks -------------------------------------------------------------

@@ -5,6 +5,12 @@ worker's exception and warnings come back through files in the run's folder, and
 are terminated, then killed. Workers never fork the caller (its threads, locks and CUDA
 context would be copied mid-flight): they come from a fork server that imported torch once,
 or are spawned as fresh interpreters.
+
+Workers die with their caller. A caller that is killed (a CI timeout's SIGKILL) runs none of
+the above, and a fork server's children are not even its own, so no parent-death signal
+reaches them; instead each worker watches the caller, and as soon as it is gone removes the
+run's folder and ends itself. The fork server then exits by itself, as it does when its last
+client is gone.
 """
 
 from __future__ import annotations
@@ -13,17 +19,19 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from multiprocessing import connection, get_all_start_methods, get_context
+from multiprocessing import connection, get_all_start_methods, get_context, parent_process
 from multiprocessing.context import ForkServerContext, SpawnContext
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pytest_convergence.distributed.run_folder import remove_run_folder
 from pytest_convergence.errors import DistributedRunError, DistributedWorkerWarning
 
 __all__ = [
@@ -57,6 +65,9 @@ TERMINATE_GRACE_S = 5.0
 RESULT_FILE = "result.json"
 _POLL_S = 0.5
 _TAIL_LINES = 25
+# How often a worker looks for its caller by pid, besides waking the moment the caller's end of
+# their pipe closes.
+_WATCH_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -280,6 +291,7 @@ def _worker(
 ) -> None:
     """Entry point of a worker: run, and report an exception and warnings as files."""
     folder = Path(world.folder)
+    _die_with_the_caller(folder)
     with warnings.catch_warnings(record=True) as caught:
         # Every warning is recorded (once per place, as Python shows them) and handed to the
         # caller, whose filters then decide: nothing is silenced here.
@@ -299,3 +311,39 @@ def _worker(
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(1 if failed else 0)
+
+
+def _die_with_the_caller(folder: Path) -> None:
+    """Watch the caller from a thread; once it is gone, remove the run's folder and end this
+    worker (the caller's own cleanup will never run).
+
+    Multiprocessing hands every worker the read end of a pipe whose write end the caller holds
+    (the parent process's sentinel; under a fork server too, the caller being the parent it
+    names). The kernel closes that end when the caller dies, however it dies, and the thread
+    wakes at once. A parent-death signal would not do: a fork server's children are the fork
+    server's. Checking the caller's pid every second (POSIX) also covers a caller whose end of
+    the pipe lives on in a process it forked.
+    """
+    caller = parent_process()
+    if caller is None:  # not started by multiprocessing: nobody to die with
+        return
+
+    def watch() -> None:
+        while caller.is_alive() and _pid_alive(caller.pid):
+            caller.join(_WATCH_S)
+        remove_run_folder(folder)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="pytest-convergence-caller-watch", daemon=True).start()
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if pid is None or sys.platform == "win32":  # there, os.kill would end the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
