@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -109,6 +110,21 @@ def _factory_raising_on_rank_1(group: dist.ProcessGroup) -> tuple[object, Hook]:
 RAISING = DistributedHook("raises-on-rank-1", _raising_factory)
 SLEEPING = DistributedHook("sleeps-on-rank-1", _sleeping_factory)
 RAISING_EARLY = DistributedHook("factory-raises-on-rank-1", _factory_raising_on_rank_1)
+
+
+def _exit_on_rank_1_at_step_2(
+    state: dict[str, Any], bucket: GradBucket
+) -> torch.futures.Future[torch.Tensor]:
+    state["calls"] += 1  # the tiny model fills one bucket: one call a step
+    if dist.get_rank() == 1 and state["calls"] == 2:
+        if state["how"] == "os._exit(0)":
+            os._exit(0)
+        sys.exit(0)
+    return default_hooks.allreduce_hook(state["group"], bucket)
+
+
+def _exiting_factory(group: dist.ProcessGroup, *, how: str) -> tuple[object, Hook]:
+    return {"group": group, "how": how, "calls": 0}, _exit_on_rank_1_at_step_2
 
 
 def _warning_factory(group: dist.ProcessGroup) -> tuple[object, Hook]:
@@ -242,6 +258,29 @@ def test_a_worker_that_raises_fails_the_run_naming_the_rank(private_tmp: Path) -
     assert "RuntimeError: injected failure in the comm hook" in message
     assert not _leftover_workers()
     assert not list(private_tmp.glob("pytest-convergence-ddp-*"))
+
+
+@pytest.mark.parametrize("how", ["os._exit(0)", "sys.exit(0)"])
+def test_a_rank_that_exits_cleanly_mid_run_is_named_not_its_peer(how: str) -> None:
+    """User code ending rank 1 with code 0 in its step-2 hook: rank 0 then raises on the lost
+    connection, but rank 1 is the cause. (``sys.exit`` raises ``SystemExit``, which the worker
+    reports like any exception; ``os._exit`` leaves no word but its exit code.)"""
+    hook = DistributedHook("exits-on-rank-1", functools.partial(_exiting_factory, how=how))
+    with pytest.raises(DistributedRunError) as caught:
+        cosimulate_distributed(TINY, hook, timeout_s=60)
+    error = caught.value
+    assert error.rank == 1, str(error)
+    message = str(error)
+    where = "(at step 2: candidate (comm hook exits-on-rank-1))"
+    if how == "os._exit(0)":
+        assert error.exitcode == 0
+        assert f"failed: rank 1 exited with code 0 before it finished {where}" in message
+        assert "rank 1 sent no exception text: code running in it ended its process" in message
+    else:
+        assert f"failed: rank 1 exited with code 1 {where}" in message
+        assert "SystemExit: 0" in message
+    assert "then rank 0 exited with code 1" in message
+    assert not _leftover_workers()
 
 
 def test_spawned_workers_report_a_failure_the_same_way(private_tmp: Path) -> None:

@@ -117,7 +117,7 @@ def launch_and_wait(world: World, body: Callable[[int, _Payload], None], payload
         )
         for rank in range(world.world_size)
     ]
-    started = time.monotonic()
+    started, launched_at = time.monotonic(), time.time()
     failed_at: dict[int, float] = {}  # rank -> wall-clock time it failed
     try:
         for process in processes:
@@ -134,16 +134,17 @@ def launch_and_wait(world: World, body: Callable[[int, _Payload], None], payload
                 time.sleep(0.01)  # closed its end of the pipe, not reaped yet
             running -= exited
             for rank in exited:
-                if processes[rank].exitcode != 0:
-                    failed_at[rank] = _error_time(world, rank)
+                # Code 0 before the end is a failure too: user code ending its process early.
+                if processes[rank].exitcode != 0 or not _finished(world, rank):
+                    failed_at[rank] = _failure_time(world, rank, launched_at)
                     give_up_at = min(give_up_at, time.monotonic() + FAILURE_GRACE_S)
         stuck = {rank: _progress_of(world, rank) for rank in sorted(running)}
     finally:
         exitcodes = _stop(processes)
     elapsed = time.monotonic() - started
     if failed_at:
-        # The root cause first: the rank whose exception came earliest; its peers then fail
-        # in the collective it left (connection closed by peer) or are terminated.
+        # The root cause first: the rank that failed earliest; its peers then fail in the
+        # collective it left (connection closed by peer) or are terminated.
         order = sorted(failed_at, key=lambda rank: (failed_at[rank], rank))
         raise _failure_error(world, exitcodes, order, stuck)
     if stuck:
@@ -179,6 +180,11 @@ def _failure_error(
     if worker_error:
         lines.append(f"rank {first} raised:")
         lines.extend("  " + line for line in _tail(worker_error))
+    elif exitcode == 0:
+        lines.append(
+            f"rank {first} sent no exception text: code running in it ended its process "
+            "(os._exit(0), say)"
+        )
     else:
         lines.append(f"rank {first} sent no exception text (killed, or crashed in native code)")
     for rank in failures[1:]:
@@ -204,9 +210,27 @@ def _error_text(world: World, rank: int) -> str:
     return str(_error_record(world, rank).get("traceback", ""))
 
 
-def _error_time(world: World, rank: int) -> float:
-    """When ``rank`` raised (it says so in its error file), or now when it died silently."""
-    return float(_error_record(world, rank).get("time", time.time()))
+def _failure_time(world: World, rank: int, launched_at: float) -> float:
+    """When ``rank`` failed: when it raised (its error file says), or, when it ended without a
+    word (killed, crashed in native code, ``os._exit``), its last sign of life.
+
+    Not the moment this process noticed a silent end: the peers notice it first, as their
+    connection to the rank closes, and may have raised and written their error files by then.
+    A silent end makes every peer raise after the last thing the silent rank wrote; a peer's
+    exception, in turn, makes the others raise or wait until terminated, not vanish.
+    """
+    record = _error_record(world, rank)
+    if "time" in record:
+        return float(record["time"])
+    try:
+        return (Path(world.folder) / f"progress-{rank}.txt").stat().st_mtime
+    except OSError:
+        return launched_at
+
+
+def _finished(world: World, rank: int) -> bool:
+    """Whether ``rank``'s body returned (rather than its process ending in the middle)."""
+    return (Path(world.folder) / f"finished-{rank}").exists()
 
 
 def _describe_exit(exitcode: int | None) -> str:
@@ -218,6 +242,8 @@ def _describe_exit(exitcode: int | None) -> str:
         except ValueError:
             name = f"signal {-exitcode}"
         return f"was killed by {name}"
+    if exitcode == 0:
+        return "exited with code 0 before it finished"  # a failure only ever ends so early
     return f"exited with code {exitcode}"
 
 
@@ -305,6 +331,8 @@ def _worker(
             write_atomically(folder / f"error-{rank}.json", json.dumps(record))
         records = [[w.category.__name__, str(w.message), w.filename, w.lineno] for w in caught]
     write_atomically(folder / f"warnings-{rank}.json", json.dumps(records))
+    if not failed:
+        write_atomically(folder / f"finished-{rank}", "")
     # Everything the caller needs is on disk. Skip interpreter finalization: with torch loaded
     # it takes seconds (measured 2-4 s per worker on a loaded 2-core machine), and a spawned
     # child would otherwise pay it through ``sys.exit`` in ``multiprocessing.spawn``.
