@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -65,6 +66,7 @@ TERMINATE_GRACE_S = 5.0
 RESULT_FILE = "result.json"
 _POLL_S = 0.5
 _TAIL_LINES = 25
+_EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(: |$)")  # "RuntimeError: ...", "SystemExit"
 # How often a worker looks for its caller by pid, besides waking the moment the caller's end of
 # their pipe closes.
 _WATCH_S = 1.0
@@ -188,8 +190,8 @@ def _failure_error(
     else:
         lines.append(f"rank {first} sent no exception text (killed, or crashed in native code)")
     for rank in failures[1:]:
-        text = _tail(_error_text(world, rank), 1)
-        last = f": {text[-1]}" if text else ""
+        summary = _exception_line(_error_text(world, rank))
+        last = f": {summary}" if summary else ""
         lines.append(f"then rank {rank} {_describe_exit(exitcodes[rank])}{last}")
     for rank, place in stuck.items():
         lines.append(f"rank {rank} was terminated (at {place})")
@@ -294,6 +296,16 @@ def _read(path: Path) -> str:
 
 def _tail(text: str, lines: int = _TAIL_LINES) -> list[str]:
     return [line for line in text.splitlines() if line.strip()][-lines:]
+
+
+def _exception_line(traceback_text: str) -> str:
+    """A traceback's last ``SomeError: message`` line, not its last line: torch ends some
+    messages with an ``At:`` list of frames (a peer's lost connection, for one)."""
+    lines = _tail(traceback_text, len(traceback_text))
+    for line in reversed(lines):
+        if _EXCEPTION_LINE.match(line) and not line.startswith("Traceback "):
+            return line
+    return lines[-1] if lines else ""
 
 
 def write_atomically(path: Path, text: str) -> None:
