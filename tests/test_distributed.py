@@ -1,9 +1,11 @@
-"""Real multi-process DDP co-simulation: exactness, a real bug, and workers that fail or hang.
+"""Real multi-process DDP co-simulation: exactness, a real bug, and workers that fail, hang, or
+lose their caller.
 
-Six launches of two workers each (two of them at once, which is also the collision test) on a
-two-layer model and three steps. Workers come from a fork server that imports torch once per
-test process, so a launch costs about a second after the first; one test spawns fresh
-interpreters instead (seconds), to cover that start method too.
+Nine launches of two workers each (two of them at once, which is also the collision test) on a
+two-layer model and three steps, and one more in a caller process that the test kills.
+Workers come from a fork server that imports torch once per test process, so a launch costs
+about a second after the first; one test spawns fresh interpreters instead (seconds), to cover
+that start method too, and the killed caller starts a fork server of its own.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ from pytest_convergence.distributed import (
     powersgd_hook,
 )
 from pytest_convergence.distributed.run_folder import (
+    HALF_MADE_AFTER_S,
+    HALF_MADE_PREFIX,
     OWNER_FILE,
     PREFIX,
     remove_abandoned_folders,
@@ -400,23 +404,32 @@ def test_workers_and_the_run_folder_die_with_a_killed_caller(tmp_path: Path) -> 
 @pytest.mark.skipif(sys.platform == "win32", reason="no folder is judged abandoned there")
 def test_the_next_run_removes_the_folders_of_dead_owners_only(private_tmp: Path) -> None:
     """What a caller and workers all killed at once leave: a folder whose owner file nobody
-    locks any more (the kernel released the dead owner's lock). A live owner's folder, and one
-    without an owner file (an older version's), stay."""
+    locks any more (the kernel released the dead owner's lock); and what a caller killed while
+    making one leaves, a half-made folder. A live owner's folder, a half-made folder younger
+    than a minute and a folder without an owner file (an older version's) stay."""
     import fcntl
 
     abandoned, alive, unowned = (private_tmp / f"{PREFIX}{n}" for n in "abc")
-    for folder in (abandoned, alive, unowned):
+    old_half_made, half_made = (private_tmp / f"{HALF_MADE_PREFIX}{n}" for n in "de")
+    for folder in (abandoned, alive, unowned, old_half_made, half_made):
         folder.mkdir()
+    for folder in (abandoned, alive, unowned):
         (folder / "progress-0.txt").write_text("step 1: reference")
     (abandoned / OWNER_FILE).write_text("12345\n")
+    minutes_ago = time.time() - 2 * HALF_MADE_AFTER_S
+    os.utime(old_half_made, (minutes_ago, minutes_ago))
     with (alive / OWNER_FILE).open("w") as owner:
         fcntl.flock(owner, fcntl.LOCK_EX)  # as a live caller holds it
         with run_folder() as folder:
+            assert folder.name.startswith(PREFIX)
+            assert not folder.name.startswith(HALF_MADE_PREFIX)
             assert (folder / OWNER_FILE).exists()
             assert remove_abandoned_folders() == []  # its own is held too
         assert not abandoned.exists()
+        assert not old_half_made.exists()
         assert alive.exists()
         assert unowned.exists()
+        assert half_made.exists()
         assert not folder.exists()
 
 
