@@ -301,7 +301,7 @@ def _tail(text: str, lines: int = _TAIL_LINES) -> list[str]:
 def _exception_line(traceback_text: str) -> str:
     """A traceback's last ``SomeError: message`` line, not its last line: torch ends some
     messages with an ``At:`` list of frames (a peer's lost connection, for one)."""
-    lines = _tail(traceback_text, len(traceback_text))
+    lines = [line for line in traceback_text.splitlines() if line.strip()]
     for line in reversed(lines):
         if _EXCEPTION_LINE.match(line) and not line.startswith("Traceback "):
             return line
