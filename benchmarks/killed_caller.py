@@ -254,10 +254,12 @@ def measure(moment: str, start_method: str, tmp: Path) -> dict[str, Any]:
             "half_made": len(list(tmp.glob(f"{HALF_MADE_PREFIX}*"))),
         }
     finally:
+        processes = processes or _descendants(caller.pid)  # failed before it looked
         caller.kill()
         caller.wait()
         for pid in _running(processes):
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _seconds(values: list[float]) -> str:

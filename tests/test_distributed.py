@@ -10,6 +10,7 @@ that start method too, and the killed caller starts a fork server of its own.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import multiprocessing
 import os
@@ -395,10 +396,12 @@ def test_workers_and_the_run_folder_die_with_a_killed_caller(tmp_path: Path) -> 
         assert not _running(processes), "still running 10 s after the caller was killed"
         assert not list(tmp_path.glob("pytest-convergence-ddp-*"))
     finally:
+        processes = processes or _descendants(caller.pid)  # failed before it looked
         caller.kill()
         caller.wait()
         for pid in _running(processes):
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="no folder is judged abandoned there")
