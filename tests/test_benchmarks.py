@@ -59,3 +59,14 @@ def test_logm_throughput_compares_every_method_on_a_small_vector() -> None:
         assert re.search(rf"^  {re.escape(row)}.*\s{NUMBER}\s+{NUMBER}$", out, re.M), row
     for target in ("speed-up over naive numpy", "time over the sum floor", "extra peak memory"):
         assert re.search(rf"^  {target}: {NUMBER}.*target .* (met|MISSED)$", out, re.M), target
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_killed_caller_counts_what_a_killed_ddp_caller_leaves() -> None:
+    out = run_benchmark(
+        "killed_caller.py", "--runs", "1", "--moments", "hung", "--start-methods", "forkserver"
+    )
+    seconds = rf"\s+{NUMBER}\s+{NUMBER}"
+    row = rf"^forkserver\s+hung\s+1\s+2{seconds}{seconds}{seconds}\s+0 \(0\)\s+0$"
+    assert re.search(row, out, re.M), out
+    assert "folders left after the kills: 0; removed by the next run: 0" in out

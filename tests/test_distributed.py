@@ -1,22 +1,30 @@
-"""Real multi-process DDP co-simulation: exactness, a real bug, and workers that fail or hang.
+"""Real multi-process DDP co-simulation: exactness, a real bug, and workers that fail, hang, or
+lose their caller.
 
-Six launches of two workers each (two of them at once, which is also the collision test) on a
-two-layer model and three steps. Workers come from a fork server that imports torch once per
-test process, so a launch costs about a second after the first; one test spawns fresh
-interpreters instead (seconds), to cover that start method too.
+Nine launches of two workers each (two of them at once, which is also the collision test) on a
+two-layer model and three steps, and one more in a caller process that the test kills.
+Workers come from a fork server that imports torch once per test process, so a launch costs
+about a second after the first; one test spawns fresh interpreters instead (seconds), to cover
+that start method too, and the killed caller starts a fork server of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import multiprocessing
+import os
 import pickle
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -39,6 +47,14 @@ from pytest_convergence.distributed import (
     fp16_compress_hook,
     int8_hook,
     powersgd_hook,
+)
+from pytest_convergence.distributed.run_folder import (
+    HALF_MADE_AFTER_S,
+    HALF_MADE_PREFIX,
+    OWNER_FILE,
+    PREFIX,
+    remove_abandoned_folders,
+    run_folder,
 )
 from pytest_convergence.traces import CoSimulation
 from pytest_convergence.workloads import Workload, get_workload, sgd, synthetic_classification
@@ -99,6 +115,21 @@ def _factory_raising_on_rank_1(group: dist.ProcessGroup) -> tuple[object, Hook]:
 RAISING = DistributedHook("raises-on-rank-1", _raising_factory)
 SLEEPING = DistributedHook("sleeps-on-rank-1", _sleeping_factory)
 RAISING_EARLY = DistributedHook("factory-raises-on-rank-1", _factory_raising_on_rank_1)
+
+
+def _exit_on_rank_1_at_step_2(
+    state: dict[str, Any], bucket: GradBucket
+) -> torch.futures.Future[torch.Tensor]:
+    state["calls"] += 1  # the tiny model fills one bucket: one call a step
+    if dist.get_rank() == 1 and state["calls"] == 2:
+        if state["how"] == "os._exit(0)":
+            os._exit(0)
+        sys.exit(0)
+    return default_hooks.allreduce_hook(state["group"], bucket)
+
+
+def _exiting_factory(group: dist.ProcessGroup, *, how: str) -> tuple[object, Hook]:
+    return {"group": group, "how": how, "calls": 0}, _exit_on_rank_1_at_step_2
 
 
 def _warning_factory(group: dist.ProcessGroup) -> tuple[object, Hook]:
@@ -234,6 +265,30 @@ def test_a_worker_that_raises_fails_the_run_naming_the_rank(private_tmp: Path) -
     assert not list(private_tmp.glob("pytest-convergence-ddp-*"))
 
 
+@pytest.mark.parametrize("how", ["os._exit(0)", "sys.exit(0)"])
+def test_a_rank_that_exits_cleanly_mid_run_is_named_not_its_peer(how: str) -> None:
+    """User code ending rank 1 with code 0 in its step-2 hook: rank 0 then raises on the lost
+    connection, but rank 1 is the cause. (``sys.exit`` raises ``SystemExit``, which the worker
+    reports like any exception; ``os._exit`` leaves no word but its exit code.)"""
+    hook = DistributedHook("exits-on-rank-1", functools.partial(_exiting_factory, how=how))
+    with pytest.raises(DistributedRunError) as caught:
+        cosimulate_distributed(TINY, hook, timeout_s=60)
+    error = caught.value
+    assert error.rank == 1, str(error)
+    message = str(error)
+    where = "(at step 2: candidate (comm hook exits-on-rank-1))"
+    if how == "os._exit(0)":
+        assert error.exitcode == 0
+        assert f"failed: rank 1 exited with code 0 before it finished {where}" in message
+        assert "rank 1 sent no exception text: code running in it ended its process" in message
+    else:
+        assert f"failed: rank 1 exited with code 1 {where}" in message
+        assert "SystemExit: 0" in message
+    # the peer's own view, in one line: its exception, not the frame list torch appends to it
+    assert "then rank 0 exited with code 1: RuntimeError: " in message
+    assert not _leftover_workers()
+
+
 def test_spawned_workers_report_a_failure_the_same_way(private_tmp: Path) -> None:
     """Fresh interpreters (``start_method="spawn"``), the other way workers start: rank 1 fails
     while building its hook, before any step, and rank 0 is left waiting in the first
@@ -257,6 +312,128 @@ def test_a_worker_that_hangs_is_terminated_at_the_deadline(private_tmp: Path) ->
     assert time.monotonic() - started < timeout + 6
     assert not _leftover_workers()
     assert not list(private_tmp.glob("pytest-convergence-ddp-*"))
+
+
+# --- the caller is killed ---------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+# A caller whose run hangs mid-step (rank 1 sleeps in its hook, rank 0 waits for it in the
+# all-reduce), as a CI timeout finds it; its timeout_s is far beyond the test's patience.
+_CALLER = (
+    "from pytest_convergence.distributed import cosimulate_distributed\n"
+    "from tests.test_distributed import SLEEPING, TINY\n"
+    "cosimulate_distributed(TINY, SLEEPING, timeout_s=300)\n"
+)
+
+
+def _stat(pid: int) -> tuple[str, int, str] | None:
+    """State, parent pid and start time of a process (None when it is gone), from /proc."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
+    except OSError:
+        return None
+    state, ppid, *rest = text.rsplit(")", 1)[1].split()
+    return state, int(ppid), rest[17]
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """Every process below ``root`` now, with its start time (pids are reused)."""
+    stats = {int(p.name): _stat(int(p.name)) for p in Path("/proc").iterdir() if p.name.isdigit()}
+    found: dict[int, str] = {}
+    parents = {root}
+    while parents:
+        children = {pid: st for pid, st in stats.items() if st and st[1] in parents}
+        found.update({pid: st[2] for pid, st in children.items()})
+        parents = set(children) - {root}
+        stats = {pid: st for pid, st in stats.items() if pid not in found}
+    return found
+
+
+def _running(processes: dict[int, str]) -> list[int]:
+    """Those still running: a zombie has ended, it only waits for its parent to reap it."""
+    return [
+        pid
+        for pid, started in processes.items()
+        if (st := _stat(pid)) is not None and st[2] == started and st[0] not in "ZX"
+    ]
+
+
+def _at(tmp: Path, rank: int, place: str) -> bool:
+    """Whether ``rank`` of the run under ``tmp`` says it is at ``place``."""
+    return any(
+        place in path.read_text(encoding="utf-8")
+        for path in tmp.glob(f"pytest-convergence-ddp-*/progress-{rank}.txt")
+    )
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_workers_and_the_run_folder_die_with_a_killed_caller(tmp_path: Path) -> None:
+    """SIGKILL the caller mid-run: nobody runs its cleanup, yet within seconds the fork server,
+    both ranks and the rendezvous folder are gone."""
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    with (tmp_path / "caller.log").open("w") as log:
+        caller = subprocess.Popen(
+            [sys.executable, "-c", _CALLER], cwd=ROOT, env=env, stdout=log, stderr=log
+        )
+    processes: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while not all(_at(tmp_path, rank, "step 1: candidate") for rank in (0, 1)):
+            assert caller.poll() is None, (tmp_path / "caller.log").read_text()
+            assert time.monotonic() < deadline, "the run never reached step 1"
+            time.sleep(0.1)
+        processes = _descendants(caller.pid)
+        # the fork server, two ranks, multiprocessing's resource tracker
+        assert len(processes) >= 3, processes
+        caller.send_signal(signal.SIGKILL)
+        caller.wait()
+        killed = time.monotonic()
+        while (_running(processes) or list(tmp_path.glob("pytest-convergence-ddp-*"))) and (
+            time.monotonic() - killed < 10
+        ):
+            time.sleep(0.05)
+        assert not _running(processes), "still running 10 s after the caller was killed"
+        assert not list(tmp_path.glob("pytest-convergence-ddp-*"))
+    finally:
+        processes = processes or _descendants(caller.pid)  # failed before it looked
+        caller.kill()
+        caller.wait()
+        for pid in _running(processes):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no folder is judged abandoned there")
+def test_the_next_run_removes_the_folders_of_dead_owners_only(private_tmp: Path) -> None:
+    """What a caller and workers all killed at once leave: a folder whose owner file nobody
+    locks any more (the kernel released the dead owner's lock); and what a caller killed while
+    making one leaves, a half-made folder. A live owner's folder, a half-made folder younger
+    than a minute and a folder without an owner file (an older version's) stay."""
+    import fcntl
+
+    abandoned, alive, unowned = (private_tmp / f"{PREFIX}{n}" for n in "abc")
+    old_half_made, half_made = (private_tmp / f"{HALF_MADE_PREFIX}{n}" for n in "de")
+    for folder in (abandoned, alive, unowned, old_half_made, half_made):
+        folder.mkdir()
+    for folder in (abandoned, alive, unowned):
+        (folder / "progress-0.txt").write_text("step 1: reference")
+    (abandoned / OWNER_FILE).write_text("12345\n")
+    minutes_ago = time.time() - 2 * HALF_MADE_AFTER_S
+    os.utime(old_half_made, (minutes_ago, minutes_ago))
+    with (alive / OWNER_FILE).open("w") as owner:
+        fcntl.flock(owner, fcntl.LOCK_EX)  # as a live caller holds it
+        with run_folder() as folder:
+            assert folder.name.startswith(PREFIX)
+            assert not folder.name.startswith(HALF_MADE_PREFIX)
+            assert (folder / OWNER_FILE).exists()
+            assert remove_abandoned_folders() == []  # its own is held too
+        assert not abandoned.exists()
+        assert not old_half_made.exists()
+        assert alive.exists()
+        assert unowned.exists()
+        assert half_made.exists()
+        assert not folder.exists()
 
 
 # --- no processes: argument checks -------------------------------------------------------------

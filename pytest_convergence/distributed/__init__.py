@@ -18,7 +18,9 @@ The package, one concern a module:
   launch, rank 0's result) and calibration against a known-good hook;
 - :mod:`~pytest_convergence.distributed.rank`: one rank's half of the co-simulation;
 - :mod:`~pytest_convergence.distributed.supervision`: starting, watching and stopping the
-  worker processes, never hanging a test session;
+  worker processes, never hanging a test session, and never outliving the caller;
+- :mod:`~pytest_convergence.distributed.run_folder`: the run's temporary folder, which never
+  outlives the run;
 - :mod:`~pytest_convergence.distributed.check`: ``check_distributed``, the fixture's check.
 """
 

@@ -4,7 +4,8 @@
 DDP-wrapped copies of the workload's model (:mod:`pytest_convergence.distributed.rank`).
 Rendezvous goes through a ``file://`` store in a fresh temporary folder (no TCP port to collide
 with a neighbouring pytest-xdist worker), and the batches travel to the ranks as one file of
-tensors in it.
+tensors in it; the folder never outlives the run
+(:mod:`~pytest_convergence.distributed.run_folder`).
 """
 
 from __future__ import annotations
@@ -12,11 +13,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -24,6 +22,7 @@ import torch.distributed as dist
 from pytest_convergence.batches import batch_size, to_device
 from pytest_convergence.distributed.hooks import DistributedHook
 from pytest_convergence.distributed.rank import BATCHES_FILE, RankConfig, WorkloadSpec, run_rank
+from pytest_convergence.distributed.run_folder import run_folder
 from pytest_convergence.distributed.supervision import (
     RESULT_FILE,
     World,
@@ -85,8 +84,7 @@ def cosimulate_distributed(
                 f"workload {resolved.name!r}: batch {index} has {batch_size(batch)} samples, "
                 f"not divisible by world_size={world_size}; every rank must get an equal shard"
             )
-    folder = Path(tempfile.mkdtemp(prefix="pytest-convergence-ddp-"))
-    try:
+    with run_folder() as folder:
         torch.save(batches, folder / BATCHES_FILE)
         world = World(
             folder=str(folder),
@@ -111,8 +109,6 @@ def cosimulate_distributed(
         return CoSimulation.from_json(
             (folder / RESULT_FILE).read_text(encoding="utf-8"), source="rank 0"
         )
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _check_arguments(

@@ -5,25 +5,34 @@ worker's exception and warnings come back through files in the run's folder, and
 are terminated, then killed. Workers never fork the caller (its threads, locks and CUDA
 context would be copied mid-flight): they come from a fork server that imported torch once,
 or are spawned as fresh interpreters.
+
+Workers die with their caller. A caller that is killed (a CI timeout's SIGKILL) runs none of
+the above, and a fork server's children are not even its own, so no parent-death signal
+reaches them; instead each worker watches the caller, and as soon as it is gone removes the
+run's folder and ends itself. The fork server then exits by itself, as it does when its last
+client is gone.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
+import threading
 import time
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from multiprocessing import connection, get_all_start_methods, get_context
+from multiprocessing import connection, get_all_start_methods, get_context, parent_process
 from multiprocessing.context import ForkServerContext, SpawnContext
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pytest_convergence.distributed.run_folder import remove_run_folder
 from pytest_convergence.errors import DistributedRunError, DistributedWorkerWarning
 
 __all__ = [
@@ -57,6 +66,10 @@ TERMINATE_GRACE_S = 5.0
 RESULT_FILE = "result.json"
 _POLL_S = 0.5
 _TAIL_LINES = 25
+_EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(: |$)")  # "RuntimeError: ...", "SystemExit"
+# How often a worker looks for its caller by pid, besides waking the moment the caller's end of
+# their pipe closes.
+_WATCH_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -106,7 +119,7 @@ def launch_and_wait(world: World, body: Callable[[int, _Payload], None], payload
         )
         for rank in range(world.world_size)
     ]
-    started = time.monotonic()
+    started, launched_at = time.monotonic(), time.time()
     failed_at: dict[int, float] = {}  # rank -> wall-clock time it failed
     try:
         for process in processes:
@@ -123,16 +136,17 @@ def launch_and_wait(world: World, body: Callable[[int, _Payload], None], payload
                 time.sleep(0.01)  # closed its end of the pipe, not reaped yet
             running -= exited
             for rank in exited:
-                if processes[rank].exitcode != 0:
-                    failed_at[rank] = _error_time(world, rank)
+                # Code 0 before the end is a failure too: user code ending its process early.
+                if processes[rank].exitcode != 0 or not _finished(world, rank):
+                    failed_at[rank] = _failure_time(world, rank, launched_at)
                     give_up_at = min(give_up_at, time.monotonic() + FAILURE_GRACE_S)
         stuck = {rank: _progress_of(world, rank) for rank in sorted(running)}
     finally:
         exitcodes = _stop(processes)
     elapsed = time.monotonic() - started
     if failed_at:
-        # The root cause first: the rank whose exception came earliest; its peers then fail
-        # in the collective it left (connection closed by peer) or are terminated.
+        # The root cause first: the rank that failed earliest; its peers then fail in the
+        # collective it left (connection closed by peer) or are terminated.
         order = sorted(failed_at, key=lambda rank: (failed_at[rank], rank))
         raise _failure_error(world, exitcodes, order, stuck)
     if stuck:
@@ -168,11 +182,16 @@ def _failure_error(
     if worker_error:
         lines.append(f"rank {first} raised:")
         lines.extend("  " + line for line in _tail(worker_error))
+    elif exitcode == 0:
+        lines.append(
+            f"rank {first} sent no exception text: code running in it ended its process "
+            "(os._exit(0), say)"
+        )
     else:
         lines.append(f"rank {first} sent no exception text (killed, or crashed in native code)")
     for rank in failures[1:]:
-        text = _tail(_error_text(world, rank), 1)
-        last = f": {text[-1]}" if text else ""
+        summary = _exception_line(_error_text(world, rank))
+        last = f": {summary}" if summary else ""
         lines.append(f"then rank {rank} {_describe_exit(exitcodes[rank])}{last}")
     for rank, place in stuck.items():
         lines.append(f"rank {rank} was terminated (at {place})")
@@ -193,9 +212,27 @@ def _error_text(world: World, rank: int) -> str:
     return str(_error_record(world, rank).get("traceback", ""))
 
 
-def _error_time(world: World, rank: int) -> float:
-    """When ``rank`` raised (it says so in its error file), or now when it died silently."""
-    return float(_error_record(world, rank).get("time", time.time()))
+def _failure_time(world: World, rank: int, launched_at: float) -> float:
+    """When ``rank`` failed: when it raised (its error file says), or, when it ended without a
+    word (killed, crashed in native code, ``os._exit``), its last sign of life.
+
+    Not the moment this process noticed a silent end: the peers notice it first, as their
+    connection to the rank closes, and may have raised and written their error files by then.
+    A silent end makes every peer raise after the last thing the silent rank wrote; a peer's
+    exception, in turn, makes the others raise or wait until terminated, not vanish.
+    """
+    record = _error_record(world, rank)
+    if "time" in record:
+        return float(record["time"])
+    try:
+        return (Path(world.folder) / f"progress-{rank}.txt").stat().st_mtime
+    except OSError:
+        return launched_at
+
+
+def _finished(world: World, rank: int) -> bool:
+    """Whether ``rank``'s body returned (rather than its process ending in the middle)."""
+    return (Path(world.folder) / f"finished-{rank}").exists()
 
 
 def _describe_exit(exitcode: int | None) -> str:
@@ -207,6 +244,8 @@ def _describe_exit(exitcode: int | None) -> str:
         except ValueError:
             name = f"signal {-exitcode}"
         return f"was killed by {name}"
+    if exitcode == 0:
+        return "exited with code 0 before it finished"  # a failure only ever ends so early
     return f"exited with code {exitcode}"
 
 
@@ -259,6 +298,16 @@ def _tail(text: str, lines: int = _TAIL_LINES) -> list[str]:
     return [line for line in text.splitlines() if line.strip()][-lines:]
 
 
+def _exception_line(traceback_text: str) -> str:
+    """A traceback's last ``SomeError: message`` line, not its last line: torch ends some
+    messages with an ``At:`` list of frames (a peer's lost connection, for one)."""
+    lines = [line for line in traceback_text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if _EXCEPTION_LINE.match(line) and not line.startswith("Traceback "):
+            return line
+    return lines[-1] if lines else ""
+
+
 def write_atomically(path: Path, text: str) -> None:
     """A worker's report file: its readers see all of it or none."""
     partial = path.with_name(path.name + ".partial")
@@ -280,6 +329,7 @@ def _worker(
 ) -> None:
     """Entry point of a worker: run, and report an exception and warnings as files."""
     folder = Path(world.folder)
+    _die_with_the_caller(folder)
     with warnings.catch_warnings(record=True) as caught:
         # Every warning is recorded (once per place, as Python shows them) and handed to the
         # caller, whose filters then decide: nothing is silenced here.
@@ -293,9 +343,47 @@ def _worker(
             write_atomically(folder / f"error-{rank}.json", json.dumps(record))
         records = [[w.category.__name__, str(w.message), w.filename, w.lineno] for w in caught]
     write_atomically(folder / f"warnings-{rank}.json", json.dumps(records))
+    if not failed:
+        write_atomically(folder / f"finished-{rank}", "")
     # Everything the caller needs is on disk. Skip interpreter finalization: with torch loaded
     # it takes seconds (measured 2-4 s per worker on a loaded 2-core machine), and a spawned
     # child would otherwise pay it through ``sys.exit`` in ``multiprocessing.spawn``.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(1 if failed else 0)
+
+
+def _die_with_the_caller(folder: Path) -> None:
+    """Watch the caller from a thread; once it is gone, remove the run's folder and end this
+    worker (the caller's own cleanup will never run).
+
+    Multiprocessing hands every worker the read end of a pipe whose write end the caller holds
+    (the parent process's sentinel; under a fork server too, the caller being the parent it
+    names). The kernel closes that end when the caller dies, however it dies, and the thread
+    wakes at once. A parent-death signal would not do: a fork server's children are the fork
+    server's. Checking the caller's pid every second (POSIX) also covers a caller whose end of
+    the pipe lives on in a process it forked.
+    """
+    caller = parent_process()
+    if caller is None:  # not started by multiprocessing: nobody to die with
+        return
+
+    def watch() -> None:
+        while caller.is_alive() and _pid_alive(caller.pid):
+            caller.join(_WATCH_S)
+        remove_run_folder(folder)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="pytest-convergence-caller-watch", daemon=True).start()
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if pid is None or sys.platform == "win32":  # there, os.kill would end the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
