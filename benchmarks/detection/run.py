@@ -82,6 +82,9 @@ def run_workload(
     for region, known_good in suite.KNOWN_GOOD.items():
         if any(spec.region == region for spec in specs):
             regions[region] = calibrate(base, candidate=known_good())
+    for region, options in suite.POLICY_REGIONS.items():
+        if any(spec.region == region for spec in specs):
+            regions[region] = calibrate(base, **options)  # type: ignore[arg-type]
     candidate_seconds = time.perf_counter() - start
     if log:
         print(
@@ -295,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=5, help="held-out seeds from 100")
     parser.add_argument(
         "--suite",
-        choices=("main", "seeds"),
+        choices=("main", "seeds", "transformer"),
         default="main",
         help="main: the generic candidates on the paper's models; seeds: the seed papers' "
         "workloads (quantized, pruned, parameterized, large-batch) with their own candidates; "
@@ -311,6 +314,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     names = [n for n in args.workloads.split(",") if n]
     specs: Sequence[suite.Spec] = suite.SPECS
+    if args.suite == "transformer":
+        specs = suite.TRANSFORMER_SPECS
+        if args.workloads == ",".join(DEFAULT_WORKLOADS):
+            names = list(suite.TRANSFORMER_WORKLOADS)
     if args.suite == "seeds":
         specs = suite.SEED_SPECS
         if args.workloads == ",".join(DEFAULT_WORKLOADS):

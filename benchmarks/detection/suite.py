@@ -8,6 +8,7 @@ the structural reason it does not apply there (decided from the model, never fro
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -17,16 +18,26 @@ from torch import nn
 from pytest_convergence.candidates import Candidate
 from pytest_convergence.workloads import Workload
 from pytest_convergence.zoo import candidates as zoo
-from pytest_convergence.zoo import large_batch, parameterizations, pruning, quantized
+from pytest_convergence.zoo import large_batch, parameterizations, pruning, quantized, transformer
 
 Kind = Literal["bug", "clean", "gray"]
-RegionName = Literal["default", "int8", "error-feedback"]
+RegionName = Literal[
+    "default", "int8", "error-feedback", "random-stream", "bf16-autocast", "fp16-autocast"
+]
 
 # The known-good candidates whose own regions judge rows: a correct lossy compression is held
 # to its own behaviour, not to the default region's float-rounding accuracy.
 KNOWN_GOOD: dict[str, Callable[[], Candidate]] = {
     "int8": zoo.int8_exchange,
     "error-feedback": zoo.error_feedback_int8_exchange,
+}
+
+# Reference-perturbation regions of their own: for a precision policy, and one that admits
+# another random stream (pytest_convergence.regions.calibrate's precision= and random_stream=).
+POLICY_REGIONS: dict[str, dict[str, object]] = {
+    "random-stream": {"random_stream": True},
+    "bf16-autocast": {"precision": "bf16-autocast"},
+    "fp16-autocast": {"precision": "fp16-autocast"},
 }
 
 # One mid-network weight per workload for the scaled-gradient bug: a layer whose gradient is
@@ -264,6 +275,119 @@ SEED_SPECS: tuple[Spec, ...] = (
         "default",
         _fixed(lambda: zoo.accumulation_without_division(4)),
         workloads=_LARGE_BATCH,
+    ),
+)
+
+# The transformer suite (issue 16): a causal LM trained as users train theirs, and a second
+# Adam-family recipe on a convolutional model.
+TRANSFORMER_WORKLOADS = ("transformer-lm", "adamw-lenet5")
+_LM = ("transformer-lm",)
+
+
+def has_attention(model: nn.Module) -> str | None:
+    if any(isinstance(m, transformer.CausalSelfAttention) for m in model.modules()):
+        return None
+    return "no attention in this model: the candidate is the reference"
+
+
+def has_layer_norm(model: nn.Module) -> str | None:
+    if any(isinstance(m, transformer.LayerNorm) for m in model.modules()):
+        return None
+    return "no LayerNorm in this model: the candidate is the reference"
+
+
+def has_gelu(model: nn.Module) -> str | None:
+    if any(isinstance(m, nn.GELU) for m in model.modules()):
+        return None
+    return "no GELU in this model: the lowering is never used"
+
+
+def _under(policy: str, factory: Callable[[], Candidate]) -> Callable[[Workload], Candidate]:
+    """The candidate trained under ``policy`` (a bug in a bf16 training, say)."""
+
+    def build(workload: Workload) -> Candidate:
+        candidate = factory()
+        return dataclasses.replace(candidate, name=f"{candidate.name}@{policy}", precision=policy)
+
+    return build
+
+
+_TRANSFORMER_BUGS: tuple[
+    tuple[str, Callable[[], Candidate], Callable[[nn.Module], str | None]], ...
+] = (
+    ("attention-scale-1/d", transformer.attention_scale_bug, has_attention),
+    ("causal-mask-off-by-one", transformer.causal_mask_off_by_one, has_attention),
+    ("layer-norm-without-mean", transformer.layer_norm_without_mean, has_layer_norm),
+    ("wrong-gelu-lowering", transformer.wrong_gelu_lowering, has_gelu),
+    ("decay-on-all-parameters", transformer.decay_on_all_parameters, always),
+    ("adamw-without-bias-correction", transformer.adamw_without_bias_correction, always),
+    ("scheduler-stepped-twice", transformer.scheduler_stepped_twice, always),
+    ("clip-per-parameter", transformer.clip_per_parameter, always),
+    ("accumulation-without-division-2", lambda: zoo.accumulation_without_division(2), always),
+)
+
+TRANSFORMER_SPECS: tuple[Spec, ...] = (
+    # Legitimate variants.
+    Spec("threads-1", "clean", "default", _fixed(lambda: zoo.thread_count(1))),
+    Spec("sdpa-attention", "clean", "default", _fixed(transformer.sdpa_attention), has_attention),
+    Spec(
+        "blockwise-attention-4",
+        "clean",
+        "default",
+        _fixed(transformer.blockwise_attention),
+        has_attention,
+    ),
+    Spec(
+        "layer-norm-by-formula",
+        "clean",
+        "default",
+        _fixed(transformer.layer_norm_by_formula),
+        has_layer_norm,
+    ),
+    Spec("unfold-conv2d", "clean", "default", _fixed(zoo.unfold_conv2d), has_conv),
+    Spec("adamw-fused", "clean", "default", _fixed(transformer.fused_adamw)),
+    Spec("adamw-for-loop", "clean", "default", _fixed(transformer.for_loop_adamw)),
+    Spec("tf32-matmuls", "clean", "default", _fixed(zoo.tf32_matmuls)),
+    Spec(
+        "micro-batches-2",
+        "clean",
+        "random-stream",
+        _fixed(lambda: Candidate("micro-batches-2", micro_batches=2, random_stream=True)),
+    ),
+    Spec(
+        "bf16-autocast",
+        "clean",
+        "bf16-autocast",
+        _fixed(lambda: Candidate("bf16-autocast", precision="bf16-autocast")),
+    ),
+    Spec(
+        "fp16-autocast",
+        "clean",
+        "fp16-autocast",
+        _fixed(lambda: Candidate("fp16-autocast", precision="fp16-autocast")),
+    ),
+    # Bugs, against the default region.
+    *(
+        Spec(label, "bug", "default", _fixed(make), applies)
+        for label, make, applies in _TRANSFORMER_BUGS
+    ),
+    Spec(
+        "layer-gradient-x0.5",
+        "bug",
+        "default",
+        lambda workload: zoo.scaled_layer_gradient(scaled_layer(workload), 0.5),
+        affected=lambda workload: [scaled_layer(workload)],
+    ),
+    # The same bugs in a bf16 training, against the bf16 policy's region.
+    *(
+        Spec(f"{label}@bf16", "bug", "bf16-autocast", _under("bf16-autocast", make), applies)
+        for label, make, applies in _TRANSFORMER_BUGS
+    ),
+    # What a region that admits another random stream still sees: reported apart (gray), the
+    # price of that region, not a count of the suite.
+    *(
+        Spec(f"{label}@random-stream", "gray", "random-stream", _fixed(make), applies)
+        for label, make, applies in _TRANSFORMER_BUGS
     ),
 )
 

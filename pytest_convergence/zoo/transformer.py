@@ -569,19 +569,33 @@ def clip_per_parameter() -> Candidate:
 # --- torch.compile -------------------------------------------------------------------------------
 
 
-def _inductor(model: nn.Module) -> nn.Module:
-    compiled: nn.Module = torch.compile(model)  # type: ignore[assignment]
-    return compiled
+def _inductor(fallback_random: bool) -> Callable[[nn.Module], nn.Module]:
+    def transform(model: nn.Module) -> nn.Module:
+        options: dict[str, str | int | bool | Callable[..., Any]] | None = (
+            {"fallback_random": True} if fallback_random else None
+        )
+        compiled: nn.Module = torch.compile(model, options=options)  # type: ignore[assignment]
+        return compiled
+
+    return transform
 
 
-def inductor_compiled() -> Candidate:
+def inductor_compiled(*, own_random_stream: bool = False) -> Candidate:
     """``torch.compile(model)`` with the default Inductor backend: generated C++ (CPU) or Triton
     (GPU) kernels for the whole forward and backward. Legitimate: fused kernels that sum in
-    another order."""
+    another order.
+
+    Inductor draws dropout masks from a generator of its own; by default it is compiled with
+    ``fallback_random``, so that it draws them from torch's, as eager does, and the check
+    compares the same masks against the default region. ``own_random_stream=True`` keeps
+    Inductor's own stream, a candidate judged against a region that admits another one.
+    """
     return Candidate(
-        name="inductor-compiled",
-        model_transform=_inductor,
-        description="torch.compile(model), the Inductor backend",
+        name="inductor-compiled" + ("-own-random-stream" if own_random_stream else ""),
+        model_transform=_inductor(fallback_random=not own_random_stream),
+        random_stream=own_random_stream,
+        description="torch.compile(model), the Inductor backend"
+        + ("" if own_random_stream else ", fallback_random"),
     )
 
 
