@@ -503,6 +503,24 @@ def test_complex_weights_are_refused_on_load_and_on_save(tmp_path: Path) -> None
         save_snapshot({"w": torch.ones(2, dtype=torch.complex64)}, tmp_path / "c.safetensors")
 
 
+@pytest.mark.parametrize(
+    "state",
+    [
+        {"w": torch.empty(3, device="meta")},
+        {"state_dict": {"block": {"w": torch.empty(2, 2, device="meta")}}},
+    ],
+    ids=["flat", "nested"],
+)
+def test_it_refuses_a_pt_file_of_meta_tensors_on_load(
+    tmp_path: Path, state: dict[str, Any]
+) -> None:
+    # Meta tensors have a shape and no values: measuring one fails deep inside torch.
+    torch.save(state, tmp_path / "meta.pt")
+
+    with pytest.raises(SnapshotFormatError, match=r"meta\.pt: tensor '(block\.)?w'.*meta device"):
+        load_snapshot(tmp_path / "meta.pt")
+
+
 # --- saving -----------------------------------------------------------------------------------
 
 

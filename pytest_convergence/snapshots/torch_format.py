@@ -75,9 +75,20 @@ def _flatten(
         if isinstance(value, Mapping):
             _flatten(path, value, f"{name}.", tensors, skipped)
         elif isinstance(value, torch.Tensor) and is_weight(path, name, value.dtype):
+            _check_has_values(path, name, value)
             tensors[name] = value.detach()
         else:
             skipped.append(name)
+
+
+def _check_has_values(path: Path, name: str, tensor: torch.Tensor) -> None:
+    """Refuse at load what would fail deep inside torch when measured."""
+    if tensor.device.type == "meta":
+        raise SnapshotFormatError(
+            path,
+            f"tensor {name!r} is on the meta device: it has a shape but no values (saved from a "
+            "model built on device='meta' before its weights were loaded)",
+        )
 
 
 def write(

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from onnx import TensorProto, helper
 
 import pytest_convergence as pc
@@ -70,3 +71,26 @@ def test_onnx_external_data_outside_the_model_folder_exits_2(
     assert code == EXIT_ERROR
     assert out == ""
     assert_one_line_error(err, "m.onnx", "'../secret.bin'", "inside the model's folder")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["logm", "{meta}"],
+        ["diff", "{meta}", "{good}"],
+        ["check", "{good}", "{meta}", "--baseline", "paper:resnet50"],
+    ],
+    ids=["logm", "diff", "check"],
+)
+def test_a_meta_device_pt_file_exits_2_naming_the_file_and_tensor(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    meta, good = tmp_path / "meta.pt", tmp_path / "good.pt"
+    torch.save({"w": torch.empty(3, device="meta")}, meta)
+    torch.save({"w": torch.ones(3)}, good)
+
+    code, out, err = run_cli(capsys, *(arg.format(meta=meta, good=good) for arg in command))
+
+    assert code == EXIT_ERROR
+    assert out == ""
+    assert_one_line_error(err, "meta.pt", "tensor 'w'", "meta device")
