@@ -521,6 +521,22 @@ def test_it_refuses_a_pt_file_of_meta_tensors_on_load(
         load_snapshot(tmp_path / "meta.pt")
 
 
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.array([object()], dtype=object),
+        np.array([(1.0, None)], dtype=[("value", "f4"), ("note", "O")]),
+    ],
+    ids=["object", "record-with-an-object-field"],
+)
+def test_it_refuses_an_npz_array_of_python_objects(tmp_path: Path, array: Any) -> None:
+    # Only pickle can read such an array; skipping it would pass the file off as weights.
+    np.savez(tmp_path / "objects.npz", w=np.ones(2, dtype=np.float32), extra=array)
+
+    with pytest.raises(SnapshotFormatError, match=r"objects\.npz: tensor 'extra'.*pickle"):
+        load_snapshot(tmp_path / "objects.npz")
+
+
 # --- saving -----------------------------------------------------------------------------------
 
 

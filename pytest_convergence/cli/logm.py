@@ -89,5 +89,5 @@ def _logm_lines(result: SnapshotLogm, limit: int) -> list[str]:
     if more:
         lines.append(more)
     if result.skipped:
-        lines.append(f"  not weights (integer or bool, skipped): {', '.join(result.skipped)}")
+        lines.append(f"  not floating point, skipped: {', '.join(result.skipped)}")
     return lines

@@ -47,6 +47,12 @@ def read(path: Path) -> Snapshot:
     for name, dtype in dtypes.items():
         if name == _NPZ_ENTRY:
             continue
+        if dtype.hasobject:
+            raise SnapshotFormatError(
+                path,
+                f"tensor {name!r} holds Python objects (dtype {dtype}), which only pickle can "
+                "read; pickles are refused because loading one can run code",
+            )
         if dtype.kind == "c":
             raise SnapshotFormatError(
                 path, f"tensor {name!r} is complex ({dtype}); LoGM needs reals"

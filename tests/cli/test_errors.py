@@ -94,3 +94,16 @@ def test_a_meta_device_pt_file_exits_2_naming_the_file_and_tensor(
     assert code == EXIT_ERROR
     assert out == ""
     assert_one_line_error(err, "meta.pt", "tensor 'w'", "meta device")
+
+
+def test_an_npz_file_with_an_object_array_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "objects.npz"
+    np.savez(path, w=np.ones(2, dtype=np.float32), extra=np.array([object()], dtype=object))
+
+    code, out, err = run_cli(capsys, "logm", path)
+
+    assert code == EXIT_ERROR
+    assert out == ""
+    assert_one_line_error(err, "objects.npz", "tensor 'extra'", "pickle")

@@ -6,6 +6,7 @@ import json
 import weakref
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,6 +54,18 @@ def test_logm_json_parses_and_agrees_with_the_library(
         assert row["std"] == pytest.approx(stats.std)
         assert (row["count"], row["zeros"]) == (stats.count, stats.zeros)
     assert result["parameters"][0]["shape"] == [6, 5]
+
+
+def test_logm_lists_tensors_that_are_not_floating_point_as_skipped_without_calling_them_integers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "mixed.npz"
+    np.savez(path, w=np.ones(2, dtype=np.float32), steps=np.array(3), names=np.array(["a", "b"]))
+
+    code, out, _ = run_cli(capsys, "logm", path)
+
+    assert code == EXIT_OK
+    assert out.splitlines()[-1] == "  not floating point, skipped: steps, names"
 
 
 def test_logm_of_several_files_reports_each_in_the_order_given(
