@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import pickle
+import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -474,6 +475,42 @@ def test_it_refuses_a_pt_file_whose_pickle_weights_only_rejects(tmp_path: Path) 
     assert "weights_only" in str(error.value)
     assert isinstance(error.value.__cause__, pickle.UnpicklingError)
     assert UNPICKLED == []
+
+
+def test_refusing_a_pt_pickle_issues_no_warning_of_torchs_and_gives_the_reason(
+    tmp_path: Path,
+) -> None:
+    # pickle.dump writes protocol 4, about which torch's weights-only unpickler warns before it
+    # refuses the file; the refusal is the whole story.
+    path = tmp_path / "plain.pt"
+    path.write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=4))
+
+    with warnings.catch_warnings(record=True) as issued:
+        warnings.simplefilter("always")
+        with pytest.raises(SnapshotFormatError) as error:
+            load_snapshot(path)
+
+    assert [str(warning.message) for warning in issued] == []
+    assert "weights_only" in str(error.value)
+    assert "WeightsUnpickler error: Unsupported operand" in str(error.value)
+
+
+def test_torchs_warnings_about_a_file_that_loads_still_reach_the_caller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.save({"w": torch.ones(2)}, tmp_path / "w.pt")
+    load = torch.load
+
+    def warning_load(*args: Any, **kwargs: Any) -> Any:
+        warnings.warn("something about this checkpoint", UserWarning, stacklevel=2)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", warning_load)
+
+    with pytest.warns(UserWarning, match="something about this checkpoint"):
+        snapshot = load_snapshot(tmp_path / "w.pt")
+
+    assert list(snapshot) == ["w"]
 
 
 def test_it_refuses_a_pt_file_that_is_not_a_dict(tmp_path: Path) -> None:

@@ -85,11 +85,35 @@ def brief(exc: BaseException) -> str:
     """One line of a library message; torch's weights-only refusal is a page long."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    line = next((ln for ln in lines if "WeightsUnpickler error" in ln), lines[0] if lines else "")
-    if isinstance(exc, pickle.UnpicklingError):
+    line = _weights_unpickler_reason(lines)
+    if line is None:
+        line = lines[0] if lines else ""
+    elif _UNSUPPORTED_GLOBAL in line:
         line = f"torch.load(weights_only=True) refuses its pickled Python objects ({line})"
+    else:
+        line = f"torch.load(weights_only=True) cannot read its pickle ({line})"
     line = line if len(line) <= 300 else line[:297] + "..."
     return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
+_WEIGHTS_UNPICKLER = "WeightsUnpickler error:"
+_UNSUPPORTED_GLOBAL = "Unsupported global"
+
+
+def _weights_unpickler_reason(lines: list[str]) -> str | None:
+    """torch's reason for a weights-only refusal, without its advice.
+
+    The reason follows the marker on its line or, in recent releases, on the next one; the
+    advice to allow-list the global is dropped, because that global is what would run code.
+    """
+    for index, line in enumerate(lines):
+        if _WEIGHTS_UNPICKLER not in line:
+            continue
+        reason = line[line.index(_WEIGHTS_UNPICKLER) :]
+        if reason == _WEIGHTS_UNPICKLER and index + 1 < len(lines):
+            reason = f"{reason} {lines[index + 1]}"
+        return reason.split(" Please use `torch.serialization", 1)[0]
+    return None
 
 
 def is_weight(path: Path, name: str, dtype: torch.dtype) -> bool:

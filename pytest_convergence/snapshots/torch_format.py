@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -10,7 +12,7 @@ from typing import Any
 import torch
 
 from pytest_convergence.errors import SnapshotFormatError
-from pytest_convergence.snapshots.common import is_str_table, is_weight, reading
+from pytest_convergence.snapshots.common import brief, is_str_table, is_weight, reading
 from pytest_convergence.snapshots.snapshot import Snapshot
 
 __all__ = ["read", "write"]
@@ -38,6 +40,37 @@ def read(path: Path) -> Snapshot:
 
 
 def _torch_load(path: Path) -> object:
+    """Load weights-only; torch's warnings reach the caller only when the file loads.
+
+    torch warns about a pickle protocol it may not read before it refuses the file, and that
+    warning printed above the refusal would be the first thing a reader sees; it becomes a
+    hint in the refusal instead.
+    """
+    with warnings.catch_warnings(record=True) as issued:
+        warnings.simplefilter("always")
+        try:
+            payload = _load_weights_only(path)
+        except Exception as exc:
+            protocol = next(filter(None, map(_warned_protocol, issued)), None)
+            if protocol is None:
+                raise
+            raise SnapshotFormatError(
+                path,
+                f"cannot be read: {brief(exc)}; it was pickled with protocol {protocol}, whose "
+                "instructions torch's weights-only loader may not support (torch.save "
+                "writes protocol 2 by default)",
+            ) from exc
+    for warning in issued:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return payload
+
+
+def _warned_protocol(warning: warnings.WarningMessage) -> str | None:
+    match = re.search(r"Detected pickle protocol (\d+)", str(warning.message))
+    return match.group(1) if match else None
+
+
+def _load_weights_only(path: Path) -> object:
     """Memory-map the checkpoint so its tensors are paged in only when read."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)

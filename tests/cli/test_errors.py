@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +109,19 @@ def test_an_npz_file_with_an_object_array_exits_2(
     assert code == EXIT_ERROR
     assert out == ""
     assert_one_line_error(err, "objects.npz", "tensor 'extra'", "pickle")
+
+
+def test_a_refused_pt_pickle_prints_only_our_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "plain.pt"
+    path.write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=4))
+
+    with warnings.catch_warnings(record=True) as issued:
+        warnings.simplefilter("always")  # what a user's interpreter would print
+        code, out, err = run_cli(capsys, "logm", path)
+
+    assert code == EXIT_ERROR
+    assert out == ""
+    assert [str(warning.message) for warning in issued] == []
+    assert_one_line_error(err, "plain.pt", "pickled with protocol 4")
