@@ -618,6 +618,22 @@ def test_save_leaves_only_the_snapshot_files_behind(
     assert set(os.listdir(tmp_path)) == expected
 
 
+@pytest.mark.parametrize(("suffix", "external"), FORMATS)
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_save_gives_every_format_the_mode_the_umask_allows(
+    tmp_path: Path, suffix: str, external: bool, umask: int
+) -> None:
+    # As open() would: a snapshot others may read unless the umask says otherwise.
+    previous = os.umask(umask)
+    try:
+        save_snapshot(sample_weights(), tmp_path / f"m{suffix}", external_data=external)
+    finally:
+        os.umask(previous)
+
+    modes = {name: (tmp_path / name).stat().st_mode & 0o777 for name in os.listdir(tmp_path)}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
+
+
 def test_a_failed_save_leaves_neither_a_half_file_nor_a_temp_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="reserved"):
         save_snapshot(

@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import secrets
+import stat
 import struct
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
@@ -28,6 +29,7 @@ __all__ = [
     "RESERVED_PREFIX",
     "STEP_KEY",
     "brief",
+    "create_new_file",
     "is_str_table",
     "is_weight",
     "parse_step",
@@ -139,9 +141,11 @@ def is_str_table(value: object) -> bool:
 
 def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
     """Write to a sibling temp file, then rename: a crash never leaves half a file at target."""
-    temp = _new_temp_file(target)
+    temp, mode = _new_temp_file(target)
     try:
         write(temp)
+        # Some writers (safetensors) replace the file with a private 0o600 one of their own.
+        os.chmod(temp, mode)
         os.replace(temp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -149,12 +153,20 @@ def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def _new_temp_file(target: Path) -> Path:
-    # Created with mode 0o666 so the umask applies, unlike mkstemp's private 0o600.
+def create_new_file(path: Path) -> int:
+    """Create ``path`` empty, failing if it exists; returns its permission bits.
+
+    Created with mode 0o666 so the umask applies, as for any file ``open`` creates, unlike
+    mkstemp's private 0o600: a snapshot is as readable as the rest of a user's files.
+    """
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def _new_temp_file(target: Path) -> tuple[Path, int]:
     while True:
         temp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
         try:
-            os.close(os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return temp, create_new_file(temp)
         except FileExistsError:
             continue
-        return temp

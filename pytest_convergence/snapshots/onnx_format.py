@@ -22,6 +22,7 @@ from pytest_convergence.errors import SnapshotFormatError, UnsafeExternalDataErr
 from pytest_convergence.snapshots.common import (
     FLOAT8_DTYPES,
     STEP_KEY,
+    create_new_file,
     parse_step,
     reading,
     write_atomically,
@@ -273,6 +274,7 @@ def write(
     # model never appears at its final name before the data it points to.
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
+        mode = create_new_file(staging / target.name)
         onnx.save_model(
             model,
             str(staging / target.name),
@@ -282,7 +284,10 @@ def write(
             size_threshold=0,
         )
         if (staging / data_file.name).exists():
+            # onnx writes the data file private (0o600); it gets the model file's mode.
+            os.chmod(staging / data_file.name, mode)
             os.replace(staging / data_file.name, data_file)
+        os.chmod(staging / target.name, mode)
         os.replace(staging / target.name, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
