@@ -90,7 +90,7 @@ def brief(exc: BaseException) -> str:
     line = _weights_unpickler_reason(lines)
     if line is None:
         line = lines[0] if lines else ""
-    elif _UNSUPPORTED_GLOBAL in line:
+    elif _UNSUPPORTED_GLOBAL.search(line):
         line = f"torch.load(weights_only=True) refuses its pickled Python objects ({line})"
     else:
         line = f"torch.load(weights_only=True) cannot read its pickle ({line})"
@@ -98,15 +98,17 @@ def brief(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 
 
+_WEIGHTS_ONLY_FAILED = "Weights only load failed"
 _WEIGHTS_UNPICKLER = "WeightsUnpickler error:"
-_UNSUPPORTED_GLOBAL = "Unsupported global"
+_UNSUPPORTED_GLOBAL = re.compile(r"unsupported global", re.IGNORECASE)
 
 
 def _weights_unpickler_reason(lines: list[str]) -> str | None:
     """torch's reason for a weights-only refusal, without its advice.
 
-    The reason follows the marker on its line or, in recent releases, on the next one; the
-    advice to allow-list the global is dropped, because that global is what would run code.
+    The reason follows the marker on its line or, in recent releases, on the next one; for a
+    legacy checkpoint it is a line of its own. The advice to allow-list the global is dropped,
+    because that global is what would run code.
     """
     for index, line in enumerate(lines):
         if _WEIGHTS_UNPICKLER not in line:
@@ -115,6 +117,8 @@ def _weights_unpickler_reason(lines: list[str]) -> str | None:
         if reason == _WEIGHTS_UNPICKLER and index + 1 < len(lines):
             reason = f"{reason} {lines[index + 1]}"
         return reason.split(" Please use `torch.serialization", 1)[0]
+    if lines and lines[0].startswith(_WEIGHTS_ONLY_FAILED):
+        return next((ln for ln in lines[1:] if not ln.startswith("Check the documentation")), None)
     return None
 
 

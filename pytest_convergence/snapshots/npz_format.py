@@ -74,6 +74,8 @@ def _npz_dtypes(path: Path) -> dict[str, np.dtype[Any]]:
             if not member.filename.endswith(".npy"):
                 continue
             name = member.filename.removesuffix(".npy")
+            if name in dtypes:
+                raise SnapshotFormatError(path, f"two tensors are both named {name!r}")
             with archive.open(member) as handle:
                 version = np.lib.format.read_magic(handle)
                 if version == (1, 0):

@@ -178,9 +178,8 @@ def _external_data(path: Path, proto: onnx.TensorProto, nbytes: int) -> tuple[Pa
             path, f"tensor {name!r}: external length {length} but its shape needs {nbytes} bytes"
         )
     if not file.is_file():
-        raise SnapshotFormatError(
-            path, f"tensor {name!r}: external data file {location!r} does not exist"
-        )
+        what = "is not a regular file" if file.exists() else "does not exist"
+        raise SnapshotFormatError(path, f"tensor {name!r}: external data file {location!r} {what}")
     with reading(path, name):
         size = file.stat().st_size
     if offset + nbytes > size:
