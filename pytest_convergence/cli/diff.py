@@ -26,6 +26,7 @@ from pytest_convergence.cli.output import (
     emit,
     logm_text,
     print_json,
+    printable,
     sci,
     shape_text,
     step_text,
@@ -255,8 +256,8 @@ def _diff_lines(
     gap = delta_or_none(global_a, global_b)
     over = "" if pairing.by_name else f" over the {len(diffs)} pairs"
     lines = [
-        f"A: {args.a} ({step_text(first.step)})",
-        f"B: {args.b} ({step_text(second.step)})",
+        f"A: {printable(args.a)} ({step_text(first.step)})",
+        f"B: {printable(args.b)} ({step_text(second.step)})",
         *([] if pairing.by_name else _pairing_lines(pairing, args.rows)),
         f"Global LoGM{over}: A {logm_text(global_a)}, B {logm_text(global_b)}, "
         f"|diff| {sci(None if gap is None else abs(gap))}",

@@ -68,6 +68,24 @@ def test_logm_lists_tensors_that_are_not_floating_point_as_skipped_without_calli
     assert out.splitlines()[-1] == "  not floating point, skipped: steps, names"
 
 
+def test_logm_prints_control_characters_in_names_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A downloaded file's names must not add lines to a report or recolour a terminal.
+    names = {"w\nFAKE: all clear": torch.ones(2), "\x1b[2Jred": torch.ones(2)}
+    path = pc.save_snapshot({**names, "n\rote": torch.tensor(3)}, tmp_path / "n.safetensors")
+
+    code, out, _ = run_cli(capsys, "logm", path)
+
+    assert code == EXIT_OK
+    assert "\x1b" not in out
+    assert "\r" not in out
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines[2:4]] == ["w\\nFAKE:", "\\x1b[2Jred"]
+    assert lines[4] == "  not floating point, skipped: n\\rote"
+    assert len(lines) == 5
+
+
 def test_logm_of_several_files_reports_each_in_the_order_given(
     healthy_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
