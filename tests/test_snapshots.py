@@ -430,6 +430,16 @@ def test_it_says_a_pt_file_that_is_neither_zip_nor_pickle_is_not_a_checkpoint(
         load_snapshot(tmp_path / "notes.pt")
 
 
+def test_a_cut_pt_file_is_reported_as_a_damaged_zip_not_as_another_kind_of_file(
+    tmp_path: Path,
+) -> None:
+    path = save_snapshot(sample_weights(), tmp_path / "cut.pt")
+    path.write_bytes(path.read_bytes()[:-1])
+
+    with pytest.raises(SnapshotFormatError, match=r"cut\.pt: cannot be read: .*zip archive"):
+        load_snapshot(path)
+
+
 @pytest.mark.parametrize("target", ["absent.pt", "loop.pt"], ids=["dangling", "loop"])
 def test_it_says_a_symlink_that_leads_nowhere_is_one(tmp_path: Path, target: str) -> None:
     (tmp_path / "loop.pt").symlink_to(tmp_path / target)

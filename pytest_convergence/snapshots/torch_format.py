@@ -29,7 +29,7 @@ def read(path: Path) -> Snapshot:
     # can fail with nearly any exception (AttributeError included), not only the usual ones.
     with reading(path):
         is_zip = zipfile.is_zipfile(path)
-        if not is_zip and not _starts_a_pickle(path):
+        if not _starts_a_checkpoint(path):
             raise SnapshotFormatError(
                 path,
                 "not a PyTorch checkpoint: neither a zip archive (what torch.save writes) nor a "
@@ -52,10 +52,12 @@ def read(path: Path) -> Snapshot:
     return Snapshot(tensors, step=step, metadata=metadata, source=str(path), skipped=skipped)
 
 
-def _starts_a_pickle(path: Path) -> bool:
-    """A pickle of protocol 2 or later starts with its PROTO opcode, as torch.save writes."""
+def _starts_a_checkpoint(path: Path) -> bool:
+    """A zip archive's first member header, or the PROTO opcode of a pickle of protocol 2 or
+    later: how what torch.save writes begins, damaged further on or not."""
     with open(path, "rb") as handle:
-        return handle.read(1) == b"\x80"
+        start = handle.read(4)
+    return start == b"PK\x03\x04" or start[:1] == b"\x80"
 
 
 def _torch_load(path: Path) -> object:
