@@ -74,11 +74,7 @@ def test_tensors_stored_once_are_duplicates_counted_once() -> None:
         "norm1.weight": ones,
         "norm2.weight": ones.clone(),  # equal at initialization
     }
-    second = {
-        "head.weight": embedding,
-        "val_29": embedding.T.contiguous(),  # an exporter's transposed copy
-        "norm1.weight": ones,
-    }
+    second = {"head.weight": embedding, "norm1.weight": ones}
 
     pairing = pair_tensors(first, second)
 
@@ -89,9 +85,27 @@ def test_tensors_stored_once_are_duplicates_counted_once() -> None:
     assert pairing.duplicates == (
         DuplicateTensor("A", "embed.weight", "head.weight"),
         DuplicateTensor("A", "norm2.weight", "norm1.weight"),
-        DuplicateTensor("B", "val_29", "head.weight", (1, 0)),
     )
     assert pairing.unpaired == ()
+
+
+def test_equal_tensors_both_snapshots_hold_pair_one_to_one_and_the_surplus_is_duplicates() -> None:
+    embedding, zeros = randn(10, 8, seed=0), torch.zeros(16)
+    first = {"embed.weight": embedding, "head.weight": embedding.clone(), "b1": zeros}
+    first |= {"b2": zeros.clone(), "b3": zeros.clone()}
+    # An exporter's transposed copy of the tied weight, and two of the three zero biases.
+    second = {"head.weight": embedding, "val_9": embedding.T.contiguous()}
+    second |= {"val_1": zeros, "val_2": zeros.clone()}
+
+    pairing = pair_tensors(first, second)
+
+    assert pairing.pairs == (
+        TensorPair("embed.weight", "val_9", "values", (1, 0)),
+        TensorPair("head.weight", "head.weight", "name"),
+        TensorPair("b1", "val_1", "values"),
+        TensorPair("b2", "val_2", "values"),
+    )
+    assert pairing.duplicates == (DuplicateTensor("A", "b3", "b1"),)
 
 
 def test_the_only_tensors_left_with_some_dimensions_pair_by_dimensions() -> None:

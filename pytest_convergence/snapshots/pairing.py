@@ -18,7 +18,8 @@ Whatever is left is unpaired, with the reason: nothing on the other side has its
 several tensors share the dimensions and their values do not tell which is which. Nothing is
 loaded when every name is in both snapshots; otherwise each tensor is loaded once to learn its
 shape and a checksum of its values, and again only to confirm that two tensors with equal
-checksums are equal.
+checksums are equal (tensors up to 1 MiB are kept from the first load for that, 64 MiB in
+all).
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ Side = Literal["A", "B"]
 _MAX_PERMUTED_DIMS = 6
 # Elements turned to float64 at a time for a checksum, so a large tensor is never copied whole.
 _CHUNK = 1 << 22
+# Small tensors read for their checksums are kept for the comparisons that follow: many biases
+# and norms of one value (zeros, ones) are each compared once more, and a lazy snapshot reads
+# a tensor again from its file each time (a safetensors or .npz file's index each time too).
+_KEPT_TENSOR_BYTES = 1 << 20
+_KEPT_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -106,10 +112,11 @@ def pair_tensors(
 ) -> SnapshotPairing:
     """Pair the tensors of ``first`` (A) with those of ``second`` (B); see the module's text for
     the rules. Pairs come in A's order."""
-    names_b = set(second)
-    if set(first) == names_b:
+    if set(first) == set(second):
         return SnapshotPairing(tuple(TensorPair(name, name, "name") for name in first))
-    return _Pairing(_signatures(first, "A"), _signatures(second, "B"), first, second).result()
+    kept: dict[tuple[Side, str], torch.Tensor] = {}
+    signatures_a, signatures_b = _signatures(first, "A", kept), _signatures(second, "B", kept)
+    return _Pairing(signatures_a, signatures_b, first, second, kept).result()
 
 
 @dataclass(frozen=True)
@@ -123,21 +130,34 @@ class _Member:
     order: int  # position in its snapshot, so that results follow the files' order
 
     @property
+    def key(self) -> tuple[Side, str]:
+        return (self.side, self.name)
+
+    @property
     def dims(self) -> tuple[int, ...]:
         """The dimensions in any order: what a change of layout keeps."""
         return tuple(sorted(self.shape))
 
 
-# Tensors of one side with exactly equal values, the first standing for the others.
+_SIDES: tuple[tuple[Side, Side], ...] = (("A", "B"), ("B", "A"))
+# Tensors with exactly equal values, the first standing for the others.
 _Group: TypeAlias = "list[_Member]"
 
 
-def _signatures(tensors: Mapping[str, torch.Tensor], side: Side) -> dict[str, _Member]:
-    """Each tensor's shape and checksum, loading one tensor at a time."""
+def _signatures(
+    tensors: Mapping[str, torch.Tensor], side: Side, kept: dict[tuple[Side, str], torch.Tensor]
+) -> dict[str, _Member]:
+    """Each tensor's shape and checksum, loading one tensor at a time; small ones are kept in
+    ``kept`` (up to a budget), since equal values are confirmed by loading them again."""
     members = {}
+    budget = _KEPT_BYTES - sum(t.numel() * t.element_size() for t in kept.values())
     for order, name in enumerate(tensors):
         tensor = tensors[name]
         members[name] = _Member(side, name, tuple(tensor.shape), _checksum(tensor), order)
+        size = tensor.numel() * tensor.element_size()
+        if size <= min(_KEPT_TENSOR_BYTES, budget):
+            kept[(side, name)] = tensor
+            budget -= size
         del tensor
     return members
 
@@ -195,10 +215,13 @@ class _Pairing:
         signatures_b: dict[str, _Member],
         first: Mapping[str, torch.Tensor],
         second: Mapping[str, torch.Tensor],
+        kept: dict[tuple[Side, str], torch.Tensor],
     ) -> None:
+        self.kept = kept
         self.signatures: dict[Side, dict[str, _Member]] = {"A": signatures_a, "B": signatures_b}
         self.tensors: dict[Side, Mapping[str, torch.Tensor]] = {"A": first, "B": second}
         self.paired: dict[Side, set[str]] = {"A": set(), "B": set()}
+        self.layouts: dict[tuple[Side, str], tuple[int, ...]] = {}
         self.pairs: list[tuple[int, TensorPair]] = []
         self.duplicates: list[tuple[Side, int, DuplicateTensor]] = []
         self.unpaired: list[tuple[int, UnpairedTensors]] = []
@@ -219,11 +242,17 @@ class _Pairing:
         )
 
     def _tensor(self, member: _Member) -> torch.Tensor:
-        return self.tensors[member.side][member.name]
+        kept = self.kept.get(member.key)
+        return self.tensors[member.side][member.name] if kept is None else kept
 
-    def _layout(self, member: _Member, other: _Member) -> tuple[int, ...] | None:
-        """The axis order in which ``member``'s values equal ``other``'s, if any."""
-        return _equal_layout(self._tensor(member), self._tensor(other))
+    def _between(self, member: _Member, other: _Member) -> tuple[int, ...]:
+        """The axis order that gives ``member``'s values ``other``'s layout, for two members of
+        one value group: each is its group's first, permuted by its recorded layout."""
+        first, second = self.layouts[member.key], self.layouts[other.key]
+        inverse = [0] * len(first)
+        for position, axis in enumerate(first):
+            inverse[axis] = position
+        return tuple(inverse[axis] for axis in second)
 
     def _pair_by_name(self) -> None:
         signatures_b = self.signatures["B"]
@@ -240,76 +269,81 @@ class _Pairing:
                 self.unpaired.append((a.order, UnpairedTensors((name,), (name,), reason)))
 
     def _pair_class(self, members: list[_Member]) -> None:
-        """Tensors with the same dimensions in some order: by values, then by dimensions."""
-        left_a: list[_Group] = []
-        left_b: list[_Group] = []
-        for group_a, group_b in self._value_groups(members):
-            free_a, free_b = self._unpaired_group(group_a), self._unpaired_group(group_b)
-            if free_a and free_b:
-                self._pair_groups(free_a, free_b, "values", self._layout(free_a[0], free_b[0]))
-                continue
-            if free_a:
-                left_a.append(free_a)
-            if free_b:
-                left_b.append(free_b)
-        if len(left_a) == 1 and len(left_b) == 1:
-            self._pair_by_dimensions(left_a[0], left_b[0])
-        elif left_a or left_b:
-            self._leave_unpaired(left_a, left_b)
+        """Tensors with the same dimensions in some order: by values, then by dimensions.
 
-    def _value_groups(self, members: list[_Member]) -> list[tuple[_Group, _Group]]:
-        """Members split by exactly equal values (in any axis order): each A group beside B's
-        group of the same values, either of them possibly empty."""
-        entries: list[list[_Member]] = []
-        by_checksum: dict[int, list[list[_Member]]] = defaultdict(list)
+        In a group of equal values, unpaired tensors of A and of B pair one to one (both hold
+        that many copies); those left over on one side are duplicates of a paired tensor of
+        their side, or, when their side has none, one group still to pair by dimensions.
+        """
+        left: dict[Side, list[_Group]] = {"A": [], "B": []}
+        for group in self._value_groups(members):
+            free: dict[Side, _Group] = {
+                side: [m for m in group if m.side == side and m.name not in self.paired[side]]
+                for side, _ in _SIDES
+            }
+            for a, b in zip(free["A"], free["B"], strict=False):
+                self._add_pair(a, b, "values", self._between(a, b))
+            for side, other in _SIDES:
+                rest = free[side][len(free[other]) :]
+                kept = next((m for m in group if m.side == side and m not in rest), None)
+                if kept is not None:
+                    self._add_duplicates(kept, rest)
+                elif rest:
+                    left[side].append(rest)
+        if len(left["A"]) == 1 and len(left["B"]) == 1:
+            self._pair_by_dimensions(left["A"][0], left["B"][0])
+        elif left["A"] or left["B"]:
+            self._leave_unpaired(left["A"], left["B"])
+
+    def _value_groups(self, members: list[_Member]) -> list[_Group]:
+        """Members split by exactly equal values, in any axis order, recording each member's
+        layout relative to its group's first.
+
+        Only members whose checksums collide are loaded; while a checksum's members are
+        compared, the first of each of its groups is held.
+        """
+        buckets: dict[int, list[_Member]] = defaultdict(list)
         for member in members:
-            for entry in by_checksum[member.checksum]:
-                if self._layout(entry[0], member) is not None:
-                    entry.append(member)
-                    break
-            else:
-                entries.append([member])
-                by_checksum[member.checksum].append(entries[-1])
-        return [
-            ([m for m in entry if m.side == "A"], [m for m in entry if m.side == "B"])
-            for entry in entries
-        ]
+            buckets[member.checksum].append(member)
+        groups: list[_Group] = []
+        for bucket in buckets.values():
+            held: list[tuple[torch.Tensor, _Group]] = []
+            for member in bucket:
+                tensor = self._tensor(member) if len(bucket) > 1 else None
+                for first, group in held:
+                    axes = None if tensor is None else _equal_layout(first, tensor)
+                    if axes is not None:
+                        self.layouts[member.key] = axes
+                        group.append(member)
+                        break
+                else:
+                    self.layouts[member.key] = tuple(range(len(member.shape)))
+                    groups.append([member])
+                    if tensor is not None:
+                        held.append((tensor, groups[-1]))
+            del held
+        return groups
 
-    def _unpaired_group(self, group: _Group) -> _Group:
-        """The group if none of it is paired yet; otherwise its unpaired members are duplicates
-        of a paired one, and nothing is left to pair."""
-        if not group:
-            return []
-        side = group[0].side
-        paired = [member for member in group if member.name in self.paired[side]]
-        if not paired:
-            return group
-        self._add_duplicates(paired[0], [m for m in group if m.name not in self.paired[side]])
-        return []
-
-    def _pair_groups(
+    def _add_pair(
         self,
-        group_a: _Group,
-        group_b: _Group,
+        a: _Member,
+        b: _Member,
         paired_by: Literal["values", "dimensions"],
         axes: tuple[int, ...] | None,
     ) -> None:
-        a, b = group_a[0], group_b[0]
         self.paired["A"].add(a.name)
         self.paired["B"].add(b.name)
         self.pairs.append((a.order, TensorPair(a.name, b.name, paired_by, _changed(axes))))
-        self._add_duplicates(a, group_a[1:])
-        self._add_duplicates(b, group_b[1:])
 
     def _pair_by_dimensions(self, group_a: _Group, group_b: _Group) -> None:
         a, b = group_a[0], group_b[0]
         layouts = _layouts(a.shape, b.shape)
         identity = tuple(range(len(a.shape)))
         # Equal shapes keep their layout: values equal in another order were paired already.
-        if identity in layouts:
-            self._pair_groups(group_a, group_b, "dimensions", None)
-        elif len(layouts) == 1:
-            self._pair_groups(group_a, group_b, "dimensions", layouts[0])
+        if identity in layouts or len(layouts) == 1:
+            self._add_pair(a, b, "dimensions", identity if identity in layouts else layouts[0])
+            self._add_duplicates(a, group_a[1:])
+            self._add_duplicates(b, group_b[1:])
         else:
             reason = (
                 f"A's {a.name!r} {list(a.shape)} and B's {b.name!r} {list(b.shape)} are the only "
@@ -348,7 +382,7 @@ class _Pairing:
     def _add_duplicates(self, kept: _Member, duplicates: Sequence[_Member]) -> None:
         for member in duplicates:
             self.paired[member.side].add(member.name)
-            axes = _changed(self._layout(kept, member))
+            axes = _changed(self._between(kept, member))
             duplicate = DuplicateTensor(member.side, member.name, kept.name, axes)
             self.duplicates.append((member.side, member.order, duplicate))
 
