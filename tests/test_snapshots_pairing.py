@@ -108,6 +108,18 @@ def test_equal_tensors_both_snapshots_hold_pair_one_to_one_and_the_surplus_is_du
     assert pairing.duplicates == (DuplicateTensor("A", "b3", "b1"),)
 
 
+def test_layouts_of_duplicates_compose_through_their_group() -> None:
+    weight = randn(2, 3, 4, seed=0)
+    second = {"x": weight.permute(2, 0, 1).contiguous(), "y": weight.permute(1, 2, 0).contiguous()}
+
+    pairing = pair_tensors({"w": weight}, second)
+
+    assert pairing.pairs == (TensorPair("w", "x", "values", (2, 0, 1)),)
+    assert pairing.duplicates == (DuplicateTensor("B", "y", "x", (2, 0, 1)),)
+    x, y = second["x"], second["y"]
+    assert torch.equal(x.permute(2, 0, 1), y)
+
+
 def test_the_only_tensors_left_with_some_dimensions_pair_by_dimensions() -> None:
     # Two implementations: the values differ, so only the dimensions tell.
     first = {"fc1.weight": randn(16, 8, seed=0), "square": randn(4, 4, seed=1)}

@@ -9,10 +9,11 @@ paired, in this order:
 1. by name, when both snapshots hold the name (with the same shape: a name whose shape differs
    is a different architecture, not a renaming, and is never paired);
 2. by values: tensors whose values are exactly equal, in the same or another axis order, are
-   one *value group*; a group is paired with the other snapshot's group of the same values, and
-   the other members of each group are duplicates, counted once;
-3. by dimensions: where one group of each snapshot is left with some dimensions (in any axis
-   order), they are paired, in the same layout when their shapes are equal.
+   one *value group*; in a group, A's and B's unpaired tensors pair one to one, and those one
+   snapshot holds more of are duplicates of a paired tensor of theirs, counted once;
+3. by dimensions: where one tensor (or group of equal tensors) of each snapshot is left with
+   some dimensions, in any axis order, they are paired, in the same layout when their shapes
+   are equal.
 
 Whatever is left is unpaired, with the reason: nothing on the other side has its dimensions, or
 several tensors share the dimensions and their values do not tell which is which. Nothing is
