@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import gc
+import io
 import os
 import pickle
+import sys
+import warnings
 import weakref
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -370,6 +374,14 @@ def test_it_reports_a_missing_external_data_file(tmp_path: Path) -> None:
         load_snapshot(tmp_path / "m.onnx")
 
 
+def test_it_says_external_data_that_is_not_a_regular_file_is_not_one(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    write_onnx(tmp_path / "m.onnx", [external_tensor("data")])
+
+    with pytest.raises(SnapshotFormatError, match=r"m\.onnx.*'w'.*'data' is not a regular file"):
+        load_snapshot(tmp_path / "m.onnx")
+
+
 def test_it_reports_external_data_beyond_the_end_of_its_file(tmp_path: Path) -> None:
     (tmp_path / "short.bin").write_bytes(bytes(12))
     write_onnx(tmp_path / "m.onnx", [external_tensor("short.bin", offset=8)])
@@ -406,6 +418,34 @@ def test_it_rejects_a_missing_file(tmp_path: Path) -> None:
         load_snapshot(tmp_path / "absent.safetensors")
 
     assert_names_file_and_formats(error, tmp_path / "absent.safetensors")
+
+
+def test_it_says_a_pt_file_that_is_neither_zip_nor_pickle_is_not_a_checkpoint(
+    tmp_path: Path,
+) -> None:
+    # torch's own message for a text file is "KeyError: 101" (the memo key of 'e').
+    (tmp_path / "notes.pt").write_text("hello, world\n")
+
+    with pytest.raises(SnapshotFormatError, match=r"notes\.pt: not a PyTorch checkpoint"):
+        load_snapshot(tmp_path / "notes.pt")
+
+
+def test_a_cut_pt_file_is_reported_as_a_damaged_zip_not_as_another_kind_of_file(
+    tmp_path: Path,
+) -> None:
+    path = save_snapshot(sample_weights(), tmp_path / "cut.pt")
+    path.write_bytes(path.read_bytes()[:-1])
+
+    with pytest.raises(SnapshotFormatError, match=r"cut\.pt: cannot be read: .*zip archive"):
+        load_snapshot(path)
+
+
+@pytest.mark.parametrize("target", ["absent.pt", "loop.pt"], ids=["dangling", "loop"])
+def test_it_says_a_symlink_that_leads_nowhere_is_one(tmp_path: Path, target: str) -> None:
+    (tmp_path / "loop.pt").symlink_to(tmp_path / target)
+
+    with pytest.raises(SnapshotFormatError, match=r"loop\.pt: a symbolic link that leads nowhere"):
+        load_snapshot(tmp_path / "loop.pt")
 
 
 @pytest.mark.parametrize("suffix", SUFFIXES)
@@ -476,6 +516,124 @@ def test_it_refuses_a_pt_file_whose_pickle_weights_only_rejects(tmp_path: Path) 
     assert UNPICKLED == []
 
 
+def test_refusing_a_pt_pickle_issues_no_warning_of_torchs_and_gives_the_reason(
+    tmp_path: Path,
+) -> None:
+    # pickle.dump writes protocol 4, about which torch's weights-only unpickler warns before it
+    # refuses the file; the refusal is the whole story.
+    path = tmp_path / "plain.pt"
+    path.write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=4))
+
+    with warnings.catch_warnings(record=True) as issued:
+        warnings.simplefilter("always")
+        with pytest.raises(SnapshotFormatError) as error:
+            load_snapshot(path)
+
+    assert [str(warning.message) for warning in issued] == []
+    assert "weights_only" in str(error.value)
+    assert "WeightsUnpickler error: Unsupported operand" in str(error.value)
+
+
+def test_a_legacy_pickle_naming_a_blocked_module_is_refused_with_the_global_named(
+    tmp_path: Path,
+) -> None:
+    # What exploit write-ups hand-write: protocol 2, GLOBAL posix.system, REDUCE.
+    command = f"touch {tmp_path / 'ran'}".encode()
+    path = tmp_path / "exploit.pt"
+    path.write_bytes(
+        b"\x80\x02cposix\nsystem\nq\x00X" + len(command).to_bytes(4, "little") + command
+        + b"q\x01\x85q\x02Rq\x03."
+    )  # fmt: skip
+
+    with pytest.raises(SnapshotFormatError) as error:
+        load_snapshot(path)
+
+    assert "refuses its pickled Python objects" in str(error.value)
+    assert "GLOBAL posix.system" in str(error.value)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_torchs_warnings_about_how_it_loads_a_file_are_not_passed_on(tmp_path: Path) -> None:
+    # Rebuilding a quantized tensor warns that TypedStorage is deprecated, inside torch: nothing
+    # the file's reader can act on (and under -W error it made the file unreadable).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = torch.quantize_per_tensor(torch.ones(4), 0.1, 0, torch.qint8)
+    torch.save({"w": torch.ones(2), "q": quantized}, tmp_path / "q.pt")
+
+    with warnings.catch_warnings(record=True) as issued:
+        warnings.simplefilter("always")
+        snapshot = load_snapshot(tmp_path / "q.pt")
+
+    assert [str(warning.message) for warning in issued] == []
+    assert (list(snapshot), snapshot.skipped) == (["w"], ("q",))
+
+
+@pytest.mark.parametrize(
+    ("tensor", "message"),
+    [
+        (torch.eye(3).to_sparse(), r"tensor 'w' is sparse \(torch.sparse_coo\)"),
+        (
+            torch.ones(1).expand(1 << 20),
+            r"tensor 'w' addresses 1,048,576 elements in 4 bytes of storage",
+        ),
+    ],
+    ids=["sparse", "stride-0 view"],
+)
+def test_it_refuses_pt_tensors_that_are_not_dense_arrays_of_their_own(
+    tmp_path: Path, tensor: torch.Tensor, message: str
+) -> None:
+    # A stride-0 view of 2**40 elements is 4 bytes on disk and 4 TiB to measure.
+    torch.save({"w": tensor}, tmp_path / "odd.pt")
+
+    with pytest.raises(SnapshotFormatError, match=rf"odd\.pt: {message}"):
+        load_snapshot(tmp_path / "odd.pt")
+
+
+def test_it_reads_a_state_dict_nested_deeper_than_the_recursion_limit(tmp_path: Path) -> None:
+    state: dict[str, Any] = {"w": torch.ones(2)}
+    for _ in range(3 * sys.getrecursionlimit()):
+        state = {"n": state}
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(10 * limit)  # torch.save recurses; torch.load does not
+    try:
+        torch.save(state, tmp_path / "deep.pt")
+    finally:
+        sys.setrecursionlimit(limit)
+
+    (name,) = load_snapshot(tmp_path / "deep.pt")
+
+    assert name == "n." * (3 * limit) + "w"
+
+
+def test_it_refuses_a_pt_file_whose_storage_record_was_cut_short(tmp_path: Path) -> None:
+    # Memory-mapped, torch reads the bytes that follow a short record (the zip's next member)
+    # as the tensor's values.
+    torch.save({"b": torch.ones(2), "w": torch.ones(64)}, tmp_path / "whole.pt")
+    with zipfile.ZipFile(tmp_path / "whole.pt") as whole:
+        members = [(info, whole.read(info)) for info in whole.infolist()]
+    with zipfile.ZipFile(tmp_path / "cut.pt", "w") as cut:
+        for info, data in members:
+            cut.writestr(info, data[:128] if info.filename.endswith("/data/1") else data)
+
+    with pytest.raises(SnapshotFormatError, match=r"cut\.pt: tensor 'w' needs 256 bytes; the file's"
+                       r" record '.*data/1' holds 128"):  # fmt: skip
+        load_snapshot(tmp_path / "cut.pt")
+
+
+def test_it_refuses_an_npz_file_with_two_arrays_of_one_name(tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate name
+        with zipfile.ZipFile(tmp_path / "twice.npz", "w") as archive:
+            for value in (1.0, 2.0):
+                buffer = io.BytesIO()
+                np.save(buffer, np.full(3, value, dtype=np.float32))
+                archive.writestr("w.npy", buffer.getvalue())
+
+    with pytest.raises(SnapshotFormatError, match=r"twice\.npz: two tensors are both named 'w'"):
+        load_snapshot(tmp_path / "twice.npz")
+
+
 def test_it_refuses_a_pt_file_that_is_not_a_dict(tmp_path: Path) -> None:
     torch.save(torch.ones(3), tmp_path / "bare.pt")
 
@@ -501,6 +659,40 @@ def test_complex_weights_are_refused_on_load_and_on_save(tmp_path: Path) -> None
         load_snapshot(tmp_path / "c.pt")
     with pytest.raises(ValueError, match="complex"):
         save_snapshot({"w": torch.ones(2, dtype=torch.complex64)}, tmp_path / "c.safetensors")
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        {"w": torch.empty(3, device="meta")},
+        {"state_dict": {"block": {"w": torch.empty(2, 2, device="meta")}}},
+    ],
+    ids=["flat", "nested"],
+)
+def test_it_refuses_a_pt_file_of_meta_tensors_on_load(
+    tmp_path: Path, state: dict[str, Any]
+) -> None:
+    # Meta tensors have a shape and no values: measuring one fails deep inside torch.
+    torch.save(state, tmp_path / "meta.pt")
+
+    with pytest.raises(SnapshotFormatError, match=r"meta\.pt: tensor '(block\.)?w'.*meta device"):
+        load_snapshot(tmp_path / "meta.pt")
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.array([object()], dtype=object),
+        np.array([(1.0, None)], dtype=[("value", "f4"), ("note", "O")]),
+    ],
+    ids=["object", "record-with-an-object-field"],
+)
+def test_it_refuses_an_npz_array_of_python_objects(tmp_path: Path, array: Any) -> None:
+    # Only pickle can read such an array; skipping it would pass the file off as weights.
+    np.savez(tmp_path / "objects.npz", w=np.ones(2, dtype=np.float32), extra=array)
+
+    with pytest.raises(SnapshotFormatError, match=r"objects\.npz: tensor 'extra'.*pickle"):
+        load_snapshot(tmp_path / "objects.npz")
 
 
 # --- saving -----------------------------------------------------------------------------------
@@ -545,6 +737,22 @@ def test_save_leaves_only_the_snapshot_files_behind(
 
     expected = {f"m{suffix}", f"m{suffix}.data"} if external else {f"m{suffix}"}
     assert set(os.listdir(tmp_path)) == expected
+
+
+@pytest.mark.parametrize(("suffix", "external"), FORMATS)
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_save_gives_every_format_the_mode_the_umask_allows(
+    tmp_path: Path, suffix: str, external: bool, umask: int
+) -> None:
+    # As open() would: a snapshot others may read unless the umask says otherwise.
+    previous = os.umask(umask)
+    try:
+        save_snapshot(sample_weights(), tmp_path / f"m{suffix}", external_data=external)
+    finally:
+        os.umask(previous)
+
+    modes = {name: (tmp_path / name).stat().st_mode & 0o777 for name in os.listdir(tmp_path)}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
 
 
 def test_a_failed_save_leaves_neither_a_half_file_nor_a_temp_file(tmp_path: Path) -> None:

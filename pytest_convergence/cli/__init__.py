@@ -31,7 +31,7 @@ from pytest_convergence.cli.diff import ParameterDiff
 from pytest_convergence.cli.errors import one_line
 from pytest_convergence.cli.exit_status import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_OUTSIDE
 from pytest_convergence.cli.inputs import expand_inputs, order_by_step, step_from_name
-from pytest_convergence.cli.output import PROG, ProgressBar
+from pytest_convergence.cli.output import PROG, ProgressBar, printable
 from pytest_convergence.errors import CliError
 
 if TYPE_CHECKING:
@@ -102,6 +102,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fail(command: str, message: str) -> int:
-    text = " ".join(message.split())
+    text = printable(" ".join(message.split()))
     print(f"{PROG} {command}: error: {text}", file=sys.stderr)
     return EXIT_ERROR

@@ -23,6 +23,7 @@ from pytest_convergence.cli.output import (
     emit,
     logm_text,
     print_json,
+    printable,
     sci,
     step_text,
     table,
@@ -116,8 +117,8 @@ def _diverged(
 def _check_lines(result: _CheckResult, inside: bool, limit: int) -> list[str]:
     first, second, region = result.first, result.second, result.region
     lines = [
-        f"Snapshots: {first.path} ({step_text(first.step)}) -> "
-        f"{second.path} ({step_text(second.step)})"
+        f"Snapshots: {printable(first.path)} ({step_text(first.step)}) -> "
+        f"{printable(second.path)} ({step_text(second.step)})"
         + (" (ordered by their stored steps)" if result.swapped else ""),
         f"Global LoGM: {defined_global_logm(first):.6f} -> {defined_global_logm(second):.6f}",
         f"LoGM delta: {result.delta:+.6e}",

@@ -14,6 +14,7 @@ from pytest_convergence.cli.output import (
     emit,
     logm_text,
     print_json,
+    printable,
     sci,
     shape_text,
     step_text,
@@ -67,7 +68,7 @@ def _logm_lines(result: SnapshotLogm, limit: int) -> list[str]:
         else f"{result.global_logm:.6f}"
     )
     lines = [
-        f"{result.path} ({step_text(result.step)}): global LoGM {global_text} over "
+        f"{printable(result.path)} ({step_text(result.step)}): global LoGM {global_text} over "
         f"{result.count:,} weights ({result.zeros:,} zeros) in {len(result.parameters)} tensors"
     ]
     rows = [
@@ -89,5 +90,6 @@ def _logm_lines(result: SnapshotLogm, limit: int) -> list[str]:
     if more:
         lines.append(more)
     if result.skipped:
-        lines.append(f"  not weights (integer or bool, skipped): {', '.join(result.skipped)}")
+        skipped = ", ".join(printable(name) for name in result.skipped)
+        lines.append(f"  not floating point, skipped: {skipped}")
     return lines

@@ -25,6 +25,7 @@ __all__ = [
     "emit",
     "logm_text",
     "print_json",
+    "printable",
     "sci",
     "shape_text",
     "step_text",
@@ -98,6 +99,7 @@ def table(
     headers: Sequence[str], rows: Sequence[Sequence[str]], left: frozenset[int] = frozenset({0})
 ) -> list[str]:
     """Names left-aligned (the ``left`` columns), numbers right-aligned, widths from content."""
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in rows:
         widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
@@ -110,6 +112,12 @@ def table(
         return ("  " + "  ".join(padded)).rstrip()
 
     return [line(headers), *(line(row) for row in rows)]
+
+
+def printable(text: object) -> str:
+    """``text`` with its control characters escaped (``\\n``, ``\\x1b``): a name read from a
+    downloaded file must not add lines to a report or send escape sequences to a terminal."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in str(text))
 
 
 def logm_text(value: float | None) -> str:

@@ -11,7 +11,9 @@ weights-only, ``.npz`` files without pickle, and ONNX external data only from th
 One module per concern: ``snapshot`` (the ``Snapshot`` mapping), ``files`` (``load_snapshot`` and
 ``save_snapshot``, which pick the format from the suffix), one module per format
 (``torch_format``, ``safetensors_format``, ``npz_format``, ``onnx_format``), ``common`` (what the
-formats share) and ``measure`` (a file's LoGM table, one tensor at a time).
+formats share), ``measure`` (a file's LoGM table, one tensor at a time) and ``pairing`` (which
+tensor of one snapshot is which of another's, where an exporter renamed, transposed or
+de-duplicated them).
 """
 
 from __future__ import annotations
@@ -23,14 +25,26 @@ from pytest_convergence.snapshots.measure import (
     measure_snapshot,
     measure_tensor,
 )
+from pytest_convergence.snapshots.pairing import (
+    DuplicateTensor,
+    SnapshotPairing,
+    TensorPair,
+    UnpairedTensors,
+    pair_tensors,
+)
 from pytest_convergence.snapshots.snapshot import Snapshot
 
 __all__ = [
+    "DuplicateTensor",
     "ParameterRow",
     "Snapshot",
     "SnapshotLogm",
+    "SnapshotPairing",
+    "TensorPair",
+    "UnpairedTensors",
     "load_snapshot",
     "measure_snapshot",
     "measure_tensor",
+    "pair_tensors",
     "save_snapshot",
 ]

@@ -23,13 +23,21 @@ def load_snapshot(path: str | os.PathLike[str], *, step: int | None = None) -> S
     source = Path(path)
     kind = _format_of(source)
     if not source.is_file():
-        raise SnapshotFormatError(source, "not a file" if source.exists() else "no such file")
+        raise SnapshotFormatError(source, _not_a_file(source))
     if source.stat().st_size == 0:
         raise SnapshotFormatError(source, "the file is empty")
     snapshot = _READERS[kind](source)
     if step is not None:
         snapshot.step = step
     return snapshot
+
+
+def _not_a_file(path: Path) -> str:
+    if path.exists():
+        return "not a file"
+    if path.is_symlink():
+        return "a symbolic link that leads nowhere (its target is missing, or it loops)"
+    return "no such file"
 
 
 def save_snapshot(

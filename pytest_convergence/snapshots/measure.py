@@ -36,7 +36,8 @@ class ParameterRow:
 @dataclass(frozen=True)
 class SnapshotLogm:
     """A snapshot file's global LoGM and its parameters' rows; ``global_logm`` is None when no
-    weight is nonzero, and ``skipped`` names the integer and bool tensors left out."""
+    weight is nonzero, and ``skipped`` names the tensors left out as not floating point
+    (integer, bool, string)."""
 
     path: str
     step: int | None

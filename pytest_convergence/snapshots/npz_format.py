@@ -47,6 +47,12 @@ def read(path: Path) -> Snapshot:
     for name, dtype in dtypes.items():
         if name == _NPZ_ENTRY:
             continue
+        if dtype.hasobject:
+            raise SnapshotFormatError(
+                path,
+                f"tensor {name!r} holds Python objects (dtype {dtype}), which only pickle can "
+                "read; pickles are refused because loading one can run code",
+            )
         if dtype.kind == "c":
             raise SnapshotFormatError(
                 path, f"tensor {name!r} is complex ({dtype}); LoGM needs reals"
@@ -68,6 +74,8 @@ def _npz_dtypes(path: Path) -> dict[str, np.dtype[Any]]:
             if not member.filename.endswith(".npy"):
                 continue
             name = member.filename.removesuffix(".npy")
+            if name in dtypes:
+                raise SnapshotFormatError(path, f"two tensors are both named {name!r}")
             with archive.open(member) as handle:
                 version = np.lib.format.read_magic(handle)
                 if version == (1, 0):

@@ -22,6 +22,7 @@ from pytest_convergence.errors import SnapshotFormatError, UnsafeExternalDataErr
 from pytest_convergence.snapshots.common import (
     FLOAT8_DTYPES,
     STEP_KEY,
+    create_new_file,
     parse_step,
     reading,
     write_atomically,
@@ -177,9 +178,8 @@ def _external_data(path: Path, proto: onnx.TensorProto, nbytes: int) -> tuple[Pa
             path, f"tensor {name!r}: external length {length} but its shape needs {nbytes} bytes"
         )
     if not file.is_file():
-        raise SnapshotFormatError(
-            path, f"tensor {name!r}: external data file {location!r} does not exist"
-        )
+        what = "is not a regular file" if file.exists() else "does not exist"
+        raise SnapshotFormatError(path, f"tensor {name!r}: external data file {location!r} {what}")
     with reading(path, name):
         size = file.stat().st_size
     if offset + nbytes > size:
@@ -273,6 +273,7 @@ def write(
     # model never appears at its final name before the data it points to.
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
+        mode = create_new_file(staging / target.name)
         onnx.save_model(
             model,
             str(staging / target.name),
@@ -282,7 +283,10 @@ def write(
             size_threshold=0,
         )
         if (staging / data_file.name).exists():
+            # onnx writes the data file private (0o600); it gets the model file's mode.
+            os.chmod(staging / data_file.name, mode)
             os.replace(staging / data_file.name, data_file)
+        os.chmod(staging / target.name, mode)
         os.replace(staging / target.name, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

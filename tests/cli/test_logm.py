@@ -6,6 +6,7 @@ import json
 import weakref
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,6 +54,36 @@ def test_logm_json_parses_and_agrees_with_the_library(
         assert row["std"] == pytest.approx(stats.std)
         assert (row["count"], row["zeros"]) == (stats.count, stats.zeros)
     assert result["parameters"][0]["shape"] == [6, 5]
+
+
+def test_logm_lists_tensors_that_are_not_floating_point_as_skipped_without_calling_them_integers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "mixed.npz"
+    np.savez(path, w=np.ones(2, dtype=np.float32), steps=np.array(3), names=np.array(["a", "b"]))
+
+    code, out, _ = run_cli(capsys, "logm", path)
+
+    assert code == EXIT_OK
+    assert out.splitlines()[-1] == "  not floating point, skipped: steps, names"
+
+
+def test_logm_prints_control_characters_in_names_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A downloaded file's names must not add lines to a report or recolour a terminal.
+    names = {"w\nFAKE: all clear": torch.ones(2), "\x1b[2Jred": torch.ones(2)}
+    path = pc.save_snapshot({**names, "n\rote": torch.tensor(3)}, tmp_path / "n.safetensors")
+
+    code, out, _ = run_cli(capsys, "logm", path)
+
+    assert code == EXIT_OK
+    assert "\x1b" not in out
+    assert "\r" not in out
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines[2:4]] == ["w\\nFAKE:", "\\x1b[2Jred"]
+    assert lines[4] == "  not floating point, skipped: n\\rote"
+    assert len(lines) == 5
 
 
 def test_logm_of_several_files_reports_each_in_the_order_given(
