@@ -10,6 +10,7 @@ folder, format the message, raise.
 from __future__ import annotations
 
 import datetime
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ from pytest_convergence.traces import CoSimulation
 from pytest_convergence.workloads import Workload, get_workload
 
 _T = TypeVar("_T")
+# A summary row's error reason is one terminal line, not a traceback.
+_ERROR_TEXT = 160
 
 __all__ = [
     "BoundCheck",
@@ -46,6 +49,7 @@ __all__ = [
     "ConvergenceChecker",
     "MissingBaselineError",
     "Runner",
+    "describe_error",
 ]
 
 
@@ -94,16 +98,23 @@ class Runner:
 
 @dataclass
 class CheckResult:
-    """What the terminal summary and JUnit XML show for one check."""
+    """What the terminal summary and JUnit XML show for one check.
+
+    ``verdict`` is ``"passed"`` or ``"failed"`` once judged; ``"error"`` when the check raised
+    before reaching a verdict (a missing, stale or damaged baseline, a co-simulation that could
+    not run), with ``error`` the exception's type and first line, and ``worst_ratio`` NaN
+    (never judged) unless judging got that far.
+    """
 
     workload: str
     candidate: str
     steps: int
-    verdict: str  # "passed", "failed", "recorded+passed", ...
+    verdict: str
     worst_ratio: float
     baseline: str
     first_violation: str = ""
     recorded: bool = False
+    error: str = ""
 
 
 @dataclass
@@ -193,26 +204,41 @@ class ConvergenceChecker:
         plot only."""
         __tracebackhide__ = True
         workload = request.workload
+        # Kept before anything can raise: a check that errors is reported as an error, never
+        # as the pass a result filled in only on success would read as.
+        result = CheckResult(
+            workload=workload.name,
+            candidate=request.candidate,
+            steps=workload.steps,
+            verdict="error",
+            worst_ratio=math.nan,
+            baseline=str(request.baseline),
+            recorded=self.config.record,
+        )
+        self.results.append(result)
+        try:
+            return self._judge(request, runner, result)
+        except ConvergenceError:
+            raise
+        except Exception as error:
+            result.verdict = "error"
+            result.error = describe_error(error)
+            raise
+
+    def _judge(self, request: CheckRequest, runner: Runner, result: CheckResult) -> CheckResult:
+        """:meth:`run` once its result is kept: baseline, co-simulation, verdict, failure path."""
+        __tracebackhide__ = True
         report_candidate = runner.report_candidate
         if self.config.record:
             stored = self._record(request, runner.calibrate_region)
         else:
             stored = self._load(request)
         simulation = runner.run()
-        result = CheckResult(
-            workload=workload.name,
-            candidate=request.candidate,
-            steps=workload.steps,
-            verdict="passed",
-            worst_ratio=0.0,
-            baseline=str(request.baseline),
-            recorded=self.config.record,
-        )
-        self.results.append(result)
         verdict = judge(simulation, stored.region)
         result.worst_ratio = verdict.worst_ratio
         first = verdict.first_violation
         if first is None:
+            result.verdict = "passed"
             if self.config.always_report:
                 self._write_report(request, simulation, stored.region, verdict, report_candidate)
             return result
@@ -327,6 +353,13 @@ class ConvergenceChecker:
             workload=request.workload if candidate is not None else None,
             candidate=candidate,
         )
+
+
+def describe_error(error: BaseException) -> str:
+    """An exception in one line, for a summary row: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return text if len(text) <= _ERROR_TEXT else text[: _ERROR_TEXT - 3] + "..."
 
 
 def _command(command: str, label: str | None) -> str:
@@ -448,16 +481,21 @@ class BoundCheck:
                 self.record(self.checker.results[-1])
 
     def record(self, result: CheckResult) -> None:
-        """Attach a check's figures to the test (JUnit XML, the terminal summary)."""
-        for key, value in (
+        """Attach a check's figures to the test (JUnit XML, the terminal summary); each check
+        starts with its workload, so the summary tells a test's checks apart. A check that was
+        never judged has no worst ratio, and an errored one says why."""
+        figures: list[tuple[str, object]] = [
             ("workload", result.workload),
             ("candidate", result.candidate),
             ("steps", result.steps),
             ("verdict", result.verdict),
-            ("worst_ratio", round(result.worst_ratio, 4)),
-            ("baseline", result.baseline),
-            ("first_violation", result.first_violation),
-        ):
+        ]
+        if not math.isnan(result.worst_ratio):
+            figures.append(("worst_ratio", round(result.worst_ratio, 4)))
+        figures += [("baseline", result.baseline), ("first_violation", result.first_violation)]
+        if result.error:
+            figures.append(("error", result.error))
+        for key, value in figures:
             self.record_property(f"{SUMMARY_PREFIX}{key}", value)
 
     def _marker(self, key: str, kind: type[_T]) -> _T | None:

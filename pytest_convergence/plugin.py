@@ -237,11 +237,9 @@ class ConvergenceSummary:
         """Keep the figures of a test's checks (they travel as user properties)."""
         if report.when != "call":
             return
-        from pytest_convergence.report import summary_row
+        from pytest_convergence.report import summary_rows
 
-        row = summary_row(report.user_properties, report.nodeid)
-        if row:
-            self.rows.append(row)
+        self.rows.extend(summary_rows(report.user_properties, report.nodeid))
 
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
         """Print every check, worst first, and what re-recording changed."""

@@ -26,7 +26,7 @@ __all__ = [
     "FailureContext",
     "format_failure",
     "summary_lines",
-    "summary_row",
+    "summary_rows",
     "summary_section",
 ]
 
@@ -175,38 +175,62 @@ def _logm_text(value: float | None) -> str:
 
 
 def summary_lines(rows: Sequence[dict[str, object]]) -> list[str]:
-    """Workload, candidate, steps, worst ratio to limit and verdict for every check."""
+    """Workload, candidate, steps, worst ratio to limit and verdict for every check.
+
+    Worst first; a check without a worst ratio (it errored, or its figures did not arrive)
+    comes before them all and shows ``-``, never the 0 of a clean pass.
+    """
     header = (
         f"{'verdict':<9} {'worst/limit':>11}  {'workload':<18} {'candidate':<26} {'steps':>5}  test"
     )
     lines = [header]
-    for row in sorted(rows, key=lambda r: -_ratio(r)):
+    for row in sorted(rows, key=_rank):
+        ratio = _ratio(row)
+        shown = "-" if ratio is None else f"{ratio:.3g}"
         lines.append(
-            f"{row.get('verdict', '?')!s:<9} {_ratio(row):>11.3g}  "
+            f"{row.get('verdict', '?')!s:<9} {shown:>11}  "
             f"{row.get('workload', '')!s:<18.18} {row.get('candidate', '')!s:<26.26} "
             f"{row.get('steps', '')!s:>5}  {row.get('nodeid', '')}"
         )
-        first = row.get("first_violation")
-        if first:
-            lines.append(f"{'':<23}first violation: {first}")
+        for label in ("error", "first_violation"):
+            text = row.get(label)
+            if text:
+                lines.append(f"{'':<23}{label.replace('_', ' ')}: {text}")
     return lines
 
 
-def _ratio(row: dict[str, object]) -> float:
-    value = row.get("worst_ratio", 0.0)
-    return float(value) if isinstance(value, int | float) else 0.0
+def _ratio(row: dict[str, object]) -> float | None:
+    value = row.get("worst_ratio")
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        return None
+    return float(value)
 
 
-def summary_row(properties: Iterable[tuple[str, object]], nodeid: str) -> dict[str, object]:
-    """A test's check figures as one summary row; empty when the test made no check."""
-    row: dict[str, object] = {
-        key.removeprefix(SUMMARY_PREFIX): value
-        for key, value in properties
-        if key.startswith(SUMMARY_PREFIX)
-    }
+def _rank(row: dict[str, object]) -> float:
+    ratio = _ratio(row)
+    return -math.inf if ratio is None else -ratio
+
+
+def summary_rows(properties: Iterable[tuple[str, object]], nodeid: str) -> list[dict[str, object]]:
+    """A test's check figures, one summary row per check; empty when the test made no check.
+
+    A test's checks record the same names in turn, so a name seen again starts the next row.
+    """
+    rows: list[dict[str, object]] = []
+    row: dict[str, object] = {}
+    for key, value in properties:
+        if not key.startswith(SUMMARY_PREFIX):
+            continue
+        name = key.removeprefix(SUMMARY_PREFIX)
+        if name in row:
+            rows.append(row)
+            row = {}
+        row[name] = value
     if row:
-        row["nodeid"] = nodeid
-    return row
+        rows.append(row)
+    for each in rows:
+        each["nodeid"] = nodeid
+    return rows
 
 
 def summary_section(

@@ -120,6 +120,41 @@ def test_junit_xml_carries_the_figures(project: pytest.Pytester) -> None:
     assert 'name="convergence_worst_ratio"' in xml
 
 
+def test_a_check_that_errors_is_reported_as_an_error_not_a_pass(
+    project: pytest.Pytester,
+) -> None:
+    project.runpytest("--convergence", "--convergence-record", "-k", "fp16")
+    path = project.path / "baselines" / "tiny.json"
+    stored = json.loads(path.read_text())
+    del stored["parameters"]["2.bias"]
+    path.write_text(json.dumps(stored))
+    result = project.runpytest("--convergence", "-k", "fp16", "--junitxml=out.xml")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["error * - * tiny * fp16-gradients * 3 *", "* error: *2.bias*"])
+    xml = (project.path / "out.xml").read_text()
+    assert 'name="convergence_verdict" value="error"' in xml
+    assert 'name="convergence_worst_ratio"' not in xml
+
+
+def test_every_check_of_a_test_has_its_own_summary_row(project: pytest.Pytester) -> None:
+    project.makepyfile(
+        test_two="""
+        import pytest
+        from pytest_convergence.candidates import Candidate
+
+        @pytest.mark.convergence(workload="tiny")
+        def test_two_checks(convergence):
+            convergence.check(Candidate("first", gradient_transform=lambda n, s: None))
+            convergence.check(Candidate("second", gradient_transform=lambda n, s: None))
+        """
+    )
+    result = project.runpytest("--convergence", "--convergence-record", "test_two.py")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        ["passed * tiny * first * 3 *", "passed * tiny * second * 3 *"], consecutive=False
+    )
+
+
 def test_recording_under_xdist_writes_one_complete_baseline(project: pytest.Pytester) -> None:
     project.makepyfile(
         test_more="""

@@ -21,7 +21,7 @@ from pytest_convergence.report import (
     FailureContext,
     format_failure,
     summary_lines,
-    summary_row,
+    summary_rows,
     summary_section,
 )
 from pytest_convergence.traces import CoSimulation, ParameterComparison, StepComparison, Trace
@@ -628,52 +628,68 @@ def test_a_row_without_a_first_violation_has_no_sub_line() -> None:
     assert len(summary_lines([PASSED_ROW])) == 2
 
 
-def test_a_row_without_figures_shows_a_question_mark_and_a_ratio_of_zero() -> None:
+def test_a_row_without_figures_shows_a_question_mark_and_a_dash_not_a_clean_pass() -> None:
     assert summary_lines([{"nodeid": "t.py::test_unchecked"}])[1] == (
-        "?                   0                                                       "
+        "?                   -                                                       "
         "t.py::test_unchecked"
     )
 
 
-def test_a_row_whose_ratio_is_not_a_number_sorts_and_shows_as_zero() -> None:
-    rows = [dict(PASSED_ROW, worst_ratio="6.5", nodeid="t.py::text"), PASSED_ROW]
+def test_a_row_whose_ratio_is_not_a_number_shows_a_dash_and_sorts_first() -> None:
+    rows = [PASSED_ROW, dict(PASSED_ROW, worst_ratio="6.5", nodeid="t.py::text")]
     assert [text[:21] for text in summary_lines(rows)[1:]] == [
+        "passed              -",
         "passed          0.421",
-        "passed              0",
     ]
 
 
-def test_summary_row_keeps_the_checks_figures_without_their_prefix_and_adds_the_node_id() -> None:
+def test_an_errored_row_shows_a_dash_first_and_is_followed_by_the_error() -> None:
+    errored: dict[str, object] = {
+        "workload": "tiny",
+        "candidate": "fp16",
+        "steps": 3,
+        "verdict": "error",
+        "baseline": "baselines/tiny.json",
+        "first_violation": "",
+        "error": "ZeroDivisionError: float division by zero",
+        "nodeid": "t.py::test_errored",
+    }
+    assert summary_lines([FAILED_ROW, errored])[1:4] == [
+        "error               -  tiny               fp16                           3  "
+        "t.py::test_errored",
+        "                       error: ZeroDivisionError: float division by zero",
+        "failed           6.52  tiny               halved-last-layer              3  "
+        "test_candidates.py::test_halved_layer",
+    ]
+
+
+def test_summary_rows_keep_the_checks_figures_without_their_prefix_and_add_the_node_id() -> None:
     properties = [
         ("convergence_workload", "tiny"),
         ("owner", "kernels-team"),
         ("convergence_verdict", "passed"),
         ("convergence_worst_ratio", 0.4213),
     ]
-    assert summary_row(properties, "t.py::test") == {
-        "workload": "tiny",
-        "verdict": "passed",
-        "worst_ratio": 0.4213,
-        "nodeid": "t.py::test",
-    }
+    assert summary_rows(properties, "t.py::test") == [
+        {"workload": "tiny", "verdict": "passed", "worst_ratio": 0.4213, "nodeid": "t.py::test"}
+    ]
 
 
-def test_summary_row_is_empty_for_a_test_that_made_no_check() -> None:
-    assert summary_row([("owner", "kernels-team")], "t.py::test") == {}
+def test_summary_rows_are_empty_for_a_test_that_made_no_check() -> None:
+    assert summary_rows([("owner", "kernels-team")], "t.py::test") == []
 
 
-def test_summary_row_of_a_test_with_two_checks_keeps_the_last_checks_figures() -> None:
+def test_summary_rows_of_a_test_with_two_checks_are_one_row_per_check() -> None:
     properties = [
         ("convergence_candidate", "fp16"),
         ("convergence_worst_ratio", 0.4),
         ("convergence_candidate", "bf16"),
         ("convergence_worst_ratio", 0.7),
     ]
-    assert summary_row(properties, "t.py::test") == {
-        "candidate": "bf16",
-        "worst_ratio": 0.7,
-        "nodeid": "t.py::test",
-    }
+    assert summary_rows(properties, "t.py::test") == [
+        {"candidate": "fp16", "worst_ratio": 0.4, "nodeid": "t.py::test"},
+        {"candidate": "bf16", "worst_ratio": 0.7, "nodeid": "t.py::test"},
+    ]
 
 
 def test_summary_section_lists_the_checks_then_each_re_recorded_baseline() -> None:
