@@ -16,7 +16,7 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from pytest_convergence import jsonfile
 from pytest_convergence.config import MISMATCH_POLICIES, RECORD_COMMAND
 from pytest_convergence.errors import BaselineError
-from pytest_convergence.regions import Calibration, ParameterRegion, Region
+from pytest_convergence.regions import MIN_BIAS_SPREAD, Calibration, ParameterRegion, Region
 
 if TYPE_CHECKING:
     from pytest_convergence.environment import EnvironmentInfo
@@ -40,6 +40,7 @@ __all__ = [
     "Provenance",
     "baseline_path",
     "check_compatibility",
+    "check_current",
     "describe_changes",
     "load_baseline",
     "mismatches",
@@ -196,6 +197,26 @@ def _limit(value: object, where: str) -> float:
     return number
 
 
+def _spread(value: object, where: str) -> float:
+    """A spread divides every score: calibration floors it, and a hand-edited zero would crash
+    the judge (or a tiny one turn rounding into a verdict)."""
+    number = _limit(value, where)
+    if number < MIN_BIAS_SPREAD:
+        raise jsonfile.DocumentError(
+            where,
+            f"{number!r} is below the calibration floor {MIN_BIAS_SPREAD:g} of every spread; "
+            f"re-record it: {RECORD_HINT}",
+        )
+    return number
+
+
+def _z_limit(value: object, where: str) -> float:
+    number = _limit(value, where)
+    if number == 0:
+        raise jsonfile.DocumentError(where, "must be positive: a z limit of 0 fails every check")
+    return number
+
+
 _limits = jsonfile.array_of(_limit)
 _reals = jsonfile.array_of(jsonfile.finite)
 _optional_string = jsonfile.optional(jsonfile.string)
@@ -237,11 +258,11 @@ _CALIBRATION = jsonfile.record(
 _PARAMETER_FIELDS: dict[str, jsonfile.Parser[Any]] = {
     "count": jsonfile.count,
     "bias_center": _reals,
-    "bias_spread": _limit,
-    "bias_z_limit": _limit,
+    "bias_spread": _spread,
+    "bias_z_limit": _z_limit,
     "radial_center": _reals,
-    "radial_spread": _limit,
-    "radial_z_limit": _limit,
+    "radial_spread": _spread,
+    "radial_z_limit": _z_limit,
     "error_scale": _limits,
     "noise_scale": _limits,
     "noise_limit": _limits,
@@ -257,6 +278,52 @@ _TOP_FIELDS: dict[str, jsonfile.Parser[Any]] = {
     "global_logm_gap_limit": _limit,
     "parameters": _parameters,
 }
+
+
+# --- staleness ----------------------------------------------------------------------------------
+
+# A stale baseline's message names the first few parameters of each kind, then counts the rest.
+_NAMES_SHOWN = 5
+
+
+def check_current(
+    baseline: Baseline, *, workload: str, parameters: Mapping[str, int], rerecord: str
+) -> None:
+    """Refuse a baseline that no longer describes ``workload``, whose model has ``parameters``
+    (name -> number of weights): recorded for another workload, or for a model whose parameters
+    were since added, removed or resized. Its limits would judge the wrong tensors, or judge a
+    widened layer by a narrower one's statistics; ``rerecord`` is the command that fixes it."""
+    __tracebackhide__ = True
+    problems: list[str] = []
+    recorded_for = baseline.provenance.workload
+    if recorded_for != workload:
+        problems.append(f"recorded for workload {recorded_for!r}, not {workload!r}")
+    stored = baseline.region.parameters
+    resized = [
+        f"parameter {name!r} has {count:,} weights in the model, {stored[name].count:,} in the "
+        "baseline"
+        for name, count in parameters.items()
+        if name in stored and stored[name].count != count
+    ]
+    problems += resized[:_NAMES_SHOWN]
+    if len(resized) > _NAMES_SHOWN:
+        problems.append(f"{len(resized) - _NAMES_SHOWN} more parameters resized")
+    added = [name for name in parameters if name not in stored]
+    if added:
+        problems.append(f"model parameters missing from the baseline: {_names(added)}")
+    removed = [name for name in stored if name not in parameters]
+    if removed:
+        problems.append(f"baseline parameters the model no longer has: {_names(removed)}")
+    if problems:
+        raise BaselineError(
+            baseline.path, f"stale baseline: {'; '.join(problems)}; re-record it: {rerecord}"
+        )
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(repr(name) for name in names[:_NAMES_SHOWN])
+    hidden = len(names) - _NAMES_SHOWN
+    return shown + (f" and {hidden} more" if hidden > 0 else "")
 
 
 # --- saving -------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from pytest_convergence.baselines import (
     Provenance,
     baseline_path,
     check_compatibility,
+    check_current,
     load_baseline,
     record_baseline,
 )
@@ -39,8 +40,6 @@ from pytest_convergence.traces import CoSimulation
 from pytest_convergence.workloads import Workload, get_workload
 
 _T = TypeVar("_T")
-# A summary row's error reason is one terminal line, not a traceback.
-_ERROR_TEXT = 160
 
 __all__ = [
     "BoundCheck",
@@ -269,6 +268,13 @@ class ConvergenceChecker:
                 f"(then review and commit {path.name})"
             )
         stored = load_baseline(path)
+        # Before co-simulating: a stale baseline is known from the model alone.
+        check_current(
+            stored,
+            workload=workload.name,
+            parameters=workload.parameter_counts(),
+            rerecord=_command(RECORD_COMMAND, request.label),
+        )
         check_compatibility(
             stored,
             torch_version=torch.__version__,
@@ -358,8 +364,7 @@ class ConvergenceChecker:
 def describe_error(error: BaseException) -> str:
     """An exception in one line, for a summary row: its type and the first line of its message."""
     lines = str(error).strip().splitlines()
-    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-    return text if len(text) <= _ERROR_TEXT else text[: _ERROR_TEXT - 3] + "..."
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _command(command: str, label: str | None) -> str:

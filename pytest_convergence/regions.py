@@ -513,7 +513,9 @@ def _check(
         noise_scale = bounds.noise_scale[index]
         excess = max(1.0, parameter.noise / max(noise_scale, NOISE_FLOOR))
         # Rounding-level errors are about one rounding scale either way: no spread is smaller.
-        floor = bounds.rounding_scale[index] / max(error_scale, NOISE_FLOOR)
+        # MIN_BIAS_SPREAD as well: a region built in code may hold a zero spread (a loaded
+        # one cannot), and it must not divide by zero.
+        floor = max(bounds.rounding_scale[index] / max(error_scale, NOISE_FLOOR), MIN_BIAS_SPREAD)
         spread = max(bounds.bias_spread, floor)
         score = (normalized - bounds.bias_center[index]) / (spread * excess)
         history = cumulative.setdefault(name, [])

@@ -30,6 +30,7 @@ from pytest_convergence.baselines import (
     Provenance,
     baseline_path,
     check_compatibility,
+    check_current,
     describe_changes,
     load_baseline,
     mismatches,
@@ -37,7 +38,7 @@ from pytest_convergence.baselines import (
     save_baseline,
 )
 from pytest_convergence.environment import EnvironmentInfo
-from pytest_convergence.regions import Calibration, ParameterRegion, Region
+from pytest_convergence.regions import MIN_BIAS_SPREAD, Calibration, ParameterRegion, Region
 
 PROVENANCE = Provenance(
     workload="mlp",
@@ -173,6 +174,15 @@ non_negative = st.one_of(
     st.sampled_from([x for x in EXTREMES if x >= 0]),
     st.floats(min_value=0.0, allow_nan=False, allow_infinity=False),
 )
+# Spreads are divisors, floored by calibration; z limits are positive quantiles.
+spreads = st.one_of(
+    st.sampled_from([MIN_BIAS_SPREAD, 0.1, 1.7976931348623157e308]),
+    st.floats(min_value=MIN_BIAS_SPREAD, allow_nan=False, allow_infinity=False),
+)
+positive = st.one_of(
+    st.sampled_from([x for x in EXTREMES if x > 0]),
+    st.floats(min_value=0.0, exclude_min=True, allow_nan=False, allow_infinity=False),
+)
 
 
 @st.composite
@@ -185,11 +195,11 @@ def regions(draw: st.DrawFn) -> Region:
             name=name,
             count=draw(st.integers(0, 2**40)),
             bias_center=draw(st.lists(finite, min_size=steps, max_size=steps).map(tuple)),
-            bias_spread=draw(non_negative),
-            bias_z_limit=draw(non_negative),
+            bias_spread=draw(spreads),
+            bias_z_limit=draw(positive),
             radial_center=draw(st.lists(finite, min_size=steps, max_size=steps).map(tuple)),
-            radial_spread=draw(non_negative),
-            radial_z_limit=draw(non_negative),
+            radial_spread=draw(spreads),
+            radial_z_limit=draw(positive),
             error_scale=draw(per_step),
             noise_scale=draw(per_step),
             noise_limit=draw(per_step),
@@ -350,6 +360,30 @@ def test_a_malformed_file_is_an_error_naming_the_file(
     assert caught.value.path == str(path)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("bias_spread", 0.0, "below the calibration floor 1e-06"),
+        ("radial_spread", 0.0, "below the calibration floor 1e-06"),
+        ("bias_spread", 1e-9, "below the calibration floor 1e-06"),
+        ("bias_z_limit", 0.0, "must be positive"),
+        ("radial_z_limit", 0.0, "must be positive"),
+    ],
+)
+def test_a_zero_spread_or_z_limit_is_refused_at_load_naming_the_file_and_the_entry(
+    tmp_path: Path, field: str, value: float, expected: str
+) -> None:
+    # Schema-valid, but the judge divides by spreads: a zero one crashed it, naming no file.
+    path = tmp_path / "zero.json"
+    document = valid_document(tmp_path)
+    document["parameters"]["fc.weight"][field] = value
+    path.write_text(json.dumps(document), encoding="utf-8")
+    with pytest.raises(BaselineError) as caught:
+        load_baseline(path)
+    assert str(caught.value).startswith(f'{path}: parameters["fc.weight"].{field}: ')
+    assert expected in str(caught.value)
+
+
 def test_a_file_that_is_not_utf8_is_an_error_naming_the_file(tmp_path: Path) -> None:
     path = tmp_path / "binary.json"
     path.write_bytes(b"\xff\xfe\x00")
@@ -390,6 +424,55 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp_file(
     monkeypatch.undo()
     assert load_baseline(path).region == small_region()
     assert temp_files(tmp_path) == []
+
+
+# --- stale baselines -----------------------------------------------------------------------------
+
+MODEL = {"fc.weight": 12, "fc.bias": 3}
+RERECORD = "pytest --convergence --convergence-record t.py::test"
+
+
+@pytest.mark.parametrize(
+    ("workload", "parameters", "expected"),
+    [
+        pytest.param(
+            "mlp",
+            {"fc.weight": 24, "fc.bias": 3},
+            "parameter 'fc.weight' has 24 weights in the model, 12 in the baseline",
+            id="widened",
+        ),
+        pytest.param(
+            "mlp",
+            {"fc.weight": 12},
+            "baseline parameters the model no longer has: 'fc.bias'",
+            id="removed",
+        ),
+        pytest.param(
+            "mlp",
+            {**MODEL, "fc2.weight": 4},
+            "model parameters missing from the baseline: 'fc2.weight'",
+            id="added",
+        ),
+        pytest.param(
+            "lenet5", MODEL, "recorded for workload 'mlp', not 'lenet5'", id="other-workload"
+        ),
+    ],
+)
+def test_a_stale_baseline_is_an_error_naming_the_file_the_change_and_the_re_record_command(
+    tmp_path: Path, workload: str, parameters: dict[str, int], expected: str
+) -> None:
+    baseline = load_baseline(save_baseline(tmp_path / "mlp.json", small_region(), PROVENANCE))
+    with pytest.raises(BaselineError) as caught:
+        check_current(baseline, workload=workload, parameters=parameters, rerecord=RERECORD)
+    message = str(caught.value)
+    assert message.startswith(f"{baseline.path}: stale baseline: ")
+    assert expected in message
+    assert message.endswith(f"; re-record it: {RERECORD}")
+
+
+def test_a_baseline_that_matches_the_model_passes_silently(tmp_path: Path) -> None:
+    baseline = load_baseline(save_baseline(tmp_path / "mlp.json", small_region(), PROVENANCE))
+    check_current(baseline, workload="mlp", parameters=MODEL, rerecord=RERECORD)
 
 
 # --- file names ----------------------------------------------------------------------------------
@@ -634,7 +717,7 @@ from pathlib import Path
 import pytest
 
 from pytest_convergence.baselines import Provenance, baseline_path, load_baseline, save_baseline
-from pytest_convergence.regions import Calibration, ParameterRegion, Region
+from pytest_convergence.regions import MIN_BIAS_SPREAD, Calibration, ParameterRegion, Region
 
 FOLDER = Path(FOLDER_TEXT)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -134,6 +136,44 @@ def test_a_check_that_errors_is_reported_as_an_error_not_a_pass(
     xml = (project.path / "out.xml").read_text()
     assert 'name="convergence_verdict" value="error"' in xml
     assert 'name="convergence_worst_ratio"' not in xml
+
+
+def _widened(stored: dict[str, Any]) -> None:
+    stored["parameters"]["2.weight"]["count"] = 32
+
+
+def _with_a_removed_layer(stored: dict[str, Any]) -> None:
+    stored["parameters"]["3.weight"] = stored["parameters"]["2.weight"]
+
+
+def _of_another_workload(stored: dict[str, Any]) -> None:
+    stored["provenance"]["workload"] = "other"
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (_widened, "parameter '2.weight' has 64 weights in the model, 32 in the baseline"),
+        (_with_a_removed_layer, "baseline parameters the model no longer has: '3.weight'"),
+        (_of_another_workload, "recorded for workload 'other', not 'tiny'"),
+    ],
+)
+def test_a_stale_baseline_fails_the_check_with_the_re_record_command(
+    project: pytest.Pytester, edit: Callable[[dict[str, Any]], None], expected: str
+) -> None:
+    project.runpytest("--convergence", "--convergence-record", "-k", "fp16")
+    path = project.path / "baselines" / "tiny.json"
+    stored = json.loads(path.read_text())
+    edit(stored)
+    path.write_text(json.dumps(stored))
+    result = project.runpytest("--convergence", "-k", "fp16")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            f"E *BaselineError: *tiny.json: stale baseline: *{expected}*; re-record it: "
+            "pytest --convergence --convergence-record test_candidates.py::test_fp16_gradients"
+        ]
+    )
 
 
 def test_every_check_of_a_test_has_its_own_summary_row(project: pytest.Pytester) -> None:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 import torch
@@ -116,6 +117,21 @@ def test_a_parameter_missing_from_the_region_is_an_error_asking_to_re_record(
     )
     with pytest.raises(ValueError, match=r"'fc1\.bias' .* not in the baseline region.*re-record"):
         judge(run, partial)
+
+
+def test_a_region_built_with_zero_spreads_is_judged_without_dividing_by_zero(
+    workload: Workload, region: Region
+) -> None:
+    steps = region.calibration.steps
+    zeroed = replace(
+        region,
+        parameters={
+            name: replace(bounds, bias_spread=0.0, radial_spread=0.0, rounding_scale=(0.0,) * steps)
+            for name, bounds in region.parameters.items()
+        },
+    )
+    verdict = judge(cosimulate(workload, scale_gradient("fc2.weight", 0.5)), zeroed)
+    assert not verdict.passed
 
 
 def test_violation_ratio_puts_the_value_beside_its_limit() -> None:
