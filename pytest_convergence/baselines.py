@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
@@ -41,6 +43,8 @@ __all__ = [
     "baseline_path",
     "check_compatibility",
     "check_current",
+    "check_recordable",
+    "confined",
     "describe_changes",
     "load_baseline",
     "mismatches",
@@ -56,6 +60,8 @@ SCHEMA = "pytest-convergence/baseline"
 # Older files are refused with the command that re-records them: they would judge differently.
 SCHEMA_VERSION = 4
 RECORD_HINT = f"{RECORD_COMMAND} <the tests that use it>"
+# The ini line that lets baselines live outside the baselines folder.
+OUTSIDE_OPT_IN = "convergence_allow_external_baselines = true"
 # A re-record summary is read in a terminal and a pull request: the biggest changes, not all.
 MAX_CHANGE_LINES = 10
 # Relative changes below this are float noise between two recordings, not worth a line.
@@ -129,6 +135,30 @@ def baseline_path(folder: Path, workload: str, candidate: str | None = None) -> 
     if candidate is not None:
         stem += "--" + _safe_name(candidate, "candidate")
     return Path(folder) / f"{stem}.json"
+
+
+def confined(folder: Path, path: Path, *, argument: str | None = None) -> Path:
+    """``path``, once it is known to lie inside the baselines ``folder`` with ``..`` and symbolic
+    links resolved; ``ValueError`` otherwise, naming the ``baseline=`` ``argument`` if given.
+
+    A test's ``baseline=`` (or a link committed into the folder) must not make a check read, or
+    a recording write, a file elsewhere on the machine: as ONNX external data is confined to
+    its model's folder. Links between files inside the folder are fine.
+    """
+    real_folder = os.path.realpath(folder)
+    real = os.path.realpath(path)
+    try:
+        inside = os.path.commonpath([real_folder, real]) == real_folder
+    except ValueError:  # another drive
+        inside = False
+    if inside:
+        return path
+    named = f"baseline={argument!r}" if argument is not None else str(path)
+    raise ValueError(
+        f"{named} resolves to {real}, outside the baselines folder {folder}: name a file inside "
+        f"it, or set '{OUTSIDE_OPT_IN}' in the pytest ini file to read and record baselines "
+        "anywhere"
+    )
 
 
 def _safe_name(name: str, role: str) -> str:
@@ -348,25 +378,76 @@ def record_baseline(path: Path, region: Region, provenance: Provenance) -> list[
 
     Reading the old file and writing the new one happen under one lock, so two workers
     re-recording the same baseline each describe the change against what was really on disk.
+    A file whose region and provenance would stay the same (its ``created`` time aside) is left
+    as it was, so "no changes" is true of the file; a read-only one is never replaced.
     """
     path = Path(path)
     text = _serialize(path, region, provenance)
+    check_recordable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with jsonfile.exclusive_lock(path):
-        changes = _changes_against_file(path, region)
+        old = _current(path)
+        if isinstance(old, Baseline) and _unchanged(old, region, provenance):
+            return ["no changes"]
+        changes = _changes(old, region, provenance)
+        if path.exists() and not path.stat().st_mode & stat.S_IWUSR:
+            raise BaselineError(
+                path,
+                f"read-only: recording would change it, and will not replace a protected file; "
+                f"make it writable (chmod u+w {path}) to re-record it",
+            )
         jsonfile.write_text_file(path, text, overwrite=True)
     return changes
 
 
-def _changes_against_file(path: Path, region: Region) -> list[str]:
+def check_recordable(path: Path) -> None:
+    """Refuse, before anything is calibrated, a baseline path that no file can be written to."""
+    if Path(path).is_dir():
+        raise BaselineError(
+            path, "is a folder, not a baseline file; remove it or name another file"
+        )
+
+
+def _current(path: Path) -> Baseline | BaselineError | None:
+    """The baseline at ``path``, the error that makes it unreadable, or None if there is none."""
     try:
-        old = load_baseline(path)
+        return load_baseline(path)
     except FileNotFoundError:
+        return None
+    except BaselineError as error:
+        return error
+
+
+def _unchanged(old: Baseline, region: Region, provenance: Provenance) -> bool:
+    return old.region == region and not _provenance_changes(old.provenance, provenance)
+
+
+def _changes(
+    old: Baseline | BaselineError | None, region: Region, provenance: Provenance
+) -> list[str]:
+    if old is None:
         steps = region.calibration.steps
         return [f"new baseline: {len(region.parameters)} parameters, {steps} steps"]
-    except BaselineError as error:
-        return [f"replaces an unreadable baseline ({error.reason})"]
-    return describe_changes(old.region, region) or ["no changes"]
+    if isinstance(old, BaselineError):
+        return [f"replaces an unreadable baseline ({old.reason})"]
+    lines = []
+    moved = _provenance_changes(old.provenance, provenance)
+    if moved:
+        lines.append(f"provenance: {', '.join(moved)}")
+    lines += describe_changes(old.region, region)
+    if not lines:
+        # The region differs (else the file would have been left alone), by float noise only.
+        lines.append(f"region changed by less than {_NEGLIGIBLE_CHANGE:.2%} anywhere (float noise)")
+    return lines
+
+
+def _provenance_changes(old: Provenance, new: Provenance) -> list[str]:
+    """What a recording changes besides its time: the run it comes from."""
+    return [
+        f"{field.name} {getattr(old, field.name)} -> {getattr(new, field.name)}"
+        for field in fields(Provenance)
+        if field.name != "created" and getattr(old, field.name) != getattr(new, field.name)
+    ]
 
 
 def _serialize(path: Path, region: Region, provenance: Provenance) -> str:

@@ -25,6 +25,8 @@ from pytest_convergence.baselines import (
     baseline_path,
     check_compatibility,
     check_current,
+    check_recordable,
+    confined,
     load_baseline,
     record_baseline,
 )
@@ -180,7 +182,9 @@ class ConvergenceChecker:
     ) -> CheckRequest:
         """The check of ``candidate`` on ``workload`` with this check's overrides and the
         session's seed and device; ``baseline``: a file name in the baselines folder, else
-        ``<workload>[-<device type>][--<known good>].json``."""
+        ``<workload>[-<device type>][--<known good>].json``. A path that leads out of the folder
+        (``..``, an absolute path, a symbolic link) is a ``ValueError`` unless the configuration
+        allows external baselines."""
         base = get_workload(workload) if isinstance(workload, str) else workload
         resolved = base.with_options(
             steps=steps,
@@ -192,6 +196,8 @@ class ConvergenceChecker:
             path = self.config.baselines_dir / baseline
         else:
             path = self.baseline_for(resolved, known_good)
+        if not self.config.allow_external_baselines:
+            confined(self.config.baselines_dir, path, argument=baseline)
         return CheckRequest(resolved, candidate, path, known_good, label)
 
     def run(self, request: CheckRequest, runner: Runner) -> CheckResult:
@@ -294,6 +300,7 @@ class ConvergenceChecker:
         path, workload = request.baseline, request.workload
         if path in self._recorded:
             return self._recorded[path]
+        check_recordable(path)
         region = calibrate_region()
         provenance = Provenance(
             workload=workload.name,

@@ -65,6 +65,8 @@ class ConvergenceConfig:
     always_report: bool = False
     mismatch_policy: str = "warn"
     threads: int | None = None
+    # Read and record baseline= paths outside baselines_dir (refused by default).
+    allow_external_baselines: bool = False
 
     def __post_init__(self) -> None:
         if self.mismatch_policy not in MISMATCH_POLICIES:
@@ -103,6 +105,7 @@ class ConvergenceConfig:
             threads=resolve_threads(
                 threads_text, cpu_count=cpu_count, workers=int(workers) if workers else None
             ),
+            allow_external_baselines=bool(ini["convergence_allow_external_baselines"]),
         )
 
 

@@ -46,6 +46,7 @@ _INI_NAMES = (
     "convergence_threads",
     "convergence_report_dir",
     "convergence_baseline_mismatch",
+    "convergence_allow_external_baselines",
 )
 
 
@@ -120,6 +121,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "convergence_report_dir",
         default="convergence-report",
         help="report folders, relative to the rootdir (default: convergence-report).",
+    )
+    parser.addini(
+        "convergence_allow_external_baselines",
+        type="bool",
+        default=False,
+        help="let baseline= name files outside the baselines folder (refused by default).",
     )
     parser.addini(
         "convergence_baseline_mismatch",

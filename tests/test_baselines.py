@@ -627,6 +627,49 @@ def test_recording_summarizes_against_the_file_it_replaces(tmp_path: Path) -> No
     assert load_baseline(path).region == small_region()
 
 
+def test_re_recording_an_unchanged_baseline_leaves_the_file_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "mlp.json"
+    record_baseline(path, small_region(), PROVENANCE)
+    before = path.read_bytes()
+    later = replace(PROVENANCE, created="2026-01-02T03:04:05+00:00")
+    assert record_baseline(path, small_region(), later) == ["no changes"]
+    assert path.read_bytes() == before
+
+
+def test_re_recording_lists_what_changed_in_the_provenance(tmp_path: Path) -> None:
+    path = tmp_path / "mlp.json"
+    record_baseline(path, small_region(), PROVENANCE)
+    elsewhere = replace(PROVENANCE, threads=1, torch_version="2.14.0+cpu")
+    assert record_baseline(path, small_region(), elsewhere) == [
+        "provenance: torch_version 2.13.0+cpu -> 2.14.0+cpu, threads 4 -> 1"
+    ]
+    assert load_baseline(path).provenance == elsewhere
+
+
+def test_recording_refuses_to_replace_a_read_only_baseline(tmp_path: Path) -> None:
+    path = tmp_path / "mlp.json"
+    record_baseline(path, small_region(), PROVENANCE)
+    before = path.read_bytes()
+    path.chmod(0o444)
+    with pytest.raises(BaselineError) as caught:
+        record_baseline(path, small_region(scale=2.0), PROVENANCE)
+    assert str(caught.value).startswith(f"{path}: read-only: ")
+    assert "chmod u+w" in str(caught.value)
+    assert path.read_bytes() == before
+    # Nothing to change: nothing to refuse.
+    assert record_baseline(path, small_region(), PROVENANCE) == ["no changes"]
+
+
+def test_recording_onto_a_folder_is_a_baseline_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "mlp.json"
+    path.mkdir()
+    with pytest.raises(BaselineError) as caught:
+        record_baseline(path, small_region(), PROVENANCE)
+    assert str(caught.value) == (
+        f"{path}: is a folder, not a baseline file; remove it or name another file"
+    )
+
+
 # --- concurrency ---------------------------------------------------------------------------------
 
 WRITERS = 8

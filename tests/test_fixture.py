@@ -176,6 +176,43 @@ def test_a_stale_baseline_fails_the_check_with_the_re_record_command(
     )
 
 
+def test_recording_onto_a_folder_fails_before_calibrating_naming_it(
+    project: pytest.Pytester,
+) -> None:
+    (project.path / "baselines" / "tiny.json").mkdir(parents=True)
+    result = project.runpytest("--convergence", "--convergence-record", "-k", "fp16")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        ["E *BaselineError: *tiny.json: is a folder, not a baseline file; remove it*"]
+    )
+
+
+BASELINE_OUTSIDE = """
+import pytest
+from pytest_convergence.candidates import Candidate
+
+@pytest.mark.convergence(workload="tiny", baseline="../outside.json")
+def test_outside(convergence):
+    convergence.check(Candidate("id", gradient_transform=lambda n, s: None))
+"""
+
+
+def test_recording_never_writes_outside_the_baselines_folder_unless_opted_in(
+    project: pytest.Pytester,
+) -> None:
+    project.makepyfile(test_outside=BASELINE_OUTSIDE)
+    result = project.runpytest("--convergence", "--convergence-record", "test_outside.py")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        ["E *ValueError: baseline='../outside.json' *outside the baselines*"]
+    )
+    assert not (project.path / "outside.json").exists()
+    project.makeini("[pytest]\nconvergence_allow_external_baselines = true\n")
+    result = project.runpytest("--convergence", "--convergence-record", "test_outside.py")
+    result.assert_outcomes(passed=1)
+    assert (project.path / "outside.json").exists()
+
+
 def test_every_check_of_a_test_has_its_own_summary_row(project: pytest.Pytester) -> None:
     project.makepyfile(
         test_two="""
