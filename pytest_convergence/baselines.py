@@ -1,11 +1,17 @@
 """Baselines: one reviewed JSON file per workload, and one per known-good candidate.
 
 A region is only as trustworthy as the run that recorded it, so every file carries its provenance
-and a run under another torch, dtype or device is told so instead of being judged silently
-against limits that may not hold there. Files are meant to be read in code review: fixed key
-order, one value per line, floats written with enough digits to round-trip exactly. Several test
-processes (pytest-xdist workers) may record the same baseline at once, so every write is atomic
-and the writes to one file are serialized.
+and a run under another torch, dtype, device or thread count is told so instead of being judged
+silently against limits that may not hold there; a file that no longer describes its workload's
+model (stale) is refused. Files live inside the baselines folder and are meant to be read in
+code review: fixed key order, one value per line, floats written with enough digits to
+round-trip exactly. Several test processes (pytest-xdist workers) may record the same baseline
+at once, so every write is atomic and the writes to one file are serialized.
+
+Length: one file format from name to re-record summary (names and confinement, loading,
+staleness, saving, compatibility, change summaries). Each part reads or writes the same
+schema declaration and provenance fields; split, the parts would share those private
+declarations across modules.
 
 Importing this module imports torch (through :mod:`pytest_convergence.regions`).
 """
@@ -71,8 +77,9 @@ _TORCH_MINOR = re.compile(r"^\s*(\d+)\.(\d+)")
 
 
 class BaselineMismatchWarning(UserWarning):
-    """A baseline was recorded under another torch version, dtype or device: its limits may be
-    too tight or too loose here, but a stale baseline is more often fine than not."""
+    """A baseline was recorded under another torch version, dtype, device or thread count: its
+    limits may be too tight or too loose here, but a stale baseline is more often fine than
+    not."""
 
 
 @dataclass(frozen=True)
@@ -495,12 +502,20 @@ def _plain(value: object) -> object:
 # --- compatibility ------------------------------------------------------------------------------
 
 
-def mismatches(provenance: Provenance, *, torch_version: str, dtype: str, device: str) -> list[str]:
+def mismatches(
+    provenance: Provenance,
+    *,
+    torch_version: str,
+    dtype: str,
+    device: str,
+    threads: int | None = None,
+) -> list[str]:
     """How this run differs from the one that recorded ``provenance``, in words.
 
     Only differences that move the numbers count: torch by major.minor (a patch release or a
-    local build tag changes no kernel a region could notice) and device by type (``cuda:0`` and
-    ``cuda:1`` run the same kernels).
+    local build tag changes no kernel a region could notice), device by type (``cuda:0`` and
+    ``cuda:1`` run the same kernels) and, when given, the torch thread count (parallel kernels
+    split their sums by thread, so their rounding, and a calibration's limits, move with it).
     """
     found: list[str] = []
     if _torch_minor(provenance.torch_version) != _torch_minor(torch_version):
@@ -509,6 +524,8 @@ def mismatches(provenance: Provenance, *, torch_version: str, dtype: str, device
         found.append(f"dtype {provenance.dtype} (baseline) vs {dtype} (this run)")
     if _device_type(provenance.device) != _device_type(device):
         found.append(f"device {provenance.device} (baseline) vs {device} (this run)")
+    if threads is not None and provenance.threads != threads:
+        found.append(f"threads {provenance.threads} (baseline) vs {threads} (this run)")
     return found
 
 
@@ -526,7 +543,13 @@ def _device_type(device: str) -> str:
 
 
 def check_compatibility(
-    baseline: Baseline, *, torch_version: str, dtype: str, device: str, policy: str = "warn"
+    baseline: Baseline,
+    *,
+    torch_version: str,
+    dtype: str,
+    device: str,
+    policy: str = "warn",
+    threads: int | None = None,
 ) -> None:
     """Tell the user when ``baseline`` was recorded under other conditions than this run.
 
@@ -538,13 +561,24 @@ def check_compatibility(
             f"unknown baseline mismatch policy {policy!r}; "
             f"choose one of {', '.join(MISMATCH_POLICIES)}"
         )
-    found = mismatches(baseline.provenance, torch_version=torch_version, dtype=dtype, device=device)
+    found = mismatches(
+        baseline.provenance,
+        torch_version=torch_version,
+        dtype=dtype,
+        device=device,
+        threads=threads,
+    )
     if not found:
         return
     reason = (
         f"recorded under a different environment: {'; '.join(found)}. Its limits may not hold "
         f"here; re-record it in this environment with: {RECORD_HINT}"
     )
+    if threads is not None and baseline.provenance.threads != threads:
+        reason += (
+            f" (or check with --convergence-threads {baseline.provenance.threads}; pinning "
+            "convergence_threads in the ini file keeps recording and checking alike)"
+        )
     if policy == "fail":
         raise BaselineError(baseline.path, reason)
     warnings.warn(BaselineMismatchWarning(f"{baseline.path}: {reason}"), stacklevel=2)

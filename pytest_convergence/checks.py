@@ -287,6 +287,7 @@ class ConvergenceChecker:
             dtype=_dtype_name(workload.dtype),
             device=workload.device,
             policy=self.config.mismatch_policy,
+            threads=torch.get_num_threads(),
         )
         if stored.region.calibration.steps < workload.steps:
             raise ValueError(

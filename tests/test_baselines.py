@@ -527,6 +527,16 @@ def recorded_under_old_torch(tmp_path: Path) -> Baseline:
     return load_baseline(save_baseline(tmp_path / "mlp.json", small_region(), provenance))
 
 
+def test_another_thread_count_is_a_mismatch_when_given() -> None:
+    assert mismatches(
+        PROVENANCE, torch_version="2.13.0", dtype="float32", device="cpu", threads=1
+    ) == ["threads 4 (baseline) vs 1 (this run)"]
+    assert (
+        mismatches(PROVENANCE, torch_version="2.13.0", dtype="float32", device="cpu", threads=4)
+        == []
+    )
+
+
 def test_a_mismatch_warns_naming_the_file_and_how_to_re_record(tmp_path: Path) -> None:
     baseline = recorded_under_old_torch(tmp_path)
     with pytest.warns(BaselineMismatchWarning) as caught:

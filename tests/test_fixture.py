@@ -213,6 +213,18 @@ def test_recording_never_writes_outside_the_baselines_folder_unless_opted_in(
     assert (project.path / "outside.json").exists()
 
 
+def test_a_baseline_recorded_with_another_thread_count_warns(project: pytest.Pytester) -> None:
+    record = ("--convergence", "--convergence-record", "-k", "fp16", "--convergence-threads", "1")
+    project.runpytest_subprocess(*record).assert_outcomes(passed=1)
+    result = project.runpytest_subprocess(
+        "--convergence", "-k", "fp16", "--convergence-threads", "2"
+    )
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        ["*BaselineMismatchWarning: *tiny.json: *threads 1 (baseline) vs 2 (this run)*"]
+    )
+
+
 def test_every_check_of_a_test_has_its_own_summary_row(project: pytest.Pytester) -> None:
     project.makepyfile(
         test_two="""
