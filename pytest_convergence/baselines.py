@@ -612,15 +612,22 @@ def _structure_changes(old: Region, new: Region) -> list[str]:
     if old.calibration.steps != new.calibration.steps:
         lines.append(f"steps: {old.calibration.steps} -> {new.calibration.steps}")
     if old.global_logm_delta != new.global_logm_delta:
-        lines.append(
-            f"global LoGM delta: {_interval_text(old.global_logm_delta)} -> "
-            f"{_interval_text(new.global_logm_delta)}"
-        )
+        before, after = _interval_texts(old.global_logm_delta, new.global_logm_delta)
+        lines.append(f"global LoGM delta: {before} -> {after}")
     return lines
 
 
-def _interval_text(interval: tuple[float, float]) -> str:
-    return f"[{interval[0]:.4g}, {interval[1]:.4g}]"
+def _interval_texts(old: tuple[float, float], new: tuple[float, float]) -> tuple[str, str]:
+    """Both intervals with 4 significant digits, or as many more as show how they differ."""
+    for digits in range(4, 18):
+        before, after = _interval_text(old, digits), _interval_text(new, digits)
+        if before != after:
+            break
+    return before, after
+
+
+def _interval_text(interval: tuple[float, float], digits: int) -> str:
+    return f"[{interval[0]:.{digits}g}, {interval[1]:.{digits}g}]"
 
 
 def _parameter_changes(old: Region, new: Region) -> Iterator[tuple[float, str]]:

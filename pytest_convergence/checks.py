@@ -118,7 +118,7 @@ class CheckResult:
     error: str = ""
 
 
-@dataclass
+@dataclass(repr=False)
 class ConvergenceChecker:
     """Runs checks and caches calibrated regions for the session (one calibration per
     workload and known-good candidate, however many tests share it)."""
@@ -128,6 +128,11 @@ class ConvergenceChecker:
     # Re-recorded baselines and what changed, for the terminal summary.
     changes: dict[Path, list[str]] = field(default_factory=dict)
     _recorded: dict[Path, Baseline] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        # Short: it shows in tracebacks beside every test that uses the fixture.
+        count = len(self.results)
+        return f"<ConvergenceChecker of {self.config.baselines_dir}, {count} check{_plural(count)}>"
 
     def check(
         self,
@@ -399,7 +404,7 @@ def _safe_name(text: str) -> str:
     return cleaned.strip("_")[:150] or "check"
 
 
-@dataclass
+@dataclass(repr=False)
 class BoundCheck:
     """The ``convergence`` fixture: a checker bound to one test's marker arguments.
 
@@ -410,6 +415,11 @@ class BoundCheck:
     defaults: dict[str, object]
     label: str
     record_property: Callable[[str, object], None]
+
+    def __repr__(self) -> str:
+        # pytest prints a failing test's arguments: one line, not the checker's whole state.
+        defaults = "".join(f", {name}={value!r}" for name, value in self.defaults.items())
+        return f"<convergence fixture of {self.label}{defaults}>"
 
     def check(
         self,

@@ -35,15 +35,26 @@ class Divergence:
 
 @dataclass(frozen=True)
 class ReplayFinding:
+    """What a replay of ``step`` found; ``gradients_compared`` is False for a candidate with its
+    own ``step_fn``, whose gradients the replay cannot take apart from its step."""
+
     step: int
     threshold: float
     divergence: Divergence | None
     modules_compared: int
+    gradients_compared: bool = True
 
     def describe(self) -> str:
+        modules = f"{self.modules_compared} module{'' if self.modules_compared == 1 else 's'}"
+        if self.divergence is None and not self.gradients_compared:
+            return (
+                f"Replay of step {self.step}: forward outputs of {modules} agree within "
+                f"{self.threshold:.1e}; gradients not compared (the candidate's step_fn "
+                "computes its own); the divergence arises after the forward pass"
+            )
         if self.divergence is None:
             return (
-                f"Replay of step {self.step}: forward outputs of {self.modules_compared} modules "
+                f"Replay of step {self.step}: forward outputs of {modules} "
                 f"and all gradients agree within {self.threshold:.1e}; the divergence arises "
                 "after backward (gradient transform, exchange or optimizer step)"
             )
@@ -76,11 +87,12 @@ def replay_step(workload: Workload, candidate: Candidate, step: int) -> ReplayFi
             forward = Divergence("forward output", name, kind, abs_error, rel_error)
             return ReplayFinding(step, threshold, forward, len(reference_order))
     divergence = None
-    if candidate.step_fn is None:
+    compared = candidate.step_fn is None
+    if compared:
         divergence = _first_gradient_divergence(
             reference.model, side.implementation.model, threshold
         )
-    return ReplayFinding(step, threshold, divergence, len(reference_order))
+    return ReplayFinding(step, threshold, divergence, len(reference_order), compared)
 
 
 def _forward_backward(

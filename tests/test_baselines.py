@@ -602,6 +602,12 @@ def test_changes_name_parameters_global_delta_and_the_largest_relative_change() 
     ]
 
 
+def test_a_global_delta_change_is_written_with_the_digits_that_show_it() -> None:
+    old = small_region()
+    new = replace(old, global_logm_delta=(-0.1, 0.2000001))
+    assert describe_changes(old, new) == ["global LoGM delta: [-0.1, 0.2] -> [-0.1, 0.2000001]"]
+
+
 def test_a_summary_is_capped_at_ten_lines_biggest_changes_first() -> None:
     def region(scale: float) -> Region:
         base = small_region()

@@ -79,3 +79,14 @@ def test_a_link_inside_the_folder_and_an_opted_in_outside_path_are_accepted(
     opted_in = ConvergenceChecker(ConvergenceConfig(folder, allow_external_baselines=True))
     outside = opted_in.request("mlp", candidate="x", baseline="../outside.json").baseline
     assert outside == folder / "../outside.json"
+
+
+def test_the_fixture_and_the_checker_have_short_reprs_for_tracebacks(tmp_path: Path) -> None:
+    from pytest_convergence.checks import BoundCheck
+
+    checker = ConvergenceChecker(ConvergenceConfig(tmp_path))
+    bound = BoundCheck(
+        checker, {"workload": "mlp", "steps": 2}, "t.py::test_x", lambda name, value: None
+    )
+    assert repr(bound) == "<convergence fixture of t.py::test_x, workload='mlp', steps=2>"
+    assert repr(checker) == f"<ConvergenceChecker of {tmp_path}, 0 checks>"

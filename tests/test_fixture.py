@@ -84,10 +84,10 @@ def test_a_divergent_candidate_fails_with_a_co_simulation_diff_and_a_report(
             "'tiny' (*baselines/tiny.json)",
             "*First violation: step 1 of 3, parameter '2.weight' (Linear, 64 weights)",
             "*update bias (z-score) = *, limit 7.94e+00 (*x over)",
-            "*Violations: * of * (step, parameter) checks*",
+            "*Violations: * of * checks, at * of * (step, parameter) pairs*",
             "*Replay of step 1: forward outputs of * modules and all gradients agree*",
             "*Region calibrated against: reference with module outputs perturbed by relative*",
-            "*Reproduce:  pytest --convergence test_candidates.py::test_halved_layer",
+            "*Reproduce:   pytest --convergence test_candidates.py::test_halved_layer",
             "*If intended: pytest --convergence --convergence-record "
             "test_candidates.py::test_halved_layer*",
         ]
