@@ -59,3 +59,16 @@ def test_logm_throughput_compares_every_method_on_a_small_vector() -> None:
         assert re.search(rf"^  {re.escape(row)}.*\s{NUMBER}\s+{NUMBER}$", out, re.M), row
     for target in ("speed-up over naive numpy", "time over the sum floor", "extra peak memory"):
         assert re.search(rf"^  {target}: {NUMBER}.*target .* (met|MISSED)$", out, re.M), target
+
+
+def test_baseline_reliability_refuses_every_hostile_file_naming_it() -> None:
+    out = run_benchmark("baseline_reliability.py", "hostile")
+    rows = [line for line in out.splitlines() if line.startswith("  ") and "file" not in line[:8]]
+    assert len(rows) >= 30
+    assert not [row for row in rows if row.endswith(" no") or "passed" in row or "answer" in row]
+    assert "the file outside the folder unchanged: True" in out
+
+
+def test_baseline_reliability_reruns_a_check_to_one_outcome() -> None:
+    out = run_benchmark("baseline_reliability.py", "reruns", "--reruns", "2")
+    assert re.search(r"^  lenet5\s+sgd-foreach\s+1  passed", out, re.M)
