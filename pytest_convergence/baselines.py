@@ -1,11 +1,17 @@
 """Baselines: one reviewed JSON file per workload, and one per known-good candidate.
 
 A region is only as trustworthy as the run that recorded it, so every file carries its provenance
-and a run under another torch, dtype or device is told so instead of being judged silently
-against limits that may not hold there. Files are meant to be read in code review: fixed key
-order, one value per line, floats written with enough digits to round-trip exactly. Several test
-processes (pytest-xdist workers) may record the same baseline at once, so every write is atomic
-and the writes to one file are serialized.
+and a run under another torch, dtype, device or thread count is told so instead of being judged
+silently against limits that may not hold there; a file that no longer describes its workload's
+model (stale) is refused. Files live inside the baselines folder and are meant to be read in
+code review: fixed key order, one value per line, floats written with enough digits to
+round-trip exactly. Several test processes (pytest-xdist workers) may record the same baseline
+at once, so every write is atomic and the writes to one file are serialized.
+
+Length: one file format from name to re-record summary (names and confinement, loading,
+staleness, saving, compatibility, change summaries). Each part reads or writes the same
+schema declaration and provenance fields; split, the parts would share those private
+declarations across modules.
 
 Importing this module imports torch (through :mod:`pytest_convergence.regions`).
 """
@@ -14,9 +20,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,7 +34,7 @@ from pytest_convergence import jsonfile
 from pytest_convergence.config import MISMATCH_POLICIES, RECORD_COMMAND
 from pytest_convergence.errors import BaselineError
 from pytest_convergence.precision import DEFAULT_POLICY
-from pytest_convergence.regions import Calibration, ParameterRegion, Region
+from pytest_convergence.regions import MIN_BIAS_SPREAD, Calibration, ParameterRegion, Region
 
 if TYPE_CHECKING:
     from pytest_convergence.environment import EnvironmentInfo
@@ -41,6 +49,9 @@ __all__ = [
     "Provenance",
     "baseline_path",
     "check_compatibility",
+    "check_current",
+    "check_recordable",
+    "confined",
     "describe_changes",
     "load_baseline",
     "mismatches",
@@ -56,6 +67,8 @@ SCHEMA = "pytest-convergence/baseline"
 # Older files are refused with the command that re-records them: they would judge differently.
 SCHEMA_VERSION = 4
 RECORD_HINT = f"{RECORD_COMMAND} <the tests that use it>"
+# The ini line that lets baselines live outside the baselines folder.
+OUTSIDE_OPT_IN = "convergence_allow_external_baselines = true"
 # A re-record summary is read in a terminal and a pull request: the biggest changes, not all.
 MAX_CHANGE_LINES = 10
 # Relative changes below this are float noise between two recordings, not worth a line.
@@ -65,8 +78,9 @@ _TORCH_MINOR = re.compile(r"^\s*(\d+)\.(\d+)")
 
 
 class BaselineMismatchWarning(UserWarning):
-    """A baseline was recorded under another torch version, dtype or device: its limits may be
-    too tight or too loose here, but a stale baseline is more often fine than not."""
+    """A baseline was recorded under another torch version, dtype, device or thread count: its
+    limits may be too tight or too loose here, but a stale baseline is more often fine than
+    not."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +143,30 @@ def baseline_path(folder: Path, workload: str, candidate: str | None = None) -> 
     if candidate is not None:
         stem += "--" + _safe_name(candidate, "candidate")
     return Path(folder) / f"{stem}.json"
+
+
+def confined(folder: Path, path: Path, *, argument: str | None = None) -> Path:
+    """``path``, once it is known to lie inside the baselines ``folder`` with ``..`` and symbolic
+    links resolved; ``ValueError`` otherwise, naming the ``baseline=`` ``argument`` if given.
+
+    A test's ``baseline=`` (or a link committed into the folder) must not make a check read, or
+    a recording write, a file elsewhere on the machine: as ONNX external data is confined to
+    its model's folder. Links between files inside the folder are fine.
+    """
+    real_folder = os.path.realpath(folder)
+    real = os.path.realpath(path)
+    try:
+        inside = os.path.commonpath([real_folder, real]) == real_folder
+    except ValueError:  # another drive
+        inside = False
+    if inside:
+        return path
+    named = f"baseline={argument!r}" if argument is not None else str(path)
+    raise ValueError(
+        f"{named} resolves to {real}, outside the baselines folder {folder}: name a file inside "
+        f"it, or set '{OUTSIDE_OPT_IN}' in the pytest ini file to read and record baselines "
+        "anywhere"
+    )
 
 
 def _safe_name(name: str, role: str) -> str:
@@ -197,6 +235,26 @@ def _limit(value: object, where: str) -> float:
     return number
 
 
+def _spread(value: object, where: str) -> float:
+    """A spread divides every score: calibration floors it, and a hand-edited zero would crash
+    the judge (or a tiny one turn rounding into a verdict)."""
+    number = _limit(value, where)
+    if number < MIN_BIAS_SPREAD:
+        raise jsonfile.DocumentError(
+            where,
+            f"{number!r} is below the calibration floor {MIN_BIAS_SPREAD:g} of every spread; "
+            f"re-record it: {RECORD_HINT}",
+        )
+    return number
+
+
+def _z_limit(value: object, where: str) -> float:
+    number = _limit(value, where)
+    if number == 0:
+        raise jsonfile.DocumentError(where, "must be positive: a z limit of 0 fails every check")
+    return number
+
+
 _limits = jsonfile.array_of(_limit)
 _reals = jsonfile.array_of(jsonfile.finite)
 _optional_string = jsonfile.optional(jsonfile.string)
@@ -245,11 +303,11 @@ _CALIBRATION = jsonfile.record(
 _PARAMETER_FIELDS: dict[str, jsonfile.Parser[Any]] = {
     "count": jsonfile.count,
     "bias_center": _reals,
-    "bias_spread": _limit,
-    "bias_z_limit": _limit,
+    "bias_spread": _spread,
+    "bias_z_limit": _z_limit,
     "radial_center": _reals,
-    "radial_spread": _limit,
-    "radial_z_limit": _limit,
+    "radial_spread": _spread,
+    "radial_z_limit": _z_limit,
     "error_scale": _limits,
     "noise_scale": _limits,
     "noise_limit": _limits,
@@ -265,6 +323,52 @@ _TOP_FIELDS: dict[str, jsonfile.Parser[Any]] = {
     "global_logm_gap_limit": _limit,
     "parameters": _parameters,
 }
+
+
+# --- staleness ----------------------------------------------------------------------------------
+
+# A stale baseline's message names the first few parameters of each kind, then counts the rest.
+_NAMES_SHOWN = 5
+
+
+def check_current(
+    baseline: Baseline, *, workload: str, parameters: Mapping[str, int], rerecord: str
+) -> None:
+    """Refuse a baseline that no longer describes ``workload``, whose model has ``parameters``
+    (name -> number of weights): recorded for another workload, or for a model whose parameters
+    were since added, removed or resized. Its limits would judge the wrong tensors, or judge a
+    widened layer by a narrower one's statistics; ``rerecord`` is the command that fixes it."""
+    __tracebackhide__ = True
+    problems: list[str] = []
+    recorded_for = baseline.provenance.workload
+    if recorded_for != workload:
+        problems.append(f"recorded for workload {recorded_for!r}, not {workload!r}")
+    stored = baseline.region.parameters
+    resized = [
+        f"parameter {name!r} has {count:,} weights in the model, {stored[name].count:,} in the "
+        "baseline"
+        for name, count in parameters.items()
+        if name in stored and stored[name].count != count
+    ]
+    problems += resized[:_NAMES_SHOWN]
+    if len(resized) > _NAMES_SHOWN:
+        problems.append(f"{len(resized) - _NAMES_SHOWN} more parameters resized")
+    added = [name for name in parameters if name not in stored]
+    if added:
+        problems.append(f"model parameters missing from the baseline: {_names(added)}")
+    removed = [name for name in stored if name not in parameters]
+    if removed:
+        problems.append(f"baseline parameters the model no longer has: {_names(removed)}")
+    if problems:
+        raise BaselineError(
+            baseline.path, f"stale baseline: {'; '.join(problems)}; re-record it: {rerecord}"
+        )
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(repr(name) for name in names[:_NAMES_SHOWN])
+    hidden = len(names) - _NAMES_SHOWN
+    return shown + (f" and {hidden} more" if hidden > 0 else "")
 
 
 # --- saving -------------------------------------------------------------------------------------
@@ -289,25 +393,76 @@ def record_baseline(path: Path, region: Region, provenance: Provenance) -> list[
 
     Reading the old file and writing the new one happen under one lock, so two workers
     re-recording the same baseline each describe the change against what was really on disk.
+    A file whose region and provenance would stay the same (its ``created`` time aside) is left
+    as it was, so "no changes" is true of the file; a read-only one is never replaced.
     """
     path = Path(path)
     text = _serialize(path, region, provenance)
+    check_recordable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with jsonfile.exclusive_lock(path):
-        changes = _changes_against_file(path, region)
+        old = _current(path)
+        if isinstance(old, Baseline) and _unchanged(old, region, provenance):
+            return ["no changes"]
+        changes = _changes(old, region, provenance)
+        if path.exists() and not path.stat().st_mode & stat.S_IWUSR:
+            raise BaselineError(
+                path,
+                f"read-only: recording would change it, and will not replace a protected file; "
+                f"make it writable (chmod u+w {path}) to re-record it",
+            )
         jsonfile.write_text_file(path, text, overwrite=True)
     return changes
 
 
-def _changes_against_file(path: Path, region: Region) -> list[str]:
+def check_recordable(path: Path) -> None:
+    """Refuse, before anything is calibrated, a baseline path that no file can be written to."""
+    if Path(path).is_dir():
+        raise BaselineError(
+            path, "is a folder, not a baseline file; remove it or name another file"
+        )
+
+
+def _current(path: Path) -> Baseline | BaselineError | None:
+    """The baseline at ``path``, the error that makes it unreadable, or None if there is none."""
     try:
-        old = load_baseline(path)
+        return load_baseline(path)
     except FileNotFoundError:
+        return None
+    except BaselineError as error:
+        return error
+
+
+def _unchanged(old: Baseline, region: Region, provenance: Provenance) -> bool:
+    return old.region == region and not _provenance_changes(old.provenance, provenance)
+
+
+def _changes(
+    old: Baseline | BaselineError | None, region: Region, provenance: Provenance
+) -> list[str]:
+    if old is None:
         steps = region.calibration.steps
         return [f"new baseline: {len(region.parameters)} parameters, {steps} steps"]
-    except BaselineError as error:
-        return [f"replaces an unreadable baseline ({error.reason})"]
-    return describe_changes(old.region, region) or ["no changes"]
+    if isinstance(old, BaselineError):
+        return [f"replaces an unreadable baseline ({old.reason})"]
+    lines = []
+    moved = _provenance_changes(old.provenance, provenance)
+    if moved:
+        lines.append(f"provenance: {', '.join(moved)}")
+    lines += describe_changes(old.region, region)
+    if not lines:
+        # The region differs (else the file would have been left alone), by float noise only.
+        lines.append(f"region changed by less than {_NEGLIGIBLE_CHANGE:.2%} anywhere (float noise)")
+    return lines
+
+
+def _provenance_changes(old: Provenance, new: Provenance) -> list[str]:
+    """What a recording changes besides its time: the run it comes from."""
+    return [
+        f"{field.name} {getattr(old, field.name)} -> {getattr(new, field.name)}"
+        for field in fields(Provenance)
+        if field.name != "created" and getattr(old, field.name) != getattr(new, field.name)
+    ]
 
 
 def _serialize(path: Path, region: Region, provenance: Provenance) -> str:
@@ -364,12 +519,20 @@ def _plain(value: object) -> object:
 # --- compatibility ------------------------------------------------------------------------------
 
 
-def mismatches(provenance: Provenance, *, torch_version: str, dtype: str, device: str) -> list[str]:
+def mismatches(
+    provenance: Provenance,
+    *,
+    torch_version: str,
+    dtype: str,
+    device: str,
+    threads: int | None = None,
+) -> list[str]:
     """How this run differs from the one that recorded ``provenance``, in words.
 
     Only differences that move the numbers count: torch by major.minor (a patch release or a
-    local build tag changes no kernel a region could notice) and device by type (``cuda:0`` and
-    ``cuda:1`` run the same kernels).
+    local build tag changes no kernel a region could notice), device by type (``cuda:0`` and
+    ``cuda:1`` run the same kernels) and, when given, the torch thread count (parallel kernels
+    split their sums by thread, so their rounding, and a calibration's limits, move with it).
     """
     found: list[str] = []
     if _torch_minor(provenance.torch_version) != _torch_minor(torch_version):
@@ -378,6 +541,8 @@ def mismatches(provenance: Provenance, *, torch_version: str, dtype: str, device
         found.append(f"dtype {provenance.dtype} (baseline) vs {dtype} (this run)")
     if _device_type(provenance.device) != _device_type(device):
         found.append(f"device {provenance.device} (baseline) vs {device} (this run)")
+    if threads is not None and provenance.threads != threads:
+        found.append(f"threads {provenance.threads} (baseline) vs {threads} (this run)")
     return found
 
 
@@ -395,7 +560,13 @@ def _device_type(device: str) -> str:
 
 
 def check_compatibility(
-    baseline: Baseline, *, torch_version: str, dtype: str, device: str, policy: str = "warn"
+    baseline: Baseline,
+    *,
+    torch_version: str,
+    dtype: str,
+    device: str,
+    policy: str = "warn",
+    threads: int | None = None,
 ) -> None:
     """Tell the user when ``baseline`` was recorded under other conditions than this run.
 
@@ -407,13 +578,24 @@ def check_compatibility(
             f"unknown baseline mismatch policy {policy!r}; "
             f"choose one of {', '.join(MISMATCH_POLICIES)}"
         )
-    found = mismatches(baseline.provenance, torch_version=torch_version, dtype=dtype, device=device)
+    found = mismatches(
+        baseline.provenance,
+        torch_version=torch_version,
+        dtype=dtype,
+        device=device,
+        threads=threads,
+    )
     if not found:
         return
     reason = (
         f"recorded under a different environment: {'; '.join(found)}. Its limits may not hold "
         f"here; re-record it in this environment with: {RECORD_HINT}"
     )
+    if threads is not None and baseline.provenance.threads != threads:
+        reason += (
+            f" (or check with --convergence-threads {baseline.provenance.threads}; pinning "
+            "convergence_threads in the ini file keeps recording and checking alike)"
+        )
     if policy == "fail":
         raise BaselineError(baseline.path, reason)
     warnings.warn(BaselineMismatchWarning(f"{baseline.path}: {reason}"), stacklevel=2)
@@ -447,15 +629,22 @@ def _structure_changes(old: Region, new: Region) -> list[str]:
     if old.calibration.steps != new.calibration.steps:
         lines.append(f"steps: {old.calibration.steps} -> {new.calibration.steps}")
     if old.global_logm_delta != new.global_logm_delta:
-        lines.append(
-            f"global LoGM delta: {_interval_text(old.global_logm_delta)} -> "
-            f"{_interval_text(new.global_logm_delta)}"
-        )
+        before, after = _interval_texts(old.global_logm_delta, new.global_logm_delta)
+        lines.append(f"global LoGM delta: {before} -> {after}")
     return lines
 
 
-def _interval_text(interval: tuple[float, float]) -> str:
-    return f"[{interval[0]:.4g}, {interval[1]:.4g}]"
+def _interval_texts(old: tuple[float, float], new: tuple[float, float]) -> tuple[str, str]:
+    """Both intervals with 4 significant digits, or as many more as show how they differ."""
+    for digits in range(4, 18):
+        before, after = _interval_text(old, digits), _interval_text(new, digits)
+        if before != after:
+            break
+    return before, after
+
+
+def _interval_text(interval: tuple[float, float], digits: int) -> str:
+    return f"[{interval[0]:.{digits}g}, {interval[1]:.{digits}g}]"
 
 
 def _parameter_changes(old: Region, new: Region) -> Iterator[tuple[float, str]]:

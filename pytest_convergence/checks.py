@@ -10,6 +10,7 @@ folder, format the message, raise.
 from __future__ import annotations
 
 import datetime
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,9 @@ from pytest_convergence.baselines import (
     Provenance,
     baseline_path,
     check_compatibility,
+    check_current,
+    check_recordable,
+    confined,
     load_baseline,
     record_baseline,
 )
@@ -48,6 +52,7 @@ __all__ = [
     "ConvergenceChecker",
     "MissingBaselineError",
     "Runner",
+    "describe_error",
 ]
 
 
@@ -113,21 +118,28 @@ class Runner:
 
 @dataclass
 class CheckResult:
-    """What the terminal summary and JUnit XML show for one check."""
+    """What the terminal summary and JUnit XML show for one check.
+
+    ``verdict`` is ``"passed"`` or ``"failed"`` once judged; ``"error"`` when the check raised
+    before reaching a verdict (a missing, stale or damaged baseline, a co-simulation that could
+    not run), with ``error`` the exception's type and first line, and ``worst_ratio`` NaN
+    (never judged) unless judging got that far.
+    """
 
     workload: str
     candidate: str
     steps: int
-    verdict: str  # "passed", "failed", "recorded+passed", ...
+    verdict: str
     worst_ratio: float
     baseline: str
     first_violation: str = ""
     recorded: bool = False
     # A torch.compile candidate's compilation, timed apart from the check.
     compile_seconds: float | None = None
+    error: str = ""
 
 
-@dataclass
+@dataclass(repr=False)
 class ConvergenceChecker:
     """Runs checks and caches calibrated regions for the session (one calibration per
     workload and known-good candidate, however many tests share it)."""
@@ -137,6 +149,11 @@ class ConvergenceChecker:
     # Re-recorded baselines and what changed, for the terminal summary.
     changes: dict[Path, list[str]] = field(default_factory=dict)
     _recorded: dict[Path, Baseline] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        # Short: it shows in tracebacks beside every test that uses the fixture.
+        count = len(self.results)
+        return f"<ConvergenceChecker of {self.config.baselines_dir}, {count} check{_plural(count)}>"
 
     def check(
         self,
@@ -195,8 +212,11 @@ class ConvergenceChecker:
     ) -> CheckRequest:
         """The check of ``candidate`` on ``workload`` with this check's overrides and the
         session's seed and device; ``baseline``: a file name in the baselines folder, else
-        the one :meth:`baseline_for` names. ``precision``: the policy the candidate trains
-        under (default: the workload's)."""
+        the one :meth:`baseline_for` names (``<workload>[-<device type>][.<policy>]
+        [.random-stream][--<known good>].json``). ``precision``: the policy the candidate
+        trains under (default: the workload's). A path that leads out of the folder (``..``,
+        an absolute path, a symbolic link) is a ``ValueError`` unless the configuration
+        allows external baselines."""
         base = get_workload(workload) if isinstance(workload, str) else workload
         resolved = base.with_options(
             steps=steps,
@@ -209,6 +229,8 @@ class ConvergenceChecker:
             path = self.config.baselines_dir / baseline
         else:
             path = self.baseline_for(resolved, known_good, policy, random_stream=random_stream)
+        if not self.config.allow_external_baselines:
+            confined(self.config.baselines_dir, path, argument=baseline)
         return CheckRequest(resolved, candidate, path, known_good, label, policy, random_stream)
 
     def run(self, request: CheckRequest, runner: Runner) -> CheckResult:
@@ -220,6 +242,30 @@ class ConvergenceChecker:
         plot only."""
         __tracebackhide__ = True
         workload = request.workload
+        # Kept before anything can raise: a check that errors is reported as an error, never
+        # as the pass a result filled in only on success would read as.
+        result = CheckResult(
+            workload=workload.name,
+            candidate=request.candidate,
+            steps=workload.steps,
+            verdict="error",
+            worst_ratio=math.nan,
+            baseline=str(request.baseline),
+            recorded=self.config.record,
+        )
+        self.results.append(result)
+        try:
+            return self._judge(request, runner, result)
+        except ConvergenceError:
+            raise
+        except Exception as error:
+            result.verdict = "error"
+            result.error = describe_error(error)
+            raise
+
+    def _judge(self, request: CheckRequest, runner: Runner, result: CheckResult) -> CheckResult:
+        """:meth:`run` once its result is kept: baseline, co-simulation, verdict, failure path."""
+        __tracebackhide__ = True
         report_candidate = runner.report_candidate
         if self.config.record:
             stored = self._record(request, runner.calibrate_region)
@@ -227,21 +273,12 @@ class ConvergenceChecker:
             stored = self._load(request)
         compile_seconds = runner.warm_up() if runner.warm_up is not None else None
         simulation = runner.run()
-        result = CheckResult(
-            workload=workload.name,
-            candidate=request.candidate,
-            steps=workload.steps,
-            verdict="passed",
-            worst_ratio=0.0,
-            baseline=str(request.baseline),
-            recorded=self.config.record,
-            compile_seconds=compile_seconds,
-        )
-        self.results.append(result)
+        result.compile_seconds = compile_seconds
         verdict = judge(simulation, stored.region)
         result.worst_ratio = verdict.worst_ratio
         first = verdict.first_violation
         if first is None:
+            result.verdict = "passed"
             if self.config.always_report:
                 self._write_report(request, simulation, stored.region, verdict, report_candidate)
             return result
@@ -284,12 +321,20 @@ class ConvergenceChecker:
                 f"(then review and commit {path.name})"
             )
         stored = load_baseline(path)
+        # Before co-simulating: a stale baseline is known from the model alone.
+        check_current(
+            stored,
+            workload=workload.name,
+            parameters=workload.parameter_counts(),
+            rerecord=_command(RECORD_COMMAND, request.label),
+        )
         check_compatibility(
             stored,
             torch_version=torch.__version__,
             dtype=_dtype_name(workload.dtype),
             device=workload.device,
             policy=self.config.mismatch_policy,
+            threads=torch.get_num_threads(),
         )
         calibration = stored.region.calibration
         if (calibration.precision, calibration.random_stream) != (
@@ -315,6 +360,7 @@ class ConvergenceChecker:
         path, workload = request.baseline, request.workload
         if path in self._recorded:
             return self._recorded[path]
+        check_recordable(path)
         region = calibrate_region()
         provenance = Provenance(
             workload=workload.name,
@@ -382,6 +428,12 @@ class ConvergenceChecker:
         )
 
 
+def describe_error(error: BaseException) -> str:
+    """An exception in one line, for a summary row: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 def _command(command: str, label: str | None) -> str:
     return f"{command} {label}" if label else command
 
@@ -406,7 +458,7 @@ def _safe_name(text: str) -> str:
     return cleaned.strip("_")[:150] or "check"
 
 
-@dataclass
+@dataclass(repr=False)
 class BoundCheck:
     """The ``convergence`` fixture: a checker bound to one test's marker arguments.
 
@@ -417,6 +469,11 @@ class BoundCheck:
     defaults: dict[str, object]
     label: str
     record_property: Callable[[str, object], None]
+
+    def __repr__(self) -> str:
+        # pytest prints a failing test's arguments: one line, not the checker's whole state.
+        defaults = "".join(f", {name}={value!r}" for name, value in self.defaults.items())
+        return f"<convergence fixture of {self.label}{defaults}>"
 
     def check(
         self,
@@ -507,16 +564,21 @@ class BoundCheck:
                 self.record(self.checker.results[-1])
 
     def record(self, result: CheckResult) -> None:
-        """Attach a check's figures to the test (JUnit XML, the terminal summary)."""
-        for key, value in (
+        """Attach a check's figures to the test (JUnit XML, the terminal summary); each check
+        starts with its workload, so the summary tells a test's checks apart. A check that was
+        never judged has no worst ratio, and an errored one says why."""
+        figures: list[tuple[str, object]] = [
             ("workload", result.workload),
             ("candidate", result.candidate),
             ("steps", result.steps),
             ("verdict", result.verdict),
-            ("worst_ratio", round(result.worst_ratio, 4)),
-            ("baseline", result.baseline),
-            ("first_violation", result.first_violation),
-        ):
+        ]
+        if not math.isnan(result.worst_ratio):
+            figures.append(("worst_ratio", round(result.worst_ratio, 4)))
+        figures += [("baseline", result.baseline), ("first_violation", result.first_violation)]
+        if result.error:
+            figures.append(("error", result.error))
+        for key, value in figures:
             self.record_property(f"{SUMMARY_PREFIX}{key}", value)
         if result.compile_seconds is not None:
             self.record_property(

@@ -8,6 +8,7 @@ a script builds the same object directly (``ConvergenceConfig(baselines_dir=Path
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ MISMATCH_POLICIES = ("warn", "fail")
 REPORT_MODES = ("failures", "always")
 
 _DEVICE_PATTERN = re.compile(r"^(cpu|cuda|mps|xpu)(:\d+)?$")
+_DEVICES = "use 'cpu', 'cuda', 'cuda:N' or 'mps'"
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class ConvergenceConfig:
     always_report: bool = False
     mismatch_policy: str = "warn"
     threads: int | None = None
+    # Read and record baseline= paths outside baselines_dir (refused by default).
+    allow_external_baselines: bool = False
 
     def __post_init__(self) -> None:
         if self.mismatch_policy not in MISMATCH_POLICIES:
@@ -87,6 +91,14 @@ class ConvergenceConfig:
         their dest names), the command line winning; ``ValueError`` names the bad value."""
         enabled = options["convergence"]
         seed = options["convergence_seed"]
+        record = bool(options["convergence_record"])
+        if record and environ.get("CI") and not options.get("convergence_record_in_ci"):
+            raise ValueError(
+                "--convergence-record in CI (CI is set): baselines are recorded locally, "
+                "reviewed and committed, never written by a CI job, or a regression would "
+                "re-record its own baseline; to record here anyway, pass "
+                "--convergence-record-in-ci"
+            )
         report_dir = _report_dir(options, ini, rootdir, environ)
         threads_text = options["convergence_threads"] or str(ini["convergence_threads"])
         workers = environ.get("PYTEST_XDIST_WORKER_COUNT")
@@ -96,13 +108,14 @@ class ConvergenceConfig:
             seed=seed if seed is not None else _ini_int(ini, "convergence_seed"),
             device=parse_device(options["convergence_device"] or str(ini["convergence_device"])),
             baselines_dir=Path(rootdir, baselines).resolve(),
-            record=bool(options["convergence_record"]),
+            record=record,
             report_dir=report_dir,
             always_report=options["convergence_report"] == "always",
             mismatch_policy=_mismatch_policy(ini),
             threads=resolve_threads(
                 threads_text, cpu_count=cpu_count, workers=int(workers) if workers else None
             ),
+            allow_external_baselines=bool(ini["convergence_allow_external_baselines"]),
         )
 
 
@@ -140,9 +153,7 @@ def parse_device(text: str) -> str:
     """Normalize a device string, refusing names torch would reject only much later."""
     device = text.strip().lower()
     if not _DEVICE_PATTERN.match(device):
-        raise ValueError(
-            f"--convergence-device={text!r} is not a device: use 'cpu', 'cuda', 'cuda:N' or 'mps'"
-        )
+        raise ValueError(f"--convergence-device={text!r} is not a device: {_DEVICES}")
     return device
 
 
@@ -171,8 +182,14 @@ def validate_marker_arguments(args: Sequence[Any], kwargs: Mapping[str, Any]) ->
         )
     unknown = sorted(set(kwargs) - set(MARKER_ARGUMENTS))
     if unknown:
+        guesses = [
+            f"'{match[0]}'"
+            for name in unknown
+            if (match := difflib.get_close_matches(name, MARKER_ARGUMENTS, n=1))
+        ]
+        guess = f" (did you mean {', '.join(guesses)}?)" if guesses else ""
         raise ValueError(
-            f"@pytest.mark.convergence got unknown argument(s) {', '.join(unknown)}; "
+            f"@pytest.mark.convergence got unknown argument(s) {', '.join(unknown)}{guess}; "
             f"known arguments: {', '.join(MARKER_ARGUMENTS)}"
         )
     steps = kwargs.get("steps")
@@ -186,5 +203,10 @@ def validate_marker_arguments(args: Sequence[Any], kwargs: Mapping[str, Any]) ->
         if value is not None and not isinstance(value, str):
             raise ValueError(f"@pytest.mark.convergence({name}={value!r}): {name} must be a str")
     if "device" in kwargs:
-        parse_device(str(kwargs["device"]))
+        device = kwargs["device"]
+        if not isinstance(device, str) or not _DEVICE_PATTERN.match(device.strip().lower()):
+            raise ValueError(
+                f"@pytest.mark.convergence(device={device!r}): {device!r} is not a device: "
+                f"{_DEVICES}"
+            )
     return dict(kwargs)

@@ -151,8 +151,15 @@ def load_text(text: str, parse: Callable[[object], T], *, source: str, error: Er
 
 
 def read_text(path: Path) -> str:
-    """The file's UTF-8 text; ``FileNotFoundError`` passes, other failures are problems."""
+    """The file's UTF-8 text; ``FileNotFoundError`` passes, other failures are problems.
+
+    Only a regular file (or a link to one) is read: opening a named pipe blocks until a writer
+    comes, which would hang a test run on a hostile or botched checkout.
+    """
     try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise DocumentError(None, f"not a regular file ({_file_kind(mode)})")
         return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise
@@ -160,6 +167,19 @@ def read_text(path: Path) -> str:
         raise DocumentError(None, f"cannot read the file: {error.strerror or error}") from None
     except UnicodeDecodeError as error:
         raise DocumentError(None, f"not UTF-8 text: {error.reason}") from None
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return "not a file"
 
 
 def decode(text: str) -> object:

@@ -7,10 +7,12 @@ so ``pytest --help`` stays fast in projects that have the plugin installed.
 from __future__ import annotations
 
 import os
+import sys
 from typing import TYPE_CHECKING
 
 import pytest
 
+from pytest_convergence import openmp
 from pytest_convergence._version import __version__
 from pytest_convergence.config import (
     ENABLE_HINT,
@@ -23,11 +25,15 @@ from pytest_convergence.config import (
 if TYPE_CHECKING:
     from pytest_convergence.checks import BoundCheck, ConvergenceChecker
 
+# Now, at import: pytest imports its plugins before the conftest files that import torch, and
+# OpenMP reads its wait policy when torch loads it.
+WAIT_POLICY = openmp.prefer_passive(os.environ, torch_imported="torch" in sys.modules)
 MARKER = "convergence"
 # pytest_convergence.zoo.SOURCE, without importing the zoo (and torch) here.
 ZOO_SOURCE = "pytest_convergence.zoo:register"
 config_key = pytest.StashKey[ConvergenceConfig]()
 checker_key = pytest.StashKey["ConvergenceChecker"]()
+marker_error_key = pytest.StashKey[str]()
 _OPTION_NAMES = (
     "convergence",
     "convergence_seed",
@@ -35,6 +41,7 @@ _OPTION_NAMES = (
     "convergence_baselines",
     "convergence_threads",
     "convergence_record",
+    "convergence_record_in_ci",
     "convergence_report",
     "convergence_report_dir",
 )
@@ -46,6 +53,7 @@ _INI_NAMES = (
     "convergence_threads",
     "convergence_report_dir",
     "convergence_baseline_mismatch",
+    "convergence_allow_external_baselines",
 )
 
 
@@ -90,6 +98,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="calibrate and (re)write the baselines of the selected convergence tests.",
     )
     group.addoption(
+        "--convergence-record-in-ci",
+        action="store_true",
+        default=False,
+        help="let --convergence-record write baselines although CI is set (refused otherwise).",
+    )
+    group.addoption(
         "--convergence-report",
         choices=REPORT_MODES,
         default="failures",
@@ -120,6 +134,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "convergence_report_dir",
         default="convergence-report",
         help="report folders, relative to the rootdir (default: convergence-report).",
+    )
+    parser.addini(
+        "convergence_allow_external_baselines",
+        type="bool",
+        default=False,
+        help="let baseline= name files outside the baselines folder (refused by default).",
     )
     parser.addini(
         "convergence_baseline_mismatch",
@@ -163,7 +183,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         return [f"convergence: pytest-convergence {__version__}, disabled ({ENABLE_HINT})"]
     from pytest_convergence import session
 
-    return session.header_lines(settings)
+    return [*session.header_lines(settings), f"convergence: {WAIT_POLICY.describe()}"]
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -179,7 +199,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Refuse bad marker arguments, naming the test; skip convergence tests unless enabled."""
+    """Keep each test's bad marker arguments for its setup; skip convergence tests unless
+    enabled. A typo errors its own test, naming it, and the rest of the session runs."""
     skip = pytest.mark.skip(reason=f"convergence test: {ENABLE_HINT}")
     enabled = config.stash[config_key].enabled
     for item in items:
@@ -187,9 +208,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             try:
                 validate_marker_arguments(marker.args, marker.kwargs)
             except ValueError as error:
-                raise pytest.UsageError(f"{item.nodeid}: {error}") from None
+                item.stash[marker_error_key] = str(error)
+                break
+        if marker_error_key in item.stash:
+            continue  # erroring beats skipping: a typo must not hide behind the skip
         if not enabled and item.get_closest_marker(MARKER) is not None:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Error a test whose marker arguments are bad, before its fixtures run."""
+    error = item.stash.get(marker_error_key, None)
+    if error is not None:
+        pytest.fail(f"{item.nodeid}: {error}", pytrace=False)
 
 
 @pytest.fixture
@@ -237,11 +269,9 @@ class ConvergenceSummary:
         """Keep the figures of a test's checks (they travel as user properties)."""
         if report.when != "call":
             return
-        from pytest_convergence.report import summary_row
+        from pytest_convergence.report import summary_rows
 
-        row = summary_row(report.user_properties, report.nodeid)
-        if row:
-            self.rows.append(row)
+        self.rows.extend(summary_rows(report.user_properties, report.nodeid))
 
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
         """Print every check, worst first, and what re-recording changed."""

@@ -91,6 +91,8 @@ NOISE_FLOOR = 1e-7
 # arbitrary z-score. Noise up to this many rounding scales is rounding.
 ROUNDING_NOISE_MARGIN = 16.0
 UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+# The check of NaN and Inf weights, by name (pytest_convergence.report words it apart).
+NON_FINITE_CHECK = "non-finite weights"
 # Exact zeros come and go legitimately in small numbers (a zero-initialized bias whose quantized
 # gradient rounds to zero stays zero); masks that stop applying or dead units move them wholesale.
 ZERO_SLACK_FRACTION = 0.01
@@ -157,11 +159,7 @@ class Violation:
 
     @property
     def ratio(self) -> float:
-        if self.value == 0:
-            return 0.0
-        if self.limit == 0:
-            return math.inf
-        return abs(self.value) / self.limit
+        return _ratio(self.value, self.limit)
 
 
 @dataclass
@@ -173,6 +171,9 @@ class Verdict:
     worst: Violation | None = None
     global_logm_gap: float = 0.0
     global_logm_gap_limit: float = math.inf
+    # The first step after which the candidate's global LoGM was undefined (NaN or Inf
+    # weights) where the reference's was not: the gap is not 0 from there on, it is unknown.
+    global_logm_undefined_from: int | None = None
 
     @property
     def passed(self) -> bool:
@@ -488,6 +489,11 @@ def judge(run: CoSimulation, region: Region) -> Verdict:
         ):
             gap = abs(comparison.candidate_global_logm - comparison.reference_global_logm)
             verdict.global_logm_gap = max(verdict.global_logm_gap, gap)
+        elif (
+            comparison.reference_global_logm is not None
+            and verdict.global_logm_undefined_from is None
+        ):
+            verdict.global_logm_undefined_from = comparison.step
     verdict.worst = Violation(*worst) if worst is not None else None
     verdict.global_logm_gap_limit = region.global_logm_gap_limit
     return verdict
@@ -498,7 +504,10 @@ _Outcome: TypeAlias = tuple[int, str, str, float, float]
 
 
 def _ratio(value: float, limit: float) -> float:
-    """:attr:`Violation.ratio` of an outcome not built as one."""
+    """How many times its limit ``value`` is; a NaN value is infinitely over (a NaN ratio
+    would compare as inside every limit)."""
+    if math.isnan(value):
+        return math.inf
     if value == 0:
         return 0.0
     if limit == 0:
@@ -515,7 +524,9 @@ def _check(
     """All checks of one parameter at one step, each as value-beside-limit (ratio <= 1: inside)."""
     name = parameter.name
     if parameter.non_finite:
-        return [(step, name, "non-finite weights", math.inf, 0.0)]
+        # How many, where counted (a trace written before counts were kept has none).
+        count = parameter.nan_count + parameter.inf_count
+        return [(step, name, NON_FINITE_CHECK, count if count else math.inf, 0)]
     index = min(step, len(bounds.noise_limit)) - 1
     outcomes: list[_Outcome] = [
         (step, name, "zero count change", parameter.zero_change, bounds.zero_change_limit),
@@ -536,7 +547,9 @@ def _check(
         noise_scale = bounds.noise_scale[index]
         excess = max(1.0, parameter.noise / max(noise_scale, NOISE_FLOOR))
         # Rounding-level errors are about one rounding scale either way: no spread is smaller.
-        floor = bounds.rounding_scale[index] / max(error_scale, NOISE_FLOOR)
+        # MIN_BIAS_SPREAD as well: a region built in code may hold a zero spread (a loaded
+        # one cannot), and it must not divide by zero.
+        floor = max(bounds.rounding_scale[index] / max(error_scale, NOISE_FLOOR), MIN_BIAS_SPREAD)
         spread = max(bounds.bias_spread, floor)
         score = (normalized - bounds.bias_center[index]) / (spread * excess)
         history = cumulative.setdefault(name, [])

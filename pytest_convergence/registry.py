@@ -8,6 +8,7 @@ to a worker process as a string.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from typing import Generic, TypeVar
 
@@ -44,9 +45,12 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            known = ", ".join(self.names()) or "none"
+            names = self.names()
+            close = difflib.get_close_matches(name, names, n=3)
+            guess = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
             raise ValueError(
-                f"unknown {self.kind} {name!r}; registered {self.kind}s: {known}"
+                f"unknown {self.kind} {name!r}; {guess}registered {self.kind}s: "
+                f"{', '.join(names) or 'none'}"
             ) from None
 
     def names(self) -> list[str]:

@@ -41,14 +41,19 @@ class Divergence:
 
 @dataclass(frozen=True)
 class ReplayFinding:
+    """What a replay of ``step`` found; ``gradients_compared`` is False for a candidate with its
+    own ``step_fn``, whose gradients the replay cannot take apart from its step."""
+
     step: int
     threshold: float
     divergence: Divergence | None
     modules_compared: int
+    gradients_compared: bool = True
     # The candidate's forward and backward left the random generator in another state.
     random_stream_differs: bool = False
 
     def describe(self) -> str:
+        modules = f"{self.modules_compared} module{'' if self.modules_compared == 1 else 's'}"
         if self.random_stream_differs:
             return (
                 f"Replay of step {self.step}: the random stream differs: from the same random "
@@ -58,9 +63,15 @@ class ReplayFinding:
                 "micro-batches through dropout), declare Candidate(random_stream=True) and "
                 "record its region, which admits another random stream"
             )
+        if self.divergence is None and not self.gradients_compared:
+            return (
+                f"Replay of step {self.step}: forward outputs of {modules} agree within "
+                f"{self.threshold:.1e}; gradients not compared (the candidate's step_fn "
+                "computes its own); the divergence arises after the forward pass"
+            )
         if self.divergence is None:
             return (
-                f"Replay of step {self.step}: forward outputs of {self.modules_compared} modules "
+                f"Replay of step {self.step}: forward outputs of {modules} "
                 f"and all gradients agree within {self.threshold:.1e}; the divergence arises "
                 "after backward (gradient transform, exchange or optimizer step)"
             )
@@ -84,7 +95,9 @@ def replay_step(workload: Workload, candidate: Candidate, step: int) -> ReplayFi
     state.restore(side.implementation)
     candidate_outputs, _ = _forward_backward(side.implementation, start.batch, step, candidate)
     if random_differs:
-        return ReplayFinding(step, threshold, None, len(reference_order), True)
+        return ReplayFinding(
+            step, threshold, None, len(reference_order), random_stream_differs=True
+        )
     for name in reference_order:
         if name not in candidate_outputs:
             continue
@@ -93,15 +106,18 @@ def replay_step(workload: Workload, candidate: Candidate, step: int) -> ReplayFi
             module = reference.model.get_submodule(name)
             kind = type(module).__name__
             if not candidate.random_stream and "Dropout" in kind:
-                return ReplayFinding(step, threshold, None, len(reference_order), True)
+                return ReplayFinding(
+                    step, threshold, None, len(reference_order), random_stream_differs=True
+                )
             forward = Divergence("forward output", name, kind, abs_error, rel_error)
             return ReplayFinding(step, threshold, forward, len(reference_order))
     divergence = None
-    if candidate.step_fn is None:
+    compared = candidate.step_fn is None
+    if compared:
         divergence = _first_gradient_divergence(
             reference.model, side.implementation.model, threshold
         )
-    return ReplayFinding(step, threshold, divergence, len(reference_order))
+    return ReplayFinding(step, threshold, divergence, len(reference_order), compared)
 
 
 def _draws_otherwise(start: StepStart, step: int) -> bool:

@@ -26,7 +26,7 @@ __all__ = [
     "FailureContext",
     "format_failure",
     "summary_lines",
-    "summary_row",
+    "summary_rows",
     "summary_section",
 ]
 
@@ -35,6 +35,8 @@ TABLE_ROWS = 10
 SUMMARY_PREFIX = "convergence_"
 # A report folder's note of the diagnostics that could not be computed.
 NOTES_FILE = "notes.txt"
+# The name pytest_convergence.regions gives the check of NaN and Inf weights.
+_NON_FINITE = "non-finite weights"
 
 
 @dataclass(frozen=True)
@@ -64,40 +66,83 @@ def format_failure(
         f"candidate {run.candidate!r} left the divergence region of {run.workload!r} "
         f"({context.baseline_path})",
         "",
-        _first_violation_lines(run, first, context),
-        "",
-        _spread_line(verdict),
-        *_violation_table(run, verdict.violations),
+        *_violation_lines(run, first, "First violation"),
     ]
+    # The first violation is where the divergence started (what the replay examines); the
+    # worst, when another, is how far it went.
+    worst = verdict.worst
+    if worst is not None and worst != first:
+        lines += _violation_lines(run, worst, "Worst violation")
+    lines += ["", _spread_line(run, verdict), *_violation_table(run, verdict.violations, context)]
     if replay is not None:
         lines.append(replay.describe())
-    lines.append(_zero_line(run, verdict.violations))
+    zeros = _zero_line(run, verdict.violations)
+    if zeros is not None:
+        lines.append(zeros)
     lines.append(
         f"Region calibrated against: {region.calibration.description}; {context.provenance}"
     )
     if context.report_dir is not None:
         lines.append(_report_line(context))
-    lines.append(f"Reproduce:  {context.reproduce}")
+    lines.append(f"Reproduce:   {context.reproduce}")
     lines.append(f"If intended: {context.rerecord}  (review the diff, commit)")
     return "\n".join(lines)
 
 
-def _first_violation_lines(run: CoSimulation, first: Violation, context: FailureContext) -> str:
-    parameter = _comparison(run, first.step, first.parameter)
-    kind = run.module_types.get(first.parameter, "")
-    size = f"{parameter.count:,} weights" if parameter is not None else ""
+def _violation_lines(run: CoSimulation, violation: Violation, title: str) -> list[str]:
+    parameter = _comparison(run, violation.step, violation.parameter)
+    kind = run.module_types.get(violation.parameter, "")
+    size = _counted(parameter.count, "weight") if parameter is not None else ""
     described = ", ".join(part for part in (kind, size) if part)
-    head = f"First violation: step {first.step} of {run.steps}, parameter {first.parameter!r}" + (
+    head = f"{title}: step {violation.step} of {run.steps}, parameter {violation.parameter!r}" + (
         f" ({described})" if described else ""
     )
-    over = "non-finite" if math.isinf(first.ratio) else f"{first.ratio:.1f}x over"
-    detail = f"  {first.check} = {_number(first.value)}, limit {_number(first.limit)} ({over})"
+    lines = [head, _detail(violation, parameter)]
     if parameter is not None and parameter.logm_gap is not None:
-        detail += (
-            f"\n  LoGM: reference {parameter.reference_logm:.5f}, candidate "
+        lines.append(
+            f"  LoGM: reference {parameter.reference_logm:.5f}, candidate "
             f"{parameter.candidate_logm:.5f}, |diff| {abs(parameter.logm_gap):.2e}"
         )
-    return f"{head}\n{detail}"
+    return lines
+
+
+def _detail(violation: Violation, parameter: ParameterComparison | None) -> str:
+    """The check's value beside its limit, and how far over."""
+    if (
+        violation.check == _NON_FINITE
+        and parameter is not None
+        and parameter.nan_count + parameter.inf_count > 0
+    ):
+        return (
+            f"  {violation.check} = {parameter.nan_count + parameter.inf_count:,} "
+            f"({parameter.nan_count:,} NaN, {parameter.inf_count:,} Inf), limit 0: the "
+            "candidate's weights, and LoGM, are undefined from this step on"
+        )
+    value, limit = _numbers(violation.value, violation.limit)
+    return f"  {violation.check} = {value}, limit {limit} ({_over(violation)})"
+
+
+def _over(violation: Violation) -> str:
+    if math.isnan(violation.value):
+        return "not a number"
+    if math.isinf(violation.value):
+        return "non-finite"
+    if violation.limit == 0:
+        return "over a zero limit"
+    return f"{_times(violation.ratio)}x over"
+
+
+def _times(ratio: float) -> str:
+    """A ratio over 1 with three significant digits, or as many more as keep it over 1
+    (1.0004 is not 1.0x); whole times from 100 on."""
+    if ratio >= 100:
+        return f"{ratio:,.0f}"
+    text = f"{ratio:.3g}"
+    for digits in range(4, 18):
+        if float(text) > 1.0 or ratio <= 1.0:
+            break
+        text = f"{ratio:.{digits}g}"
+    return text
 
 
 def _report_line(context: FailureContext) -> str:
@@ -110,17 +155,30 @@ def _report_line(context: FailureContext) -> str:
     return line
 
 
-def _spread_line(verdict: Verdict) -> str:
-    inside = verdict.global_logm_gap <= verdict.global_logm_gap_limit
-    return (
-        f"Violations: {len(verdict.violations)} of {verdict.checks} (step, parameter) checks; "
+def _spread_line(run: CoSimulation, verdict: Verdict) -> str:
+    pairs = sum(len(comparison.parameters) for comparison in run.comparisons)
+    failing = len({(v.step, v.parameter) for v in verdict.violations})
+    head = (
+        f"Violations: {len(verdict.violations)} of {verdict.checks} checks, at {failing} of "
+        f"{pairs} (step, parameter) pairs; "
+    )
+    if verdict.global_logm_undefined_from is not None:
+        return head + (
+            f"global LoGM gap undefined from step {verdict.global_logm_undefined_from} "
+            "(the candidate's global LoGM is undefined)"
+        )
+    gap, limit = verdict.global_logm_gap, verdict.global_logm_gap_limit
+    inside = gap <= limit
+    shown, bound = _numbers(gap, limit, digits=1)
+    return head + (
         f"global LoGM gap {'stayed inside' if inside else 'left its calibration range'} "
-        f"({verdict.global_logm_gap:.1e} {'<=' if inside else '>'} "
-        f"{verdict.global_logm_gap_limit:.1e})"
+        f"({shown} {'<=' if inside else '>'} {bound})"
     )
 
 
-def _violation_table(run: CoSimulation, violations: Sequence[Violation]) -> list[str]:
+def _violation_table(
+    run: CoSimulation, violations: Sequence[Violation], context: FailureContext
+) -> list[str]:
     header = (
         f"  {'step':>4}  {'parameter':<28} {'check':<42} {'value':>10} {'limit':>10}"
         f" {'ref LoGM':>10} {'cand LoGM':>10}"
@@ -130,28 +188,37 @@ def _violation_table(run: CoSimulation, violations: Sequence[Violation]) -> list
         comparison = _comparison(run, violation.step, violation.parameter)
         ref_logm = _logm_text(comparison.reference_logm if comparison else None)
         cand_logm = _logm_text(comparison.candidate_logm if comparison else None)
+        value, limit = _numbers(violation.value, violation.limit)
         rows.append(
             f"  {violation.step:>4}  {violation.parameter:<28.28} {violation.check:<42.42} "
-            f"{_number(violation.value):>10} {_number(violation.limit):>10} "
-            f"{ref_logm:>10} {cand_logm:>10}"
+            f"{value:>10} {limit:>10} {ref_logm:>10} {cand_logm:>10}"
         )
     hidden = len(violations) - TABLE_ROWS
     if hidden > 0:
-        rows.append(f"  ... {hidden} more violations (full list in the report's trace)")
+        where = (
+            "full list in the report's trace.json"
+            if context.report_dir is not None
+            else "no report was written; --convergence-report-dir DIR keeps the full list in a "
+            "trace.json"
+        )
+        rows.append(f"  ... {_counted(hidden, 'more violation')} ({where})")
     return rows
 
 
-def _zero_line(run: CoSimulation, violations: Sequence[Violation]) -> str:
+def _zero_line(run: CoSimulation, violations: Sequence[Violation]) -> str | None:
+    """Exact zeros of the violating parameters that have any (a mask that stopped applying,
+    dead units); None when none has: a list of 0/0 says nothing."""
     names = list(dict.fromkeys(v.parameter for v in violations))[:TABLE_ROWS]
     last = run.comparisons[-1] if run.comparisons else None
     if last is None:
         return "Zero weights: no step ran"
-    parts = []
-    for parameter in last.parameters:
-        if parameter.name in names:
-            parts.append(
-                f"{parameter.name} {parameter.reference_zeros}/{parameter.candidate_zeros}"
-            )
+    parts = [
+        f"{parameter.name} {parameter.reference_zeros}/{parameter.candidate_zeros}"
+        for parameter in last.parameters
+        if parameter.name in names and (parameter.reference_zeros or parameter.candidate_zeros)
+    ]
+    if not parts:
+        return None
     return f"Zero weights at step {last.step} (reference/candidate): " + ", ".join(parts)
 
 
@@ -162,12 +229,26 @@ def _comparison(run: CoSimulation, step: int, name: str) -> ParameterComparison 
     return None
 
 
-def _number(value: float) -> str:
+def _numbers(value: float, limit: float, *, digits: int = 2) -> tuple[str, str]:
+    """``value`` and ``limit`` as text, with as many more digits than ``digits`` as tell two
+    different numbers apart (6.04e-05 > 6.00e-05, not 6.0e-05 > 6.0e-05)."""
+    shown, bound = _number(value, digits), _number(limit, digits)
+    while shown == bound and value != limit and digits < 17:
+        digits += 1
+        shown, bound = _number(value, digits), _number(limit, digits)
+    return shown, bound
+
+
+def _number(value: float, digits: int = 2) -> str:
     if isinstance(value, int):
         return str(value)
     if math.isinf(value) or math.isnan(value):
         return str(value)
-    return f"{value:.2e}"
+    return f"{value:.{digits}e}"
+
+
+def _counted(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def _logm_text(value: float | None) -> str:
@@ -175,41 +256,65 @@ def _logm_text(value: float | None) -> str:
 
 
 def summary_lines(rows: Sequence[dict[str, object]]) -> list[str]:
-    """Workload, candidate, steps, worst ratio to limit and verdict for every check."""
+    """Workload, candidate, steps, worst ratio to limit and verdict for every check.
+
+    Worst first; a check without a worst ratio (it errored, or its figures did not arrive)
+    comes before them all and shows ``-``, never the 0 of a clean pass.
+    """
     header = (
         f"{'verdict':<9} {'worst/limit':>11}  {'workload':<18} {'candidate':<26} {'steps':>5}  test"
     )
     lines = [header]
-    for row in sorted(rows, key=lambda r: -_ratio(r)):
+    for row in sorted(rows, key=_rank):
+        ratio = _ratio(row)
+        shown = "-" if ratio is None else f"{ratio:.3g}"
         lines.append(
-            f"{row.get('verdict', '?')!s:<9} {_ratio(row):>11.3g}  "
+            f"{row.get('verdict', '?')!s:<9} {shown:>11}  "
             f"{row.get('workload', '')!s:<18.18} {row.get('candidate', '')!s:<26.26} "
             f"{row.get('steps', '')!s:>5}  {row.get('nodeid', '')}"
         )
-        first = row.get("first_violation")
-        if first:
-            lines.append(f"{'':<23}first violation: {first}")
+        for label in ("error", "first_violation"):
+            text = row.get(label)
+            if text:
+                lines.append(f"{'':<23}{label.replace('_', ' ')}: {text}")
         compiled = row.get("compile_seconds")
         if isinstance(compiled, int | float):
             lines.append(f"{'':<23}compiled in {compiled:.1f} s, apart from the check")
     return lines
 
 
-def _ratio(row: dict[str, object]) -> float:
-    value = row.get("worst_ratio", 0.0)
-    return float(value) if isinstance(value, int | float) else 0.0
+def _ratio(row: dict[str, object]) -> float | None:
+    value = row.get("worst_ratio")
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        return None
+    return float(value)
 
 
-def summary_row(properties: Iterable[tuple[str, object]], nodeid: str) -> dict[str, object]:
-    """A test's check figures as one summary row; empty when the test made no check."""
-    row: dict[str, object] = {
-        key.removeprefix(SUMMARY_PREFIX): value
-        for key, value in properties
-        if key.startswith(SUMMARY_PREFIX)
-    }
+def _rank(row: dict[str, object]) -> float:
+    ratio = _ratio(row)
+    return -math.inf if ratio is None else -ratio
+
+
+def summary_rows(properties: Iterable[tuple[str, object]], nodeid: str) -> list[dict[str, object]]:
+    """A test's check figures, one summary row per check; empty when the test made no check.
+
+    A test's checks record the same names in turn, so a name seen again starts the next row.
+    """
+    rows: list[dict[str, object]] = []
+    row: dict[str, object] = {}
+    for key, value in properties:
+        if not key.startswith(SUMMARY_PREFIX):
+            continue
+        name = key.removeprefix(SUMMARY_PREFIX)
+        if name in row:
+            rows.append(row)
+            row = {}
+        row[name] = value
     if row:
-        row["nodeid"] = nodeid
-    return row
+        rows.append(row)
+    for each in rows:
+        each["nodeid"] = nodeid
+    return rows
 
 
 def summary_section(

@@ -256,6 +256,15 @@ class ParameterLayout:
             xp.square(error, out=error)
         return self.sum_rows(rows)
 
+    def non_finite_counts(self, values: FlatVector, index: int) -> tuple[int, int]:
+        """The NaN and the infinite weights of parameter ``index`` in ``values``: counted only
+        for a parameter whose norm is not finite, so a healthy step never pays for them."""
+        start, end = self._bounds[index]
+        segment = values[start:end]
+        if isinstance(segment, torch.Tensor):
+            return int(torch.isnan(segment).sum()), int(torch.isinf(segment).sum())
+        return int(np.isnan(segment).sum()), int(np.isinf(segment).sum())
+
     def update_norms(self, values: FlatVector, before: FlatVector) -> list[float]:
         """Per-parameter norm of ``values - before``, two flat vectors of this layout."""
         with self.elementwise(1) as (xp, rows):
@@ -502,6 +511,7 @@ def compare_weights(
         _comparison(
             name,
             count,
+            layout=layout,
             index=i,
             reference=reference,
             candidate=candidate,
@@ -520,6 +530,7 @@ def _comparison(
     name: str,
     count: int,
     *,
+    layout: ParameterLayout,
     index: int,
     reference: FlatWeights,
     candidate: FlatWeights,
@@ -531,6 +542,7 @@ def _comparison(
     radial: float,
 ) -> ParameterComparison:
     if not math.isfinite(candidate.squares[index]):  # as `finite`, without a list per parameter
+        nan_count, inf_count = layout.non_finite_counts(candidate.values, index)
         return ParameterComparison(
             name=name,
             count=count,
@@ -543,6 +555,8 @@ def _comparison(
             bias=None,
             noise=math.inf,
             non_finite=True,
+            nan_count=nan_count,
+            inf_count=inf_count,
         )
     weight_squared = reference.squares[index]
     radial_shift: float | None = None

@@ -303,6 +303,9 @@ class ParameterComparison:
     noise: float
     non_finite: bool = False
     radial: float | None = None
+    # Of a non-finite parameter: how many of its weights are NaN, and how many infinite.
+    nan_count: int = 0
+    inf_count: int = 0
 
     @property
     def logm_gap(self) -> float | None:
@@ -362,10 +365,24 @@ class CoSimulation(MeasurementFile):
     def to_json(self) -> str:
         fields = {item.name: getattr(self, item.name) for item in dataclass_fields(self)}
         fields["reference"] = self.reference.to_dict()  # its steps are not dataclasses
-        fields["comparisons"] = [asdict(comparison) for comparison in self.comparisons]
+        fields["comparisons"] = [_comparison_fields(comparison) for comparison in self.comparisons]
         fields["module_types"] = dict(self.module_types)
         return self.FILE_FORMAT.dumps(fields)
 
     def write(self, path: Path) -> Path:
         """Write :meth:`to_json` atomically, replacing an older trace."""
         return jsonfile.write_text_file(path, self.to_json(), overwrite=True)
+
+
+# Written only where a parameter has some: a healthy run's trace reads as it did before they were
+# kept (its fingerprint, benchmarks/trace_fingerprints.py, unchanged), and reads back the same.
+_NON_FINITE_COUNTS = ("nan_count", "inf_count")
+
+
+def _comparison_fields(comparison: StepComparison) -> dict[str, Any]:
+    fields = asdict(comparison)
+    for parameter in fields["parameters"]:
+        for name in _NON_FINITE_COUNTS:
+            if parameter[name] == 0:
+                del parameter[name]
+    return fields

@@ -172,6 +172,13 @@ class Workload:
         model = self.model_factory()
         return model.to(device=device, dtype=self.dtype)
 
+    def parameter_counts(self) -> dict[str, int]:
+        """The model's parameters by name, with their numbers of weights: what a baseline must
+        describe. Built on the CPU, leaving torch's random state as it was."""
+        with torch.random.fork_rng(devices=[]):
+            model = self.model_factory()
+        return {name: parameter.numel() for name, parameter in model.named_parameters()}
+
     def make_batches(self) -> list[Batch]:
         """Exactly ``steps`` batches, identical for reference and candidate."""
         device = torch.device(self.device)

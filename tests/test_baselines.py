@@ -30,6 +30,7 @@ from pytest_convergence.baselines import (
     Provenance,
     baseline_path,
     check_compatibility,
+    check_current,
     describe_changes,
     load_baseline,
     mismatches,
@@ -37,7 +38,7 @@ from pytest_convergence.baselines import (
     save_baseline,
 )
 from pytest_convergence.environment import EnvironmentInfo
-from pytest_convergence.regions import Calibration, ParameterRegion, Region
+from pytest_convergence.regions import MIN_BIAS_SPREAD, Calibration, ParameterRegion, Region
 
 PROVENANCE = Provenance(
     workload="mlp",
@@ -173,6 +174,15 @@ non_negative = st.one_of(
     st.sampled_from([x for x in EXTREMES if x >= 0]),
     st.floats(min_value=0.0, allow_nan=False, allow_infinity=False),
 )
+# Spreads are divisors, floored by calibration; z limits are positive quantiles.
+spreads = st.one_of(
+    st.sampled_from([MIN_BIAS_SPREAD, 0.1, 1.7976931348623157e308]),
+    st.floats(min_value=MIN_BIAS_SPREAD, allow_nan=False, allow_infinity=False),
+)
+positive = st.one_of(
+    st.sampled_from([x for x in EXTREMES if x > 0]),
+    st.floats(min_value=0.0, exclude_min=True, allow_nan=False, allow_infinity=False),
+)
 
 
 @st.composite
@@ -185,11 +195,11 @@ def regions(draw: st.DrawFn) -> Region:
             name=name,
             count=draw(st.integers(0, 2**40)),
             bias_center=draw(st.lists(finite, min_size=steps, max_size=steps).map(tuple)),
-            bias_spread=draw(non_negative),
-            bias_z_limit=draw(non_negative),
+            bias_spread=draw(spreads),
+            bias_z_limit=draw(positive),
             radial_center=draw(st.lists(finite, min_size=steps, max_size=steps).map(tuple)),
-            radial_spread=draw(non_negative),
-            radial_z_limit=draw(non_negative),
+            radial_spread=draw(spreads),
+            radial_z_limit=draw(positive),
             error_scale=draw(per_step),
             noise_scale=draw(per_step),
             noise_limit=draw(per_step),
@@ -350,6 +360,30 @@ def test_a_malformed_file_is_an_error_naming_the_file(
     assert caught.value.path == str(path)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("bias_spread", 0.0, "below the calibration floor 1e-06"),
+        ("radial_spread", 0.0, "below the calibration floor 1e-06"),
+        ("bias_spread", 1e-9, "below the calibration floor 1e-06"),
+        ("bias_z_limit", 0.0, "must be positive"),
+        ("radial_z_limit", 0.0, "must be positive"),
+    ],
+)
+def test_a_zero_spread_or_z_limit_is_refused_at_load_naming_the_file_and_the_entry(
+    tmp_path: Path, field: str, value: float, expected: str
+) -> None:
+    # Schema-valid, but the judge divides by spreads: a zero one crashed it, naming no file.
+    path = tmp_path / "zero.json"
+    document = valid_document(tmp_path)
+    document["parameters"]["fc.weight"][field] = value
+    path.write_text(json.dumps(document), encoding="utf-8")
+    with pytest.raises(BaselineError) as caught:
+        load_baseline(path)
+    assert str(caught.value).startswith(f'{path}: parameters["fc.weight"].{field}: ')
+    assert expected in str(caught.value)
+
+
 def test_a_file_that_is_not_utf8_is_an_error_naming_the_file(tmp_path: Path) -> None:
     path = tmp_path / "binary.json"
     path.write_bytes(b"\xff\xfe\x00")
@@ -390,6 +424,55 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp_file(
     monkeypatch.undo()
     assert load_baseline(path).region == small_region()
     assert temp_files(tmp_path) == []
+
+
+# --- stale baselines -----------------------------------------------------------------------------
+
+MODEL = {"fc.weight": 12, "fc.bias": 3}
+RERECORD = "pytest --convergence --convergence-record t.py::test"
+
+
+@pytest.mark.parametrize(
+    ("workload", "parameters", "expected"),
+    [
+        pytest.param(
+            "mlp",
+            {"fc.weight": 24, "fc.bias": 3},
+            "parameter 'fc.weight' has 24 weights in the model, 12 in the baseline",
+            id="widened",
+        ),
+        pytest.param(
+            "mlp",
+            {"fc.weight": 12},
+            "baseline parameters the model no longer has: 'fc.bias'",
+            id="removed",
+        ),
+        pytest.param(
+            "mlp",
+            {**MODEL, "fc2.weight": 4},
+            "model parameters missing from the baseline: 'fc2.weight'",
+            id="added",
+        ),
+        pytest.param(
+            "lenet5", MODEL, "recorded for workload 'mlp', not 'lenet5'", id="other-workload"
+        ),
+    ],
+)
+def test_a_stale_baseline_is_an_error_naming_the_file_the_change_and_the_re_record_command(
+    tmp_path: Path, workload: str, parameters: dict[str, int], expected: str
+) -> None:
+    baseline = load_baseline(save_baseline(tmp_path / "mlp.json", small_region(), PROVENANCE))
+    with pytest.raises(BaselineError) as caught:
+        check_current(baseline, workload=workload, parameters=parameters, rerecord=RERECORD)
+    message = str(caught.value)
+    assert message.startswith(f"{baseline.path}: stale baseline: ")
+    assert expected in message
+    assert message.endswith(f"; re-record it: {RERECORD}")
+
+
+def test_a_baseline_that_matches_the_model_passes_silently(tmp_path: Path) -> None:
+    baseline = load_baseline(save_baseline(tmp_path / "mlp.json", small_region(), PROVENANCE))
+    check_current(baseline, workload="mlp", parameters=MODEL, rerecord=RERECORD)
 
 
 # --- file names ----------------------------------------------------------------------------------
@@ -442,6 +525,16 @@ def test_each_mismatch_is_described_baseline_first() -> None:
 def recorded_under_old_torch(tmp_path: Path) -> Baseline:
     provenance = replace(PROVENANCE, torch_version="2.12.0")
     return load_baseline(save_baseline(tmp_path / "mlp.json", small_region(), provenance))
+
+
+def test_another_thread_count_is_a_mismatch_when_given() -> None:
+    assert mismatches(
+        PROVENANCE, torch_version="2.13.0", dtype="float32", device="cpu", threads=1
+    ) == ["threads 4 (baseline) vs 1 (this run)"]
+    assert (
+        mismatches(PROVENANCE, torch_version="2.13.0", dtype="float32", device="cpu", threads=4)
+        == []
+    )
 
 
 def test_a_mismatch_warns_naming_the_file_and_how_to_re_record(tmp_path: Path) -> None:
@@ -509,6 +602,12 @@ def test_changes_name_parameters_global_delta_and_the_largest_relative_change() 
     ]
 
 
+def test_a_global_delta_change_is_written_with_the_digits_that_show_it() -> None:
+    old = small_region()
+    new = replace(old, global_logm_delta=(-0.1, 0.2000001))
+    assert describe_changes(old, new) == ["global LoGM delta: [-0.1, 0.2] -> [-0.1, 0.2000001]"]
+
+
 def test_a_summary_is_capped_at_ten_lines_biggest_changes_first() -> None:
     def region(scale: float) -> Region:
         base = small_region()
@@ -542,6 +641,49 @@ def test_recording_summarizes_against_the_file_it_replaces(tmp_path: Path) -> No
         "replaces an unreadable baseline (invalid JSON"
     )
     assert load_baseline(path).region == small_region()
+
+
+def test_re_recording_an_unchanged_baseline_leaves_the_file_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "mlp.json"
+    record_baseline(path, small_region(), PROVENANCE)
+    before = path.read_bytes()
+    later = replace(PROVENANCE, created="2026-01-02T03:04:05+00:00")
+    assert record_baseline(path, small_region(), later) == ["no changes"]
+    assert path.read_bytes() == before
+
+
+def test_re_recording_lists_what_changed_in_the_provenance(tmp_path: Path) -> None:
+    path = tmp_path / "mlp.json"
+    record_baseline(path, small_region(), PROVENANCE)
+    elsewhere = replace(PROVENANCE, threads=1, torch_version="2.14.0+cpu")
+    assert record_baseline(path, small_region(), elsewhere) == [
+        "provenance: torch_version 2.13.0+cpu -> 2.14.0+cpu, threads 4 -> 1"
+    ]
+    assert load_baseline(path).provenance == elsewhere
+
+
+def test_recording_refuses_to_replace_a_read_only_baseline(tmp_path: Path) -> None:
+    path = tmp_path / "mlp.json"
+    record_baseline(path, small_region(), PROVENANCE)
+    before = path.read_bytes()
+    path.chmod(0o444)
+    with pytest.raises(BaselineError) as caught:
+        record_baseline(path, small_region(scale=2.0), PROVENANCE)
+    assert str(caught.value).startswith(f"{path}: read-only: ")
+    assert "chmod u+w" in str(caught.value)
+    assert path.read_bytes() == before
+    # Nothing to change: nothing to refuse.
+    assert record_baseline(path, small_region(), PROVENANCE) == ["no changes"]
+
+
+def test_recording_onto_a_folder_is_a_baseline_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "mlp.json"
+    path.mkdir()
+    with pytest.raises(BaselineError) as caught:
+        record_baseline(path, small_region(), PROVENANCE)
+    assert str(caught.value) == (
+        f"{path}: is a folder, not a baseline file; remove it or name another file"
+    )
 
 
 # --- concurrency ---------------------------------------------------------------------------------
@@ -634,7 +776,7 @@ from pathlib import Path
 import pytest
 
 from pytest_convergence.baselines import Provenance, baseline_path, load_baseline, save_baseline
-from pytest_convergence.regions import Calibration, ParameterRegion, Region
+from pytest_convergence.regions import MIN_BIAS_SPREAD, Calibration, ParameterRegion, Region
 
 FOLDER = Path(FOLDER_TEXT)
 

@@ -70,3 +70,16 @@ def test_killed_caller_counts_what_a_killed_ddp_caller_leaves() -> None:
     row = rf"^forkserver\s+hung\s+1\s+2{seconds}{seconds}{seconds}\s+0 \(0\)\s+0$"
     assert re.search(row, out, re.M), out
     assert "folders left after the kills: 0; removed by the next run: 0" in out
+
+
+def test_baseline_reliability_refuses_every_hostile_file_naming_it() -> None:
+    out = run_benchmark("baseline_reliability.py", "hostile")
+    rows = [line for line in out.splitlines() if line.startswith("  ") and "file" not in line[:8]]
+    assert len(rows) >= 30
+    assert not [row for row in rows if row.endswith(" no") or "passed" in row or "answer" in row]
+    assert "the file outside the folder unchanged: True" in out
+
+
+def test_baseline_reliability_reruns_a_check_to_one_outcome() -> None:
+    out = run_benchmark("baseline_reliability.py", "reruns", "--reruns", "2")
+    assert re.search(r"^  lenet5\s+sgd-foreach\s+1  passed", out, re.M)

@@ -41,3 +41,52 @@ def test_an_explicit_baseline_name_is_used_as_given(tmp_path: Path) -> None:
     checker = ConvergenceChecker(ConvergenceConfig(tmp_path))
     with pytest.raises(MissingBaselineError, match=r"custom\.json does not exist"):
         checker.check(KNOWN_GOOD, "mlp", steps=2, baseline="custom.json", known_good=KNOWN_GOOD)
+
+
+@pytest.mark.parametrize(
+    "name", ["../outside.json", "sub/../../outside.json", "{tmp}/outside.json"]
+)
+def test_a_baseline_outside_the_baselines_folder_is_refused_before_anything_runs(
+    tmp_path: Path, name: str
+) -> None:
+    folder = tmp_path / "baselines"
+    folder.mkdir()
+    checker = ConvergenceChecker(ConvergenceConfig(folder, record=True))
+    with pytest.raises(ValueError, match="outside the baselines folder") as caught:
+        checker.check(KNOWN_GOOD, "mlp", steps=1, baseline=name.format(tmp=tmp_path))
+    assert "convergence_allow_external_baselines = true" in str(caught.value)
+    assert not (tmp_path / "outside.json").exists()
+    assert checker.results == []
+
+
+def test_a_baseline_that_links_out_of_the_folder_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "baselines"
+    folder.mkdir()
+    (folder / "mlp.json").symlink_to(tmp_path / "elsewhere.json")
+    checker = ConvergenceChecker(ConvergenceConfig(folder))
+    with pytest.raises(ValueError, match=r"mlp\.json resolves to .*elsewhere\.json, outside"):
+        checker.check(KNOWN_GOOD, "mlp", steps=1)
+
+
+def test_a_link_inside_the_folder_and_an_opted_in_outside_path_are_accepted(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "baselines"
+    folder.mkdir()
+    (folder / "mlp.json").symlink_to(folder / "shared.json")
+    checker = ConvergenceChecker(ConvergenceConfig(folder))
+    assert checker.request("mlp", candidate="x").baseline == folder / "mlp.json"
+    opted_in = ConvergenceChecker(ConvergenceConfig(folder, allow_external_baselines=True))
+    outside = opted_in.request("mlp", candidate="x", baseline="../outside.json").baseline
+    assert outside == folder / "../outside.json"
+
+
+def test_the_fixture_and_the_checker_have_short_reprs_for_tracebacks(tmp_path: Path) -> None:
+    from pytest_convergence.checks import BoundCheck
+
+    checker = ConvergenceChecker(ConvergenceConfig(tmp_path))
+    bound = BoundCheck(
+        checker, {"workload": "mlp", "steps": 2}, "t.py::test_x", lambda name, value: None
+    )
+    assert repr(bound) == "<convergence fixture of t.py::test_x, workload='mlp', steps=2>"
+    assert repr(checker) == f"<ConvergenceChecker of {tmp_path}, 0 checks>"

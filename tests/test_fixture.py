@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -82,10 +84,10 @@ def test_a_divergent_candidate_fails_with_a_co_simulation_diff_and_a_report(
             "'tiny' (*baselines/tiny.json)",
             "*First violation: step 1 of 3, parameter '2.weight' (Linear, 64 weights)",
             "*update bias (z-score) = *, limit 7.94e+00 (*x over)",
-            "*Violations: * of * (step, parameter) checks*",
+            "*Violations: * of * checks, at * of * (step, parameter) pairs*",
             "*Replay of step 1: forward outputs of * modules and all gradients agree*",
             "*Region calibrated against: reference with module outputs perturbed by relative*",
-            "*Reproduce:  pytest --convergence test_candidates.py::test_halved_layer",
+            "*Reproduce:   pytest --convergence test_candidates.py::test_halved_layer",
             "*If intended: pytest --convergence --convergence-record "
             "test_candidates.py::test_halved_layer*",
         ]
@@ -118,6 +120,128 @@ def test_junit_xml_carries_the_figures(project: pytest.Pytester) -> None:
     assert 'name="convergence_workload" value="tiny"' in xml
     assert 'name="convergence_verdict" value="failed"' in xml
     assert 'name="convergence_worst_ratio"' in xml
+
+
+def test_a_check_that_errors_is_reported_as_an_error_not_a_pass(
+    project: pytest.Pytester,
+) -> None:
+    project.runpytest("--convergence", "--convergence-record", "-k", "fp16")
+    path = project.path / "baselines" / "tiny.json"
+    stored = json.loads(path.read_text())
+    del stored["parameters"]["2.bias"]
+    path.write_text(json.dumps(stored))
+    result = project.runpytest("--convergence", "-k", "fp16", "--junitxml=out.xml")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["error * - * tiny * fp16-gradients * 3 *", "* error: *2.bias*"])
+    xml = (project.path / "out.xml").read_text()
+    assert 'name="convergence_verdict" value="error"' in xml
+    assert 'name="convergence_worst_ratio"' not in xml
+
+
+def _widened(stored: dict[str, Any]) -> None:
+    stored["parameters"]["2.weight"]["count"] = 32
+
+
+def _with_a_removed_layer(stored: dict[str, Any]) -> None:
+    stored["parameters"]["3.weight"] = stored["parameters"]["2.weight"]
+
+
+def _of_another_workload(stored: dict[str, Any]) -> None:
+    stored["provenance"]["workload"] = "other"
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (_widened, "parameter '2.weight' has 64 weights in the model, 32 in the baseline"),
+        (_with_a_removed_layer, "baseline parameters the model no longer has: '3.weight'"),
+        (_of_another_workload, "recorded for workload 'other', not 'tiny'"),
+    ],
+)
+def test_a_stale_baseline_fails_the_check_with_the_re_record_command(
+    project: pytest.Pytester, edit: Callable[[dict[str, Any]], None], expected: str
+) -> None:
+    project.runpytest("--convergence", "--convergence-record", "-k", "fp16")
+    path = project.path / "baselines" / "tiny.json"
+    stored = json.loads(path.read_text())
+    edit(stored)
+    path.write_text(json.dumps(stored))
+    result = project.runpytest("--convergence", "-k", "fp16")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            f"E *BaselineError: *tiny.json: stale baseline: *{expected}*; re-record it: "
+            "pytest --convergence --convergence-record test_candidates.py::test_fp16_gradients"
+        ]
+    )
+
+
+def test_recording_onto_a_folder_fails_before_calibrating_naming_it(
+    project: pytest.Pytester,
+) -> None:
+    (project.path / "baselines" / "tiny.json").mkdir(parents=True)
+    result = project.runpytest("--convergence", "--convergence-record", "-k", "fp16")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        ["E *BaselineError: *tiny.json: is a folder, not a baseline file; remove it*"]
+    )
+
+
+BASELINE_OUTSIDE = """
+import pytest
+from pytest_convergence.candidates import Candidate
+
+@pytest.mark.convergence(workload="tiny", baseline="../outside.json")
+def test_outside(convergence):
+    convergence.check(Candidate("id", gradient_transform=lambda n, s: None))
+"""
+
+
+def test_recording_never_writes_outside_the_baselines_folder_unless_opted_in(
+    project: pytest.Pytester,
+) -> None:
+    project.makepyfile(test_outside=BASELINE_OUTSIDE)
+    result = project.runpytest("--convergence", "--convergence-record", "test_outside.py")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        ["E *ValueError: baseline='../outside.json' *outside the baselines*"]
+    )
+    assert not (project.path / "outside.json").exists()
+    project.makeini("[pytest]\nconvergence_allow_external_baselines = true\n")
+    result = project.runpytest("--convergence", "--convergence-record", "test_outside.py")
+    result.assert_outcomes(passed=1)
+    assert (project.path / "outside.json").exists()
+
+
+def test_a_baseline_recorded_with_another_thread_count_warns(project: pytest.Pytester) -> None:
+    record = ("--convergence", "--convergence-record", "-k", "fp16", "--convergence-threads", "1")
+    project.runpytest_subprocess(*record).assert_outcomes(passed=1)
+    result = project.runpytest_subprocess(
+        "--convergence", "-k", "fp16", "--convergence-threads", "2"
+    )
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        ["*BaselineMismatchWarning: *tiny.json: *threads 1 (baseline) vs 2 (this run)*"]
+    )
+
+
+def test_every_check_of_a_test_has_its_own_summary_row(project: pytest.Pytester) -> None:
+    project.makepyfile(
+        test_two="""
+        import pytest
+        from pytest_convergence.candidates import Candidate
+
+        @pytest.mark.convergence(workload="tiny")
+        def test_two_checks(convergence):
+            convergence.check(Candidate("first", gradient_transform=lambda n, s: None))
+            convergence.check(Candidate("second", gradient_transform=lambda n, s: None))
+        """
+    )
+    result = project.runpytest("--convergence", "--convergence-record", "test_two.py")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        ["passed * tiny * first * 3 *", "passed * tiny * second * 3 *"], consecutive=False
+    )
 
 
 def test_recording_under_xdist_writes_one_complete_baseline(project: pytest.Pytester) -> None:

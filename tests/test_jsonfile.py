@@ -393,3 +393,25 @@ def test_the_lock_is_exclusive_and_lives_beside_the_file(tmp_path: Path) -> None
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     with open(tmp_path / "shared.json.lock") as other:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on leaving
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="named pipes and SIGALRM are POSIX")
+def test_a_named_pipe_or_a_folder_is_refused_without_blocking(tmp_path: Path) -> None:
+    import signal
+
+    pipe = tmp_path / "pipe.json"
+    os.mkfifo(pipe)
+
+    def blocked(signum: int, frame: object) -> None:
+        raise TimeoutError("read_text blocked on a named pipe")
+
+    previous = signal.signal(signal.SIGALRM, blocked)
+    signal.alarm(5)
+    try:
+        with pytest.raises(jsonfile.DocumentError, match=r"not a regular file \(a named pipe\)"):
+            jsonfile.read_text(pipe)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    with pytest.raises(jsonfile.DocumentError, match=r"not a regular file \(a folder\)"):
+        jsonfile.read_text(tmp_path)

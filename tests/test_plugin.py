@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -61,19 +62,30 @@ def test_the_marker_is_registered_for_strict_markers(pytester: pytest.Pytester) 
 @pytest.mark.parametrize(
     ("marker", "message"),
     [
-        ('convergence(wokload="mlp")', "unknown argument(s) wokload; known arguments: workload*"),
+        (
+            'convergence(wokload="mlp")',
+            "unknown argument(s) wokload (did you mean 'workload'?); known arguments: workload*",
+        ),
         ('convergence("mlp")', "takes keyword arguments only*"),
         ("convergence(steps=0)", "steps must be a positive int"),
         ('convergence(device="gpu")', "*'gpu' is not a device*"),
     ],
 )
-def test_bad_marker_arguments_are_a_usage_error_naming_the_test(
+def test_bad_marker_arguments_error_that_test_alone_naming_it(
     pytester: pytest.Pytester, marker: str, message: str
 ) -> None:
-    pytester.makepyfile(f"import pytest\n\n@pytest.mark.{marker}\ndef test_x():\n    pass\n")
+    pytester.makepyfile(
+        f"import pytest\n\n@pytest.mark.{marker}\ndef test_x():\n    pass\n\n"
+        "def test_plain():\n    pass\n"
+    )
     result = pytester.runpytest()
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines([f"*test_bad_marker_arguments*::test_x: *{message}"])
+    result.assert_outcomes(errors=1, passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at setup of test_x*",
+            f"test_bad_marker_arguments*::test_x: @pytest.mark.convergence*{message}",
+        ]
+    )
 
 
 def test_the_header_gives_what_reproduces_a_run(pytester: pytest.Pytester) -> None:
@@ -104,6 +116,22 @@ def test_the_baselines_folder_comes_from_the_ini_relative_to_the_rootdir(
     pytester.makepyfile(CONVERGENCE_TEST)
     result = pytester.runpytest("--convergence")
     result.stdout.fnmatch_lines([f"*baselines {pytester.path / 'ci' / 'regions'}"])
+
+
+def test_recording_in_ci_is_refused_unless_explicitly_asked_for(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CI", "true")
+    pytester.makepyfile(CONVERGENCE_TEST)
+    result = pytester.runpytest("--convergence", "--convergence-record")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["*--convergence-record in CI (CI is set)*pass --convergence-record-in-ci*"]
+    )
+    result = pytester.runpytest(
+        "--convergence", "--convergence-record", "--convergence-record-in-ci"
+    )
+    result.assert_outcomes(passed=2)
 
 
 def test_a_non_integer_seed_in_the_ini_is_a_usage_error(pytester: pytest.Pytester) -> None:
@@ -142,6 +170,56 @@ def test_settings_live_in_the_config_stash(pytester: pytest.Pytester) -> None:
 def test_importing_the_plugin_does_not_import_torch() -> None:
     code = "import sys, pytest_convergence.plugin; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def _wait_policy_after_import(environ: dict[str, str], code: str) -> str:
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True
+    )
+    return run.stdout.strip()
+
+
+def _environ_without_wait_policy() -> dict[str, str]:
+    return {name: value for name, value in os.environ.items() if name != "OMP_WAIT_POLICY"}
+
+
+PRINT_POLICY = (
+    "import os, pytest_convergence.plugin as plugin; "
+    "print(os.environ.get('OMP_WAIT_POLICY'), '|', plugin.WAIT_POLICY.describe())"
+)
+
+
+def test_importing_the_plugin_makes_idle_openmp_threads_sleep() -> None:
+    shown = _wait_policy_after_import(_environ_without_wait_policy(), PRINT_POLICY)
+    assert shown == "PASSIVE | OpenMP wait policy PASSIVE (set by pytest-convergence)"
+
+
+def test_the_users_own_wait_policy_is_kept() -> None:
+    environ = {**_environ_without_wait_policy(), "OMP_WAIT_POLICY": "active"}
+    shown = _wait_policy_after_import(environ, PRINT_POLICY)
+    assert shown == "active | OpenMP wait policy active (OMP_WAIT_POLICY, yours)"
+
+
+def test_the_wait_policy_says_when_torch_was_imported_first() -> None:
+    shown = _wait_policy_after_import(
+        _environ_without_wait_policy(), "import torch; " + PRINT_POLICY
+    )
+    assert shown == (
+        "PASSIVE | OpenMP wait policy: torch was imported before pytest-convergence, so this "
+        "process keeps OpenMP's default (idle threads spin) and only processes it starts sleep; "
+        "set OMP_WAIT_POLICY=PASSIVE in the environment"
+    )
+
+
+def test_the_header_gives_the_wait_policy(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makepyfile(CONVERGENCE_TEST)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    result = pytester.runpytest_subprocess("--convergence")
+    result.stdout.fnmatch_lines(
+        ["convergence: OpenMP wait policy PASSIVE (set by pytest-convergence)"]
+    )
 
 
 def test_the_plugin_is_registered_through_the_pytest11_entry_point() -> None:

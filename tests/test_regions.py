@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 import torch
@@ -84,10 +85,45 @@ def test_a_candidate_that_diverges_to_nan_fails_naming_step_and_parameter(
         if step == 3:
             named[2][1].fill_(math.inf)
 
-    verdict = judge(cosimulate(workload, Candidate("inf", gradient_transform=poison)), region)
+    run = cosimulate(workload, Candidate("inf", gradient_transform=poison))
+    verdict = judge(run, region)
     first = verdict.first_violation
     assert first is not None
     assert (first.step, first.parameter, first.check) == (3, "fc2.weight", "non-finite weights")
+    poisoned = next(p for p in run.comparisons[2].parameters if p.name == "fc2.weight")
+    # Every weight the infinite gradient reached is Inf or NaN, and the verdict counts them.
+    assert poisoned.nan_count + poisoned.inf_count == first.value > 0
+    assert verdict.global_logm_undefined_from == 3
+
+
+def test_counts_of_non_finite_weights_survive_the_trace_file_and_only_there(
+    workload: Workload,
+) -> None:
+    def poison(named: Sequence[tuple[str, torch.Tensor]], step: int) -> None:
+        if step == 2:
+            named[2][1][0].fill_(math.nan)
+
+    run = cosimulate(workload, Candidate("nan", gradient_transform=poison))
+    text = run.to_json()
+    assert text.count('"nan_count"') == sum(
+        p.non_finite for c in run.comparisons for p in c.parameters
+    )
+    assert type(run).from_json(text).comparisons == run.comparisons
+
+
+def test_a_nan_value_is_a_violation_not_a_pass() -> None:
+    assert Violation(1, "w", "noise", math.nan, 2.0).ratio == math.inf
+
+
+def test_the_replay_of_a_step_function_candidate_says_gradients_were_not_compared(
+    workload: Workload,
+) -> None:
+    from pytest_convergence.replay import replay_step
+    from pytest_convergence.zoo.candidates import accumulation_without_division
+
+    finding = replay_step(workload, accumulation_without_division(), 1)
+    assert not finding.gradients_compared
+    assert "gradients not compared" in finding.describe()
 
 
 def test_a_known_good_lossy_candidate_gets_its_own_region_centered_on_its_bias(
@@ -116,6 +152,21 @@ def test_a_parameter_missing_from_the_region_is_an_error_asking_to_re_record(
     )
     with pytest.raises(ValueError, match=r"'fc1\.bias' .* not in the baseline region.*re-record"):
         judge(run, partial)
+
+
+def test_a_region_built_with_zero_spreads_is_judged_without_dividing_by_zero(
+    workload: Workload, region: Region
+) -> None:
+    steps = region.calibration.steps
+    zeroed = replace(
+        region,
+        parameters={
+            name: replace(bounds, bias_spread=0.0, radial_spread=0.0, rounding_scale=(0.0,) * steps)
+            for name, bounds in region.parameters.items()
+        },
+    )
+    verdict = judge(cosimulate(workload, scale_gradient("fc2.weight", 0.5)), zeroed)
+    assert not verdict.passed
 
 
 def test_violation_ratio_puts_the_value_beside_its_limit() -> None:

@@ -21,7 +21,7 @@ from pytest_convergence.report import (
     FailureContext,
     format_failure,
     summary_lines,
-    summary_row,
+    summary_rows,
     summary_section,
 )
 from pytest_convergence.traces import CoSimulation, ParameterComparison, StepComparison, Trace
@@ -48,6 +48,8 @@ def parameter(
     bias: float | None = None,
     error_norm: float = 0.0,
     non_finite: bool = False,
+    nan_count: int = 0,
+    inf_count: int = 0,
 ) -> ParameterComparison:
     """One parameter's comparison; an update equal to the reference's unless told otherwise."""
     return ParameterComparison(
@@ -62,6 +64,8 @@ def parameter(
         bias=bias,
         noise=0.0,
         non_finite=non_finite,
+        nan_count=nan_count,
+        inf_count=inf_count,
     )
 
 
@@ -107,7 +111,12 @@ SECOND = Violation(3, CONV, "update bias over steps 1-3 (z-score)", 9.0, 2.1)
 THIRD = Violation(3, BIAS, "zero count change", 5, 2)
 
 
-def verdict(*violations: Violation, gap: float = 4.1e-05, gap_limit: float = 6.0e-05) -> Verdict:
+def verdict(
+    *violations: Violation,
+    gap: float = 4.1e-05,
+    gap_limit: float = 6.0e-05,
+    undefined_from: int | None = None,
+) -> Verdict:
     found = list(violations) or [FIRST, SECOND, THIRD]
     return Verdict(
         checks=84,
@@ -115,6 +124,7 @@ def verdict(*violations: Violation, gap: float = 4.1e-05, gap_limit: float = 6.0
         worst=max(found, key=lambda v: v.ratio),
         global_logm_gap=gap,
         global_logm_gap_limit=gap_limit,
+        global_logm_undefined_from=undefined_from,
     )
 
 
@@ -258,31 +268,52 @@ def test_the_first_violation_without_a_comparison_or_a_module_type_has_no_parent
     assert message(run)[2] == "First violation: step 2 of 3, parameter 'features.3.weight'"
 
 
-def test_a_one_weight_parameter_is_counted_as_1_weights() -> None:
+def test_a_one_weight_parameter_is_counted_as_1_weight() -> None:
     run = cosimulation([step(2, parameter(count=1))])
     assert message(run)[2] == (
-        "First violation: step 2 of 3, parameter 'features.3.weight' (Conv2d, 1 weights)"
+        "First violation: step 2 of 3, parameter 'features.3.weight' (Conv2d, 1 weight)"
     )
 
 
 def test_the_value_stands_beside_its_limit_with_how_many_times_over() -> None:
-    assert message()[3] == "  update bias (z-score) = 1.37e+01, limit 2.10e+00 (6.5x over)"
+    assert message()[3] == "  update bias (z-score) = 1.37e+01, limit 2.10e+00 (6.52x over)"
 
 
-def test_a_ratio_just_over_one_reads_1_0x_over() -> None:
+def test_a_ratio_just_over_one_reads_1_04x_over() -> None:
     judged = verdict(Violation(2, CONV, "update noise", 1.04, 1.0))
-    assert message(judged=judged)[3] == "  update noise = 1.04e+00, limit 1.00e+00 (1.0x over)"
+    assert message(judged=judged)[3] == "  update noise = 1.04e+00, limit 1.00e+00 (1.04x over)"
+
+
+def test_a_value_barely_over_its_limit_gets_the_digits_that_tell_them_apart() -> None:
+    judged = verdict(Violation(2, CONV, "update noise", 1.0004, 1.0))
+    assert message(judged=judged)[3] == (
+        "  update noise = 1.0004e+00, limit 1.0000e+00 (1.0004x over)"
+    )
+
+
+def test_a_large_ratio_is_written_in_whole_times() -> None:
+    judged = verdict(Violation(2, CONV, "update noise", 12345.0, 1.0))
+    assert message(judged=judged)[3] == "  update noise = 1.23e+04, limit 1.00e+00 (12,345x over)"
 
 
 def test_an_infinite_value_reads_inf_and_non_finite() -> None:
-    judged = verdict(Violation(2, CONV, "non-finite weights", math.inf, 0.0))
-    assert message(judged=judged)[3] == "  non-finite weights = inf, limit 0.00e+00 (non-finite)"
+    judged = verdict(Violation(2, CONV, "update noise", math.inf, 2.0))
+    assert message(judged=judged)[3] == "  update noise = inf, limit 2.00e+00 (non-finite)"
 
 
-def test_a_finite_value_over_a_zero_limit_also_reads_non_finite() -> None:
+def test_non_finite_weights_give_their_nan_and_inf_counts() -> None:
+    run = cosimulation([step(2, parameter(logms=(-2.31408, None), nan_count=3, inf_count=1))])
+    judged = verdict(Violation(2, CONV, "non-finite weights", 4, 0))
+    assert message(run, judged)[3] == (
+        "  non-finite weights = 4 (3 NaN, 1 Inf), limit 0: the candidate's weights, and LoGM, "
+        "are undefined from this step on"
+    )
+
+
+def test_a_finite_value_over_a_zero_limit_reads_over_a_zero_limit() -> None:
     judged = verdict(Violation(2, CONV, "update where the reference has none", 1e-3, 0.0))
     assert message(judged=judged)[3] == (
-        "  update where the reference has none = 1.00e-03, limit 0.00e+00 (non-finite)"
+        "  update where the reference has none = 1.00e-03, limit 0.00e+00 (over a zero limit)"
     )
 
 
@@ -296,16 +327,31 @@ def test_an_integral_float_is_written_in_exponent_notation() -> None:
     assert message(judged=judged)[3] == "  update noise = 5.00e+00, limit 2.00e+00 (2.5x over)"
 
 
-def test_a_nan_value_reads_nan_and_nanx_over() -> None:
+def test_a_nan_value_reads_nan_and_not_a_number() -> None:
     judged = verdict(Violation(2, CONV, "update noise", math.nan, 2.0))
-    assert message(judged=judged)[3] == "  update noise = nan, limit 2.00e+00 (nanx over)"
+    assert message(judged=judged)[3] == "  update noise = nan, limit 2.00e+00 (not a number)"
 
 
 def test_a_negative_value_keeps_its_sign_and_the_ratio_takes_its_magnitude() -> None:
     judged = verdict(Violation(2, CONV, "update bias (z-score)", -13.7, 2.1))
     assert message(judged=judged)[3] == (
-        "  update bias (z-score) = -1.37e+01, limit 2.10e+00 (6.5x over)"
+        "  update bias (z-score) = -1.37e+01, limit 2.10e+00 (6.52x over)"
     )
+
+
+def test_a_worst_violation_other_than_the_first_follows_it() -> None:
+    judged = verdict(
+        Violation(2, CONV, "update noise", 1.04, 1.0), Violation(3, BIAS, "zero count change", 8, 2)
+    )
+    lines = message(judged=judged)
+    assert lines[5:7] == [
+        "Worst violation: step 3 of 3, parameter 'classifier.bias' (Linear, 10 weights)",
+        "  zero count change = 8, limit 2 (4x over)",
+    ]
+
+
+def test_there_is_no_worst_violation_line_when_the_first_is_the_worst() -> None:
+    assert not [text for text in message() if text.startswith("Worst violation")]
 
 
 def test_the_logm_line_gives_both_logms_and_their_gap() -> None:
@@ -319,7 +365,7 @@ def test_there_is_no_logm_line_when_a_logm_is_missing(
     run = cosimulation([step(2, parameter(logms=logms))])
     lines = message(run)
     assert not [text for text in lines if text.startswith("  LoGM")]
-    assert lines[3:5] == ["  update bias (z-score) = 1.37e+01, limit 2.10e+00 (6.5x over)", ""]
+    assert lines[3:5] == ["  update bias (z-score) = 1.37e+01, limit 2.10e+00 (6.52x over)", ""]
 
 
 def test_there_is_no_logm_line_without_a_comparison() -> None:
@@ -329,7 +375,7 @@ def test_there_is_no_logm_line_without_a_comparison() -> None:
 
 def test_the_spread_line_counts_violations_out_of_checks_and_says_the_gap_stayed_inside() -> None:
     assert line(message(), "Violations:") == (
-        "Violations: 3 of 84 (step, parameter) checks; "
+        "Violations: 3 of 84 checks, at 3 of 6 (step, parameter) pairs; "
         "global LoGM gap stayed inside (4.1e-05 <= 6.0e-05)"
     )
 
@@ -337,7 +383,7 @@ def test_the_spread_line_counts_violations_out_of_checks_and_says_the_gap_stayed
 def test_the_spread_line_says_when_the_gap_left_its_calibration_range() -> None:
     judged = verdict(gap=7.5e-05)
     assert line(message(judged=judged), "Violations:") == (
-        "Violations: 3 of 84 (step, parameter) checks; "
+        "Violations: 3 of 84 checks, at 3 of 6 (step, parameter) pairs; "
         "global LoGM gap left its calibration range (7.5e-05 > 6.0e-05)"
     )
 
@@ -349,10 +395,17 @@ def test_a_gap_equal_to_its_limit_stayed_inside() -> None:
     )
 
 
-def test_a_gap_just_over_its_limit_reads_as_the_same_number_on_both_sides() -> None:
+def test_a_gap_just_over_its_limit_gets_the_digits_that_tell_them_apart() -> None:
     judged = verdict(gap=6.04e-05)
     assert line(message(judged=judged), "Violations:").endswith(
-        "global LoGM gap left its calibration range (6.0e-05 > 6.0e-05)"
+        "global LoGM gap left its calibration range (6.04e-05 > 6.00e-05)"
+    )
+
+
+def test_the_spread_line_says_when_the_candidates_global_logm_became_undefined() -> None:
+    judged = verdict(gap=0.0, undefined_from=2)
+    assert line(message(judged=judged), "Violations:").endswith(
+        "global LoGM gap undefined from step 2 (the candidate's global LoGM is undefined)"
     )
 
 
@@ -410,15 +463,19 @@ def test_a_table_of_exactly_ten_violations_has_no_more_line() -> None:
 
 def test_a_longer_table_is_capped_at_ten_rows_and_says_how_many_more() -> None:
     violations = [Violation(2, CONV, f"check {i}", 9.0, 2.1) for i in range(12)]
-    rows = table(message(judged=verdict(*violations)))
+    written = context(REPORT_DIR, [REPORT_DIR / "trace.json"])
+    rows = table(message(judged=verdict(*violations), failure_context=written))
     assert len(rows) == 12
-    assert rows[-1] == "  ... 2 more violations (full list in the report's trace)"
+    assert rows[-1] == "  ... 2 more violations (full list in the report's trace.json)"
 
 
-def test_the_more_line_points_at_the_report_even_without_a_report_folder() -> None:
+def test_without_a_report_the_more_line_says_how_to_get_the_full_list() -> None:
     violations = [Violation(2, CONV, f"check {i}", 9.0, 2.1) for i in range(11)]
     lines = message(judged=verdict(*violations), failure_context=context(report_dir=None))
-    assert "  ... 1 more violations (full list in the report's trace)" in lines
+    assert (
+        "  ... 1 more violation (no report was written; --convergence-report-dir DIR keeps the "
+        "full list in a trace.json)"
+    ) in lines
     assert not [text for text in lines if text.startswith("Report:")]
 
 
@@ -451,6 +508,23 @@ def test_the_replay_line_says_when_forward_and_backward_agree() -> None:
     )
 
 
+def test_the_replay_line_counts_one_module_as_one_module() -> None:
+    assert (
+        ReplayFinding(2, 3.5e-4, None, 1)
+        .describe()
+        .startswith("Replay of step 2: forward outputs of 1 module and all gradients agree")
+    )
+
+
+def test_the_replay_line_says_when_gradients_were_not_compared() -> None:
+    finding = ReplayFinding(2, 3.5e-4, None, 12, gradients_compared=False)
+    assert line(message(replay=finding), "Replay of step") == (
+        "Replay of step 2: forward outputs of 12 modules agree within 3.5e-04; gradients not "
+        "compared (the candidate's step_fn computes its own); the divergence arises after the "
+        "forward pass"
+    )
+
+
 def test_the_replay_line_follows_the_table() -> None:
     lines = message(replay=ReplayFinding(2, 3.5e-4, None, 12))
     assert lines[lines.index(table(lines)[-1]) + 1].startswith("Replay of step 2:")
@@ -462,9 +536,9 @@ def test_there_is_no_replay_line_without_a_replay() -> None:
     assert not [text for text in lines if "Replay" in text or "diverged at" in text]
 
 
-def test_the_zero_weights_line_gives_the_last_steps_counts_of_the_violating_parameters() -> None:
+def test_the_zero_weights_line_gives_the_violating_parameters_that_have_zeros() -> None:
     assert line(message(), "Zero weights") == (
-        "Zero weights at step 3 (reference/candidate): features.3.weight 0/0, classifier.bias 2/7"
+        "Zero weights at step 3 (reference/candidate): classifier.bias 2/7"
     )
 
 
@@ -475,9 +549,10 @@ def test_the_zero_weights_line_leaves_out_parameters_that_did_not_violate() -> N
     )
 
 
-def test_the_zero_weights_line_is_left_empty_when_no_violating_parameter_ran_last() -> None:
+def test_there_is_no_zero_weights_line_when_no_violating_parameter_has_zeros() -> None:
     run = cosimulation([step(2, parameter()), step(3, parameter("other.weight"))])
-    assert line(message(run), "Zero weights") == "Zero weights at step 3 (reference/candidate): "
+    assert not [text for text in message(run) if text.startswith("Zero weights")]
+    assert not [text for text in message(judged=verdict(FIRST)) if text.startswith("Zero")]
 
 
 def test_the_zero_weights_line_says_when_no_step_ran() -> None:
@@ -516,10 +591,12 @@ def test_there_is_no_report_line_without_a_report_folder() -> None:
     assert not [text for text in message() if text.startswith("Report")]
 
 
-def test_the_reproduce_line_gives_the_command() -> None:
-    assert message()[-2] == (
-        "Reproduce:  pytest --convergence tests/test_fused_sgd.py::test_matches_reference"
+def test_the_reproduce_line_gives_the_command_aligned_with_the_if_intended_one() -> None:
+    lines = message()
+    assert lines[-2] == (
+        "Reproduce:   pytest --convergence tests/test_fused_sgd.py::test_matches_reference"
     )
+    assert lines[-2].index("pytest") == lines[-1].index("pytest")
 
 
 def test_the_if_intended_line_gives_the_rerecord_command_and_what_to_do_after() -> None:
@@ -628,52 +705,68 @@ def test_a_row_without_a_first_violation_has_no_sub_line() -> None:
     assert len(summary_lines([PASSED_ROW])) == 2
 
 
-def test_a_row_without_figures_shows_a_question_mark_and_a_ratio_of_zero() -> None:
+def test_a_row_without_figures_shows_a_question_mark_and_a_dash_not_a_clean_pass() -> None:
     assert summary_lines([{"nodeid": "t.py::test_unchecked"}])[1] == (
-        "?                   0                                                       "
+        "?                   -                                                       "
         "t.py::test_unchecked"
     )
 
 
-def test_a_row_whose_ratio_is_not_a_number_sorts_and_shows_as_zero() -> None:
-    rows = [dict(PASSED_ROW, worst_ratio="6.5", nodeid="t.py::text"), PASSED_ROW]
+def test_a_row_whose_ratio_is_not_a_number_shows_a_dash_and_sorts_first() -> None:
+    rows = [PASSED_ROW, dict(PASSED_ROW, worst_ratio="6.5", nodeid="t.py::text")]
     assert [text[:21] for text in summary_lines(rows)[1:]] == [
+        "passed              -",
         "passed          0.421",
-        "passed              0",
     ]
 
 
-def test_summary_row_keeps_the_checks_figures_without_their_prefix_and_adds_the_node_id() -> None:
+def test_an_errored_row_shows_a_dash_first_and_is_followed_by_the_error() -> None:
+    errored: dict[str, object] = {
+        "workload": "tiny",
+        "candidate": "fp16",
+        "steps": 3,
+        "verdict": "error",
+        "baseline": "baselines/tiny.json",
+        "first_violation": "",
+        "error": "ZeroDivisionError: float division by zero",
+        "nodeid": "t.py::test_errored",
+    }
+    assert summary_lines([FAILED_ROW, errored])[1:4] == [
+        "error               -  tiny               fp16                           3  "
+        "t.py::test_errored",
+        "                       error: ZeroDivisionError: float division by zero",
+        "failed           6.52  tiny               halved-last-layer              3  "
+        "test_candidates.py::test_halved_layer",
+    ]
+
+
+def test_summary_rows_keep_the_checks_figures_without_their_prefix_and_add_the_node_id() -> None:
     properties = [
         ("convergence_workload", "tiny"),
         ("owner", "kernels-team"),
         ("convergence_verdict", "passed"),
         ("convergence_worst_ratio", 0.4213),
     ]
-    assert summary_row(properties, "t.py::test") == {
-        "workload": "tiny",
-        "verdict": "passed",
-        "worst_ratio": 0.4213,
-        "nodeid": "t.py::test",
-    }
+    assert summary_rows(properties, "t.py::test") == [
+        {"workload": "tiny", "verdict": "passed", "worst_ratio": 0.4213, "nodeid": "t.py::test"}
+    ]
 
 
-def test_summary_row_is_empty_for_a_test_that_made_no_check() -> None:
-    assert summary_row([("owner", "kernels-team")], "t.py::test") == {}
+def test_summary_rows_are_empty_for_a_test_that_made_no_check() -> None:
+    assert summary_rows([("owner", "kernels-team")], "t.py::test") == []
 
 
-def test_summary_row_of_a_test_with_two_checks_keeps_the_last_checks_figures() -> None:
+def test_summary_rows_of_a_test_with_two_checks_are_one_row_per_check() -> None:
     properties = [
         ("convergence_candidate", "fp16"),
         ("convergence_worst_ratio", 0.4),
         ("convergence_candidate", "bf16"),
         ("convergence_worst_ratio", 0.7),
     ]
-    assert summary_row(properties, "t.py::test") == {
-        "candidate": "bf16",
-        "worst_ratio": 0.7,
-        "nodeid": "t.py::test",
-    }
+    assert summary_rows(properties, "t.py::test") == [
+        {"candidate": "fp16", "worst_ratio": 0.4, "nodeid": "t.py::test"},
+        {"candidate": "bf16", "worst_ratio": 0.7, "nodeid": "t.py::test"},
+    ]
 
 
 def test_summary_section_lists_the_checks_then_each_re_recorded_baseline() -> None:

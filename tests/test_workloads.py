@@ -36,6 +36,11 @@ def test_an_unknown_workload_lists_the_registered_ones() -> None:
         get_workload("vgg19")
 
 
+def test_an_unknown_workload_suggests_the_closest_registered_names() -> None:
+    with pytest.raises(ValueError, match=r"unknown workload 'lenet'; did you mean 'lenet5'\? "):
+        get_workload("lenet")
+
+
 def test_registering_a_name_twice_needs_replace_existing() -> None:
     workload = Workload("twice", linear, synthetic_classification((4,), 3))
     register_workload(workload, replace_existing=True)

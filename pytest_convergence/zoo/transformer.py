@@ -13,6 +13,9 @@ The kernels a candidate swaps are module-level functions (:func:`attention`,
 kernel library is patched in (``with sdpa_attention(): ...``). The candidates below are the
 suite of legitimate variants and realistic bugs the detection benchmark runs on these two
 workloads; each bug's docstring says where it ships.
+
+Length: one model with its kernels, two workloads and the suite of a dozen candidates that
+swap exactly those kernels; apart, each half would import the other's private kernels.
 """
 
 from __future__ import annotations
