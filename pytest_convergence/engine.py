@@ -31,6 +31,7 @@ from torch import nn
 
 from pytest_convergence.batches import Batch, split
 from pytest_convergence.candidates import REFERENCE, Candidate, mean_exchange
+from pytest_convergence.compilation import compiled_code_required, reset_compiled_code
 from pytest_convergence.errors import NonFiniteWeightError
 from pytest_convergence.precision import PrecisionPolicy, get_policy
 from pytest_convergence.step_statistics import (
@@ -276,12 +277,15 @@ def compile_ahead(workload: Workload, candidate: Candidate) -> float | None:
     """Compile a ``torch.compile`` candidate before its check: one training step of a throwaway
     copy on the first batch, the RNG left as found; its seconds, None when the candidate's model
     transform compiles nothing. Compiled code is cached per module class, so the check's own
-    candidate then steps at its compiled speed and its time is the check's."""
+    candidate then steps at its compiled speed and its time is the check's. The caches are
+    emptied first: what earlier checks compiled counts toward Dynamo's recompile limit, past
+    which it runs the model eagerly (:mod:`pytest_convergence.compilation`)."""
     implementation = Implementation.build(workload, candidate)
     if not _compiles(implementation):
         return None
+    reset_compiled_code()
     start = time.perf_counter()
-    with preserved_random_state():
+    with preserved_random_state(), compiled_code_required(f"compiling {candidate.name!r}"):
         implementation.train_step(workload.make_batches()[0], 1)
     return time.perf_counter() - start
 
@@ -405,7 +409,8 @@ def run_lockstep(
         if progress is not None:
             progress(step, "reference")
         before = TrainingState.capture(reference, reuse=before)
-        trained = reference.train_step(batch, step, traced=record, keep_gradients=keep)
+        with compiled_code_required(f"step {step}, the reference"):
+            trained = reference.train_step(batch, step, traced=record, keep_gradients=keep)
         previous, after = series.advance(list(reference.model.parameters()), trained.gradient_norms)
         require_finite(layout, after, reference.model, step)
         losses: list[float | None] = []
@@ -417,7 +422,8 @@ def run_lockstep(
                 continue
             if progress is not None:
                 progress(step, "candidate")
-            losses.append(side.step_from(before, batch, step, trained))
+            with compiled_code_required(f"step {step}, candidate {side.candidate.name!r}"):
+                losses.append(side.step_from(before, batch, step, trained))
             candidate = None
             if record and not stopped[position]:
                 parameters = list(side.implementation.model.parameters())

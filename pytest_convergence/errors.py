@@ -126,6 +126,11 @@ class DistributedWorkerWarning(UserWarning):
     """
 
 
+class CompileFallbackError(RuntimeError):
+    """``torch.compile`` would have run the model eagerly (its recompile limit was reached):
+    the check would not test the compiled code, so it stops instead of passing."""
+
+
 class ConvergenceError(AssertionError):
     """The candidate left the divergence region; the message says where and by how much.
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from pytest_convergence.batches import Batch
 from pytest_convergence.candidates import Candidate
+from pytest_convergence.compilation import compiled_code_required
 from pytest_convergence.engine import Implementation, StepStart, start_of_step
 from pytest_convergence.training_state import RandomState
 from pytest_convergence.workloads import Workload
@@ -89,11 +90,14 @@ def replay_step(workload: Workload, candidate: Candidate, step: int) -> ReplayFi
     start = start_of_step(workload, candidate, step)
     reference, side, state = start.reference, start.side, start.state
     threshold = math.sqrt(torch.finfo(workload.dtype).eps)
-    random_differs = not candidate.random_stream and _draws_otherwise(start, step)
+    with compiled_code_required(f"replay of step {step}"):
+        random_differs = not candidate.random_stream and _draws_otherwise(start, step)
     state.restore(reference)
-    reference_outputs, reference_order = _forward_backward(reference, start.batch, step, None)
+    with compiled_code_required(f"replay of step {step}, the reference"):
+        reference_outputs, reference_order = _forward_backward(reference, start.batch, step, None)
     state.restore(side.implementation)
-    candidate_outputs, _ = _forward_backward(side.implementation, start.batch, step, candidate)
+    with compiled_code_required(f"replay of step {step}, candidate {candidate.name!r}"):
+        candidate_outputs, _ = _forward_backward(side.implementation, start.batch, step, candidate)
     if random_differs:
         return ReplayFinding(
             step, threshold, None, len(reference_order), random_stream_differs=True

@@ -40,6 +40,7 @@ from outcomes import Outcome, WorkloadCost
 
 from pytest_convergence import zoo
 from pytest_convergence.candidates import Candidate
+from pytest_convergence.compilation import reset_compiled_code
 from pytest_convergence.cosim import cosimulate
 from pytest_convergence.regions import Region, Verdict, Violation, calibrate, judge
 from pytest_convergence.workloads import Workload, get_workload
@@ -173,6 +174,8 @@ def _measure(
     steps: int,
 ) -> None:
     region = regions[spec.region]
+    # As each check does: what earlier runs compiled must not exhaust Dynamo's recompile limit.
+    reset_compiled_code()
     start = time.perf_counter()
     run = cosimulate(workload, candidate)
     cosim_seconds = time.perf_counter() - start
@@ -205,6 +208,7 @@ def _measure(
 
     # Peers run free: a fresh candidate, since some keep private state across steps.
     fresh = spec.build(workload)
+    reset_compiled_code()
     free = methods.free_run(workload, fresh)
     reference = references[fresh.workers]
     # The reference's free run is shared by all candidates of a seed: counted once, in totals.

@@ -610,8 +610,10 @@ def _lowered_with(decompositions: dict[Any, Callable[..., Tensor]]) -> Callable[
     """``torch.compile`` through AOT autograd with ``decompositions`` and no code generation: a
     compiler pipeline whose lowering rules are under test, compiled in a second or two."""
 
+    # One backend for every model this candidate compiles: Dynamo recompiles for a new one.
+    backend = aot_autograd(fw_compiler=_run_graph, decompositions=decompositions)
+
     def transform(model: nn.Module) -> Any:
-        backend = aot_autograd(fw_compiler=_run_graph, decompositions=decompositions)
         return torch.compile(model, backend=backend)
 
     return transform
