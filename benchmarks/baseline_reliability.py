@@ -195,6 +195,8 @@ def region(scale):
             error_scale=tuple(scale * (s + 1) / 9 for s in range(steps)),
             noise_scale=tuple(scale * (s + 1) / 10 for s in range(steps)),
             noise_limit=tuple(scale * (s + 1) / 7 for s in range(steps)),
+            noise_log_spread=0.5,
+            noise_z_limit=6.0,
             zero_change_limit=1, logm_gap_limit=0.1,
             rounding_scale=tuple(scale * 1e-6 for s in range(steps)),
         )

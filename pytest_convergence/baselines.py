@@ -34,7 +34,13 @@ from pytest_convergence import jsonfile
 from pytest_convergence.config import MISMATCH_POLICIES, RECORD_COMMAND
 from pytest_convergence.errors import BaselineError
 from pytest_convergence.precision import DEFAULT_POLICY
-from pytest_convergence.regions import MIN_BIAS_SPREAD, Calibration, ParameterRegion, Region
+from pytest_convergence.regions import (
+    MIN_BIAS_SPREAD,
+    MIN_NOISE_LOG_SPREAD,
+    Calibration,
+    ParameterRegion,
+    Region,
+)
 
 if TYPE_CHECKING:
     from pytest_convergence.environment import EnvironmentInfo
@@ -64,8 +70,9 @@ SCHEMA = "pytest-convergence/baseline"
 # 3: per-parameter z limits (bias_z_limit, radial_z_limit) from Student's t at the calibration's
 #    degrees of freedom.
 # 4: per-step rounding_scale, the floor under a parameter's error scale, spreads and noise limit.
+# 5: per-parameter noise_log_spread and noise_z_limit: update noise combined over steps.
 # Older files are refused with the command that re-records them: they would judge differently.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 RECORD_HINT = f"{RECORD_COMMAND} <the tests that use it>"
 # The ini line that lets baselines live outside the baselines folder.
 OUTSIDE_OPT_IN = "convergence_allow_external_baselines = true"
@@ -248,6 +255,17 @@ def _spread(value: object, where: str) -> float:
     return number
 
 
+def _noise_log_spread(value: object, where: str) -> float:
+    number = _limit(value, where)
+    if number < MIN_NOISE_LOG_SPREAD:
+        raise jsonfile.DocumentError(
+            where,
+            f"{number!r} is below the calibration floor {MIN_NOISE_LOG_SPREAD:g} of the noise's "
+            f"log spread; re-record it: {RECORD_HINT}",
+        )
+    return number
+
+
 def _z_limit(value: object, where: str) -> float:
     number = _limit(value, where)
     if number == 0:
@@ -311,6 +329,8 @@ _PARAMETER_FIELDS: dict[str, jsonfile.Parser[Any]] = {
     "error_scale": _limits,
     "noise_scale": _limits,
     "noise_limit": _limits,
+    "noise_log_spread": _noise_log_spread,
+    "noise_z_limit": _z_limit,
     "zero_change_limit": jsonfile.count,
     "logm_gap_limit": _limit,
     "rounding_scale": _limits,

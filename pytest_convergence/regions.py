@@ -13,12 +13,18 @@ and **noise** (the rest, relative to the update's norm). A region holds, per par
 - the distribution of bias per unit of noise under legitimate variation (its center and spread,
   pooled over steps, seeds and draws), tested per step and cumulatively over steps as z-scores;
 - the largest noise seen at each step under legitimate variation, times a margin;
+- the typical noise at each step and the spread of its logarithm, so that noise which stays
+  above the typical level step after step adds up to evidence, as a bias does;
 - the largest change in zero count (pruning masks, dead weights).
 
 "Legitimate variation" is either the reference under gradient perturbations at a stated relative
 tolerance (any implementation at least as precise passes) or a named known-good candidate (a
 correct lossy compression), whose later versions are then held to its own behaviour. The paper's
 per-iteration global LoGM-delta region is recorded too and reported beside the verdict.
+
+Length: calibration and the verdict share each statistic's definition (the normalized bias,
+the log noise ratio, the floors under them); apart, each would import the other's private
+helpers, and a change to one statistic would have to be made in two modules.
 """
 
 from __future__ import annotations
@@ -41,7 +47,10 @@ __all__ = [
     "DEFAULT_DRAWS",
     "DEFAULT_GRADIENT_TOLERANCE",
     "DEFAULT_TOLERANCE",
+    "MIN_BIAS_SPREAD",
+    "MIN_NOISE_LOG_SPREAD",
     "NOISE_MARGIN",
+    "NOISE_SCORE_CAP",
     "Z_LIMIT",
     "Calibration",
     "ParameterRegion",
@@ -81,6 +90,17 @@ NOISE_MARGIN = 2.0
 MIN_NOISE_SAMPLES_FOR_FIT = 3
 # Spread floor: a perfectly repeatable calibration must not turn rounding noise into a verdict.
 MIN_BIAS_SPREAD = 1e-6
+# Update noise that returns every step adds up, as a bias does: each step scores the log of the
+# noise over the calibration's typical noise at that step, in units of the calibration's spread
+# of that log, and the scores combine over steps (Stouffer). One step counts for at most this
+# many units either way, so a legitimate one-step spike (a near-zero gradient's sign flip, a
+# ReLU boundary, Adam normalizing a tiny gradient) moves the combined score by at most
+# CAP / sqrt(steps), while an error that returns every step grows it with sqrt(steps): a
+# direction-only error under Adam, a dropped or stale slice of a gradient, a kernel computing a
+# slightly other function.
+NOISE_SCORE_CAP = 4.0
+# A calibration whose noise barely varies must not make a 10% difference in noise evidence.
+MIN_NOISE_LOG_SPREAD = 0.1
 # Error scale floor, about float32's resolution: an exact calibration has no error at all.
 NOISE_FLOOR = 1e-7
 # Two correct implementations may round each weight differently after a step: an error of a
@@ -132,6 +152,10 @@ class ParameterRegion:
     error_scale: tuple[float, ...]
     noise_scale: tuple[float, ...]
     noise_limit: tuple[float, ...]
+    # The spread of log(noise / typical noise) under legitimate variation, and the limit of
+    # the noise's z-score combined over steps.
+    noise_log_spread: float
+    noise_z_limit: float
     zero_change_limit: int
     logm_gap_limit: float
     rounding_scale: tuple[float, ...]
@@ -334,6 +358,7 @@ def _parameter_region(
     noises = [_finite(p.noise) for samples in per_step for p in samples]
     pooled_limit = _noise_limit(noises)
     noise_limit = tuple(max(pooled_limit, ROUNDING_NOISE_MARGIN * r) for r in rounding)
+    noise_log_spread, noise_z_limit = _noise_log_spread(per_step, noise_scale, rounding)
     gaps = [abs(p.logm_gap) for samples in per_step for p in samples if p.logm_gap is not None]
     return ParameterRegion(
         name=name,
@@ -347,6 +372,8 @@ def _parameter_region(
         error_scale=error_scale,
         noise_scale=noise_scale,
         noise_limit=noise_limit,
+        noise_log_spread=noise_log_spread,
+        noise_z_limit=noise_z_limit,
         zero_change_limit=_zero_change_limit(per_step),
         logm_gap_limit=NOISE_MARGIN * max(gaps, default=0.0),
         rounding_scale=rounding,
@@ -425,6 +452,33 @@ def _noise_limit(noises: Sequence[float]) -> float:
         return margin
     fitted = math.exp(statistics.fmean(logs) + Z_LIMIT * statistics.stdev(logs))
     return max(margin, fitted)
+
+
+def _noise_log_spread(
+    per_step: Sequence[Sequence[ParameterComparison]],
+    noise_scale: Sequence[float],
+    rounding: Sequence[float],
+) -> tuple[float, float]:
+    """The spread of the calibration's log noise ratios (:func:`_log_noise_ratio`) around
+    each step's mean, pooled over steps, and the z limit its degrees of freedom support."""
+    per_step_logs = [
+        [
+            _log_noise_ratio(p.noise, noise_scale[s], rounding[s])
+            for p in samples
+            if p.bias is not None and math.isfinite(p.noise)
+        ]
+        for s, samples in enumerate(per_step)
+    ]
+    _, spread, z_limit = _centers_and_pooled_spread(per_step_logs, centered=False)
+    return max(spread, MIN_NOISE_LOG_SPREAD), z_limit
+
+
+def _log_noise_ratio(noise: float, noise_scale: float, rounding_scale: float) -> float:
+    """log(noise / typical noise), where rounding sets the least typical noise: a parameter
+    whose calibration left it exact (an uncompressed all-reduce of a bias) scores rounding-level
+    differences as typical, as its noise limit does."""
+    typical = max(noise_scale, ROUNDING_NOISE_MARGIN * rounding_scale, NOISE_FLOOR)
+    return math.log(max(noise, NOISE_FLOOR) / typical)
 
 
 def _zero_change_limit(per_step: Sequence[Sequence[ParameterComparison]]) -> int:
@@ -538,6 +592,8 @@ def _check(
         outcomes.append((step, name, "update where the reference has none", moved, 0.0))
         return outcomes
     outcomes.append((step, name, "update noise", parameter.noise, noise_limit))
+    if math.isfinite(parameter.noise):
+        outcomes.append(_noise_evidence(step, parameter, bounds, index, cumulative))
     error_scale = bounds.error_scale[index]
     normalized = _normalized(parameter.bias, error_scale)
     if normalized is not None:
@@ -566,6 +622,29 @@ def _check(
             limit = bounds.radial_z_limit
             outcomes.extend(_z_checks(step, name, "radial shift", score, history, limit=limit))
     return outcomes
+
+
+def _noise_evidence(
+    step: int,
+    parameter: ParameterComparison,
+    bounds: ParameterRegion,
+    index: int,
+    cumulative: dict[str, list[float]],
+) -> _Outcome:
+    """The noise's z-score combined over this parameter's steps so far (Stouffer), each
+    step's capped at NOISE_SCORE_CAP either way. One-sided: less noise than calibration is no
+    evidence of a bug, so the value is never below 0."""
+    ratio = _log_noise_ratio(
+        parameter.noise, bounds.noise_scale[index], bounds.rounding_scale[index]
+    )
+    # Capped both ways: a step exact where the candidate is otherwise exact (step 1 of a bug
+    # acting from step 2) must not cancel the evidence of the steps after it.
+    score = max(-NOISE_SCORE_CAP, min(ratio / bounds.noise_log_spread, NOISE_SCORE_CAP))
+    history = cumulative.setdefault(f"{parameter.name}\0noise", [])
+    history.append(score)
+    combined = max(0.0, sum(history) / math.sqrt(len(history)))
+    check = f"update noise over steps 1-{step} (z-score)"
+    return (step, parameter.name, check, combined, bounds.noise_z_limit)
 
 
 def _z_checks(

@@ -75,6 +75,8 @@ def small_region(scale: float = 1.0) -> Region:
         error_scale=(1e-3, 2e-3, 3e-3),
         noise_scale=(1e-3, 1e-3, 2e-3),
         noise_limit=(2e-3 * scale, 4e-3, 6e-3),
+        noise_log_spread=0.5,
+        noise_z_limit=6.0,
         zero_change_limit=1,
         logm_gap_limit=0.05,
         rounding_scale=(1e-6, 2e-6, 3e-6),
@@ -91,6 +93,8 @@ def small_region(scale: float = 1.0) -> Region:
         error_scale=(0.1, 0.2, 0.3),
         noise_scale=(0.1, 0.1, 0.2),
         noise_limit=(0.2, 0.4, 0.6),
+        noise_log_spread=0.5,
+        noise_z_limit=6.0,
         zero_change_limit=0,
         logm_gap_limit=0.0,
         rounding_scale=(0.0, 1e-7, 1e-7),
@@ -203,6 +207,8 @@ def regions(draw: st.DrawFn) -> Region:
             error_scale=draw(per_step),
             noise_scale=draw(per_step),
             noise_limit=draw(per_step),
+            noise_log_spread=0.5,
+            noise_z_limit=6.0,
             zero_change_limit=draw(st.integers(0, 2**31)),
             logm_gap_limit=draw(non_negative),
             rounding_scale=draw(per_step),
@@ -300,7 +306,7 @@ MALFORMED: list[Any] = [
     pytest.param(
         edited(past_layout),
         "written by an older pytest-convergence whose regions lack checks this version makes "
-        "(schema_version 4); re-record it: pytest --convergence --convergence-record",
+        "(schema_version 5); re-record it: pytest --convergence --convergence-record",
         id="past-schema-version",
     ),
     pytest.param(
@@ -368,6 +374,9 @@ def test_a_malformed_file_is_an_error_naming_the_file(
         ("bias_spread", 1e-9, "below the calibration floor 1e-06"),
         ("bias_z_limit", 0.0, "must be positive"),
         ("radial_z_limit", 0.0, "must be positive"),
+        ("noise_log_spread", 0.0, "below the calibration floor 0.1 of the noise's log spread"),
+        ("noise_log_spread", 0.05, "below the calibration floor 0.1 of the noise's log spread"),
+        ("noise_z_limit", 0.0, "must be positive"),
     ],
 )
 def test_a_zero_spread_or_z_limit_is_refused_at_load_naming_the_file_and_the_entry(
@@ -709,6 +718,8 @@ def big_region(writer: int) -> Region:
             error_scale=tuple((writer + 1) * (s + 1) / 9 for s in range(steps)),
             noise_scale=tuple((writer + 1) * (s + 1) / 10 for s in range(steps)),
             noise_limit=tuple((writer + 1) * (s + 1) / 7 for s in range(steps)),
+            noise_log_spread=0.5,
+            noise_z_limit=6.0,
             zero_change_limit=writer,
             logm_gap_limit=writer / 11,
             rounding_scale=tuple((writer + 1) * (s + 1) / 1e6 for s in range(steps)),
@@ -785,7 +796,7 @@ def region(value):
     calibration = Calibration("candidate", "generated", None, 1, "c", (0,), 2)
     parameter = ParameterRegion(
         "w", 4, (value, value), 0.5, 6.0, (0.0, 0.0), 0.25, 6.0, (0.1, 0.2), (0.1, 0.2),
-        (0.2, 0.4), 0, 0.0, (1e-6, 1e-6),
+        (0.2, 0.4), 0.5, 6.0, 0, 0.0, (1e-6, 1e-6),
     )
     return Region(calibration, {"w": parameter}, (-1.0, 1.0), 0.5)
 

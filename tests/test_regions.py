@@ -6,10 +6,13 @@ from dataclasses import replace
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pytest_convergence.candidates import Candidate
 from pytest_convergence.cosim import cosimulate
 from pytest_convergence.regions import Region, Violation, calibrate, judge
+from pytest_convergence.traces import CoSimulation, ParameterComparison, StepComparison, Trace
 from pytest_convergence.workloads import Workload, get_workload
 
 
@@ -270,3 +273,120 @@ def test_a_region_that_saw_no_error_still_tolerates_rounding(workload: Workload)
     assert rounded.passed, rounded.first_violation
     assert rounded.worst_ratio < 0.5
     assert not judge(cosimulate(workload, scale_gradient("fc2.weight", 0.99)), region).passed
+
+
+# --- update noise over steps ---------------------------------------------------------------------
+
+NOISE_SPREAD = 0.2  # log units
+NOISE_LIMIT = 6.6
+
+
+def noise_region(steps: int) -> Region:
+    """One parameter whose typical noise is 1.0 at every step, with wide per-step limits, so
+    only the noise combined over steps can fail."""
+    from pytest_convergence.regions import Calibration, ParameterRegion
+
+    flat = (0.0,) * steps
+    parameter = ParameterRegion(
+        name="w",
+        count=100,
+        bias_center=flat,
+        bias_spread=1e3,
+        bias_z_limit=6.6,
+        radial_center=flat,
+        radial_spread=1e3,
+        radial_z_limit=6.6,
+        error_scale=(1.0,) * steps,
+        noise_scale=(1.0,) * steps,
+        noise_limit=(1e9,) * steps,
+        noise_log_spread=NOISE_SPREAD,
+        noise_z_limit=NOISE_LIMIT,
+        zero_change_limit=1,
+        logm_gap_limit=1.0,
+        rounding_scale=(1e-9,) * steps,
+    )
+    calibration = Calibration("reference-perturbation", "synthetic", 1e-3, 1, None, (0,), steps)
+    return Region(calibration, {"w": parameter}, (-1.0, 1.0), 1.0)
+
+
+def noisy_run(noises: Sequence[float]) -> CoSimulation:
+    """A co-simulation of one parameter whose update noise at each step is ``noises[step - 1]``."""
+    run = CoSimulation("synthetic", "c", 0, len(noises), "float32", "cpu", Trace("reference"))
+    for step, noise in enumerate(noises, start=1):
+        parameter = ParameterComparison(
+            "w", 100, None, None, 0, 0, 1.0, noise, bias=0.0, noise=noise, radial=0.0
+        )
+        run.comparisons.append(StepComparison(step, 1.0, 1.0, None, None, None, (parameter,)))
+    return run
+
+
+def noise_violations(noises: Sequence[float]) -> list[Violation]:
+    verdict = judge(noisy_run(noises), noise_region(len(noises)))
+    return [v for v in verdict.violations if v.check.startswith("update noise over steps")]
+
+
+@given(
+    steps=st.integers(1, 32),
+    spike_step=st.integers(0, 31),
+    spike=st.floats(1e-6, 1e12),
+)
+def test_one_spike_of_any_size_never_adds_up_to_a_violation(
+    steps: int, spike_step: int, spike: float
+) -> None:
+    noises = [1.0] * steps
+    noises[spike_step % steps] = spike
+    assert noise_violations(noises) == []
+
+
+@given(steps=st.integers(1, 32), factor=st.floats(1.0, 1e6))
+def test_noise_raised_by_the_same_factor_every_step_fails_once_the_evidence_adds_up(
+    steps: int, factor: float
+) -> None:
+    from pytest_convergence.regions import NOISE_SCORE_CAP
+
+    score = min(math.log(factor) / NOISE_SPREAD, NOISE_SCORE_CAP)
+    expected = [s for s in range(1, steps + 1) if score * math.sqrt(s) > NOISE_LIMIT]
+    found = noise_violations([factor] * steps)
+    assert [v.step for v in found] == expected
+    assert all(v.value == pytest.approx(score * math.sqrt(v.step)) for v in found)
+
+
+@given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=16))
+def test_less_noise_than_calibration_is_no_evidence(noises: list[float]) -> None:
+    """Judged with a limit just above zero: any positive evidence at all would fail."""
+    region = noise_region(len(noises))
+    strict = replace(region, parameters={"w": replace(region.parameters["w"], noise_z_limit=1e-12)})
+    verdict = judge(noisy_run(noises), strict)
+    assert verdict.passed
+
+
+def test_a_quiet_start_does_not_cancel_the_evidence_of_the_steps_after_it() -> None:
+    """A bug acting from step 3 of an otherwise exact candidate: its first steps have no noise
+    at all (a log ratio of -16 spreads), which must not hide what follows."""
+    noises = [0.0, 0.0] + [math.exp(5 * NOISE_SPREAD)] * 14
+    assert noise_violations(noises)
+
+
+@pytest.fixture(scope="module")
+def adam_lenet5() -> tuple[Workload, Region]:
+    workload = get_workload("adamw-lenet5")
+    return workload, calibrate(workload)
+
+
+def test_a_gradient_slice_dropped_every_step_passes_each_step_and_fails_over_steps(
+    adam_lenet5: tuple[Workload, Region],
+) -> None:
+    """One eighth of fc1's gradient rows left at zero under AdamW: every step's noise is inside
+    its limit, and the noise combined over steps is not."""
+    from pytest_convergence.zoo.candidates import dropped_gradient_rows
+
+    workload, region = adam_lenet5
+    verdict = judge(
+        cosimulate(workload.with_options(seed=100), dropped_gradient_rows("fc1.weight")), region
+    )
+    first = verdict.first_violation
+    assert first is not None
+    assert first.check.startswith("update noise over steps 1-")
+    assert first.parameter == "fc1.weight"
+    others = [v for v in verdict.violations if not v.check.startswith("update noise over steps")]
+    assert others == []

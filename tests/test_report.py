@@ -143,6 +143,8 @@ def parameter_region(name: str, count: int, *, zero_change_limit: int = 2) -> Pa
         error_scale=(1.0,) * steps,
         noise_scale=(1.0,) * steps,
         noise_limit=(1.0,) * steps,
+        noise_log_spread=0.5,
+        noise_z_limit=6.0,
         zero_change_limit=zero_change_limit,
         logm_gap_limit=1e-3,
         rounding_scale=(0.0,) * steps,
@@ -828,8 +830,9 @@ def test_assert_within_region_returns_the_verdict_of_a_run_inside_the_region() -
     replays = Replays()
     judged = assert_within_region(judged_run((0, 2)), region(), context(), replay=replays)
     assert judged.passed
-    # 3 steps x 2 parameters x 4 checks (zero count, noise, bias, bias over steps).
-    assert judged.checks == 24
+    # 3 steps x 2 parameters x 5 checks (zero count, noise, noise over steps, bias, bias over
+    # steps).
+    assert judged.checks == 30
     assert replays.steps == []
 
 

@@ -223,6 +223,46 @@ def test_a_scaled_gradient_of_a_missing_parameter_is_an_error(mlp: Workload) -> 
         cosimulate(mlp, zoo.scaled_layer_gradient("nope", 0.5))
 
 
+def transformed(candidate: Candidate, gradients: list[torch.Tensor], step: int) -> torch.Tensor:
+    """``gradients[0]`` (of parameter "w", beside an untouched "other") after the transform."""
+    assert candidate.gradient_transform is not None
+    other = torch.ones(3)
+    named = [("other", other), ("w", gradients[0])]
+    candidate.gradient_transform(named, step)
+    assert torch.equal(other, torch.ones(3))
+    return gradients[0]
+
+
+def test_dropped_gradient_rows_zero_the_last_rows_every_step() -> None:
+    candidate = zoo.dropped_gradient_rows("w", fraction=0.25)
+    for step in (1, 2):
+        gradient = transformed(candidate, [torch.arange(8.0).reshape(8, 1) + 1], step)
+        assert gradient.flatten().tolist() == [1, 2, 3, 4, 5, 6, 0, 0]
+
+
+def test_rotated_gradient_rows_move_each_row_one_down_keeping_the_norm() -> None:
+    gradient = transformed(zoo.rotated_gradient_rows("w"), [torch.tensor([[1.0], [2.0], [3.0]])], 1)
+    assert gradient.flatten().tolist() == [3, 1, 2]
+
+
+def test_stale_gradient_rows_are_the_previous_steps_and_fresh_at_step_one() -> None:
+    candidate = zoo.stale_gradient_rows("w", fraction=0.5)
+    first = transformed(candidate, [torch.tensor([1.0, 2.0, 3.0, 4.0])], 1)
+    assert first.tolist() == [1, 2, 3, 4]
+    second = transformed(candidate, [torch.tensor([5.0, 6.0, 7.0, 8.0])], 2)
+    assert second.tolist() == [5, 6, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "factory", [zoo.dropped_gradient_rows, zoo.rotated_gradient_rows, zoo.stale_gradient_rows]
+)
+def test_a_one_layer_bug_on_a_missing_parameter_is_an_error(
+    mlp: Workload, factory: Callable[[str], Candidate]
+) -> None:
+    with pytest.raises(ValueError, match="no gradient for parameter 'nope'"):
+        cosimulate(mlp, factory("nope"))
+
+
 @pytest.mark.parametrize(
     ("factory", "expected"),
     [

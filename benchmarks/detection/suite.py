@@ -107,6 +107,24 @@ def _fixed(factory: Callable[[], Candidate]) -> Callable[[Workload], Candidate]:
     return lambda workload: factory()
 
 
+# Recurring moderate and direction-only errors on the parameter scaled_layer picks (issue 17):
+# what a per-step noise limit alone misses, above all under Adam, which normalizes each update.
+_ONE_LAYER_BUGS: tuple[Spec, ...] = tuple(
+    Spec(
+        label,
+        "bug",
+        "default",
+        lambda workload, make=make: make(scaled_layer(workload)),
+        affected=lambda workload: [scaled_layer(workload)],
+    )
+    for label, make in (
+        ("dropped-gradient-rows-0.125", zoo.dropped_gradient_rows),
+        ("rotated-gradient-rows", zoo.rotated_gradient_rows),
+        ("stale-gradient-rows-0.5", zoo.stale_gradient_rows),
+    )
+)
+
+
 SPECS: tuple[Spec, ...] = (
     # Legitimate variants.
     Spec("unfold-conv2d", "clean", "default", _fixed(zoo.unfold_conv2d), has_conv),
@@ -141,6 +159,7 @@ SPECS: tuple[Spec, ...] = (
         lambda workload: zoo.scaled_layer_gradient(scaled_layer(workload), 0.5),
         affected=lambda workload: [scaled_layer(workload)],
     ),
+    *_ONE_LAYER_BUGS,
     Spec(
         "accumulation-without-division-4",
         "bug",
@@ -378,6 +397,7 @@ TRANSFORMER_SPECS: tuple[Spec, ...] = (
         lambda workload: zoo.scaled_layer_gradient(scaled_layer(workload), 0.5),
         affected=lambda workload: [scaled_layer(workload)],
     ),
+    *_ONE_LAYER_BUGS,
     # The same bugs in a bf16 training, against the bf16 policy's region.
     *(
         Spec(f"{label}@bf16", "bug", "bf16-autocast", _under("bf16-autocast", make), applies)

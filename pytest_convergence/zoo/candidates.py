@@ -63,6 +63,7 @@ __all__ = [
     "bf16_exchange",
     "channels_last",
     "conv_without_bias",
+    "dropped_gradient_rows",
     "dropped_worker_exchange",
     "error_feedback_int8_exchange",
     "for_loop_sgd",
@@ -74,8 +75,10 @@ __all__ = [
     "loss_scale_mismatch",
     "onednn_disabled",
     "quantize_int8_partitions",
+    "rotated_gradient_rows",
     "scaled_layer_gradient",
     "stale_gradient",
+    "stale_gradient_rows",
     "sum_instead_of_mean_exchange",
     "tf32_matmuls",
     "thread_count",
@@ -593,6 +596,27 @@ def dropped_worker_exchange(workers: int = 4) -> Candidate:
 # --------------------------------------------------------------------------------------------
 
 
+def _one_gradient(
+    parameter: str, change: Callable[[torch.Tensor, int], None]
+) -> Callable[[Sequence[tuple[str, torch.Tensor]], int], None]:
+    """A gradient transform that applies ``change`` to ``parameter``'s gradient in place."""
+
+    def transform(named: Sequence[tuple[str, torch.Tensor]], step: int) -> None:
+        for name, gradient in named:
+            if name == parameter:
+                change(gradient, step)
+                return
+        if step == 1:
+            names = ", ".join(name for name, _ in named[:8])
+            raise ValueError(f"no gradient for parameter {parameter!r}; parameters: {names}, ...")
+
+    return transform
+
+
+def _tail_rows(gradient: torch.Tensor, fraction: float) -> int:
+    return max(1, int(gradient.shape[0] * fraction)) if gradient.dim() > 0 else 0
+
+
 def scaled_layer_gradient(parameter: str, factor: float = 0.5) -> Candidate:
     """BUG: one parameter's gradient multiplied by ``factor`` (halved by default).
 
@@ -602,20 +626,76 @@ def scaled_layer_gradient(parameter: str, factor: float = 0.5) -> Candidate:
     twice. Signature: bias ``factor - 1`` on that parameter from step 1.
     """
 
-    def transform(named: Sequence[tuple[str, torch.Tensor]], step: int) -> None:
-        found = False
-        for name, gradient in named:
-            if name == parameter:
-                gradient.mul_(factor)
-                found = True
-        if not found and step == 1:
-            names = ", ".join(name for name, _ in named[:8])
-            raise ValueError(f"no gradient for parameter {parameter!r}; parameters: {names}, ...")
+    def scale(gradient: torch.Tensor, step: int) -> None:
+        gradient.mul_(factor)
 
     return Candidate(
         name=f"layer-gradient-x{factor:g}",
-        gradient_transform=transform,
+        gradient_transform=_one_gradient(parameter, scale),
         description=f"gradient of {parameter} multiplied by {factor:g}",
+    )
+
+
+def dropped_gradient_rows(parameter: str, fraction: float = 0.125) -> Candidate:
+    """BUG: the last ``fraction`` of one parameter's gradient rows is never written (zero).
+
+    A tiled backward kernel whose grid is ``rows // tile`` instead of ``ceil(rows / tile)``
+    skips the remainder tile; the rows it should have written keep the zeros of a fresh
+    gradient buffer. Every step loses the same slice: a moderate error that returns each step,
+    mostly off the update's direction (those weights stop learning; the rest train on).
+    """
+
+    def drop(gradient: torch.Tensor, step: int) -> None:
+        gradient[-_tail_rows(gradient, fraction) :].zero_()
+
+    return Candidate(
+        name=f"dropped-gradient-rows-{fraction:g}",
+        gradient_transform=_one_gradient(parameter, drop),
+        description=f"last {fraction:g} of the rows of {parameter}'s gradient left at zero",
+    )
+
+
+def rotated_gradient_rows(parameter: str) -> Candidate:
+    """BUG: one parameter's gradient rows written one row down (the last row to the first).
+
+    An off-by-one in a backward kernel's output index (``row + 1`` modulo the row count, a
+    tile offset applied twice): each weight row receives its neighbour's gradient. The
+    gradient's norm is unchanged and, under an optimizer that normalizes each element's
+    update (Adam), so is the update's size: a direction-only error, every step.
+    """
+
+    def rotate(gradient: torch.Tensor, step: int) -> None:
+        gradient.copy_(torch.roll(gradient, shifts=1, dims=0))
+
+    return Candidate(
+        name="rotated-gradient-rows",
+        gradient_transform=_one_gradient(parameter, rotate),
+        description=f"rows of {parameter}'s gradient shifted by one (direction-only)",
+    )
+
+
+def stale_gradient_rows(parameter: str, fraction: float = 0.5) -> Candidate:
+    """BUG: the last ``fraction`` of one parameter's gradient rows is the previous step's.
+
+    A race in a double-buffered or overlapped gradient kernel: the tiles written after the
+    buffers are swapped land in the buffer the optimizer reads a step later. Every step part
+    of the gradient is one step old, a moderate recurring error with little bias at first
+    (consecutive gradients point roughly the same way). The candidate keeps the previous
+    rows as private state: build a fresh candidate per run.
+    """
+    previous: list[torch.Tensor] = []
+
+    def stale(gradient: torch.Tensor, step: int) -> None:
+        rows = _tail_rows(gradient, fraction)
+        current = gradient[-rows:].clone()
+        if previous and previous[0].shape == current.shape:
+            gradient[-rows:].copy_(previous[0])
+        previous[:] = [current]
+
+    return Candidate(
+        name=f"stale-gradient-rows-{fraction:g}",
+        gradient_transform=_one_gradient(parameter, stale),
+        description=f"last {fraction:g} of the rows of {parameter}'s gradient one step old",
     )
 
 
