@@ -19,10 +19,11 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from pytest_convergence.errors import CompileFallbackError
 
-__all__ = ["compiled_code_required", "reset_compiled_code"]
+__all__ = ["StepPosition", "compiled_code_required", "reset_compiled_code"]
 
 
 def reset_compiled_code() -> None:
@@ -32,12 +33,27 @@ def reset_compiled_code() -> None:
         dynamo.reset()
 
 
+@dataclass
+class StepPosition:
+    """Where a run is, for the error: updated every step, formatted only if it is raised."""
+
+    step: int = 0
+    side: str = ""
+
+    def at(self, step: int, side: str) -> None:
+        self.step, self.side = step, side
+
+    def __str__(self) -> str:
+        return f"step {self.step}, {self.side}"
+
+
 @contextlib.contextmanager
-def compiled_code_required(where: str) -> Iterator[None]:
-    """Run a training step where reaching Dynamo's recompile limit raises, naming ``where``
-    (the step and side) instead of falling back to eager code."""
+def compiled_code_required(where: StepPosition | str) -> Iterator[None]:
+    """Run training steps where reaching Dynamo's recompile limit raises, naming ``where``
+    (the step and side), instead of falling back to eager code. Entered once per run: the
+    configuration patch costs more than a small model's step."""
     dynamo = sys.modules.get("torch._dynamo")
-    if dynamo is None:  # nothing was compiled: torch.compile imports Dynamo
+    if dynamo is None:  # nothing was compiled: torch.compile (and torch.optim) import Dynamo
         yield
         return
     with dynamo.config.patch(fail_on_recompile_limit_hit=True):

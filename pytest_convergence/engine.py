@@ -31,7 +31,11 @@ from torch import nn
 
 from pytest_convergence.batches import Batch, split
 from pytest_convergence.candidates import REFERENCE, Candidate, mean_exchange
-from pytest_convergence.compilation import compiled_code_required, reset_compiled_code
+from pytest_convergence.compilation import (
+    StepPosition,
+    compiled_code_required,
+    reset_compiled_code,
+)
 from pytest_convergence.errors import NonFiniteWeightError
 from pytest_convergence.precision import PrecisionPolicy, get_policy
 from pytest_convergence.step_statistics import (
@@ -404,56 +408,60 @@ def run_lockstep(
     # Each side's flat weights from the step before, whose vector the next ones overwrite.
     spent: list[FlatWeights | None] = [None] * len(sides)
     before: TrainingState | None = None
-    for index, batch in enumerate(batches):
-        step = index + 1
-        if progress is not None:
-            progress(step, "reference")
-        before = TrainingState.capture(reference, reuse=before)
-        with compiled_code_required(f"step {step}, the reference"):
-            trained = reference.train_step(batch, step, traced=record, keep_gradients=keep)
-        previous, after = series.advance(list(reference.model.parameters()), trained.gradient_norms)
-        require_finite(layout, after, reference.model, step)
-        losses: list[float | None] = []
-        weights: list[FlatWeights | None] = []
-        for position, side in enumerate(sides):
-            if stopped[position] and not step_after_divergence:
-                losses.append(None)
-                weights.append(None)
-                continue
+    where = StepPosition()
+    with compiled_code_required(where):
+        for index, batch in enumerate(batches):
+            step = index + 1
             if progress is not None:
-                progress(step, "candidate")
-            with compiled_code_required(f"step {step}, candidate {side.candidate.name!r}"):
-                losses.append(side.step_from(before, batch, step, trained))
-            candidate = None
-            if record and not stopped[position]:
-                parameters = list(side.implementation.model.parameters())
-                candidate = FlatWeights.of(layout, parameters, reuse=spent[position])
-                spent[position] = candidate
-            weights.append(candidate)
-        reference_loss, losses = (
-            agree_on_losses(step, trained.loss, losses)
-            if agree_on_losses is not None
-            else (trained.loss, losses)
-        )
-        if not record:
-            continue
-        reference_trace = step_trace(layout, after, step=step, loss=reference_loss)
-        for position, (result, candidate) in enumerate(zip(results, weights, strict=True)):
-            if candidate is None:
-                continue
-            result.reference.steps.append(reference_trace)
-            candidate_loss = losses[position]
-            comparison = StepComparison(
-                step=step,
-                reference_loss=reference_loss,
-                candidate_loss=reference_loss if candidate_loss is None else candidate_loss,
-                reference_global_logm=after.global_logm,
-                candidate_global_logm=candidate.global_logm,
-                previous_global_logm=previous.global_logm,
-                parameters=compare_weights(layout, previous, after, candidate),
+                progress(step, "reference")
+            before = TrainingState.capture(reference, reuse=before)
+            where.at(step, "the reference")
+            trained = reference.train_step(batch, step, traced=record, keep_gradients=keep)
+            previous, after = series.advance(
+                list(reference.model.parameters()), trained.gradient_norms
             )
-            result.comparisons.append(comparison)
-            stopped[position] = comparison.non_finite
+            require_finite(layout, after, reference.model, step)
+            losses: list[float | None] = []
+            weights: list[FlatWeights | None] = []
+            for position, side in enumerate(sides):
+                if stopped[position] and not step_after_divergence:
+                    losses.append(None)
+                    weights.append(None)
+                    continue
+                if progress is not None:
+                    progress(step, "candidate")
+                where.at(step, f"candidate {side.candidate.name!r}")
+                losses.append(side.step_from(before, batch, step, trained))
+                candidate = None
+                if record and not stopped[position]:
+                    parameters = list(side.implementation.model.parameters())
+                    candidate = FlatWeights.of(layout, parameters, reuse=spent[position])
+                    spent[position] = candidate
+                weights.append(candidate)
+            reference_loss, losses = (
+                agree_on_losses(step, trained.loss, losses)
+                if agree_on_losses is not None
+                else (trained.loss, losses)
+            )
+            if not record:
+                continue
+            reference_trace = step_trace(layout, after, step=step, loss=reference_loss)
+            for position, (result, candidate) in enumerate(zip(results, weights, strict=True)):
+                if candidate is None:
+                    continue
+                result.reference.steps.append(reference_trace)
+                candidate_loss = losses[position]
+                comparison = StepComparison(
+                    step=step,
+                    reference_loss=reference_loss,
+                    candidate_loss=reference_loss if candidate_loss is None else candidate_loss,
+                    reference_global_logm=after.global_logm,
+                    candidate_global_logm=candidate.global_logm,
+                    previous_global_logm=previous.global_logm,
+                    parameters=compare_weights(layout, previous, after, candidate),
+                )
+                result.comparisons.append(comparison)
+                stopped[position] = comparison.non_finite
     return results if record else []
 
 
