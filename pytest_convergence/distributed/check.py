@@ -70,9 +70,9 @@ def check_distributed(
             start_method=start_method,
         )
 
-    def run() -> CoSimulation:
+    def run(workload: Workload) -> CoSimulation:
         return cosimulate_distributed(
-            resolved,
+            workload,
             hook,
             world_size=world_size,
             backend=backend,
