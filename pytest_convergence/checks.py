@@ -4,7 +4,11 @@ Plain Python, no pytest: the plugin's ``convergence`` fixture, a notebook or a s
 :meth:`ConvergenceChecker.check` the same way. Every way of producing a co-simulation (one
 process, DDP) goes through the same :class:`CheckRequest` and :meth:`ConvergenceChecker.run`,
 whose failure path reads top to bottom: judge, replay the first failing step, write the report
-folder, format the message, raise.
+folder, triage at further seeds (:mod:`pytest_convergence.triage`), format the message, raise.
+
+Length: that one sequence and the fixture's binding of it to a test (:class:`BoundCheck`), which
+shares its request and result types; the steps it calls live in their own modules, and split
+further, the sequence would no longer read top to bottom in one place.
 """
 
 from __future__ import annotations
@@ -34,13 +38,14 @@ from pytest_convergence.candidates import Candidate, get_candidate
 from pytest_convergence.config import RECORD_COMMAND, RUN_COMMAND, ConvergenceConfig
 from pytest_convergence.cosim import cosimulate
 from pytest_convergence.engine import compile_ahead
-from pytest_convergence.errors import ConvergenceError, MissingBaselineError
+from pytest_convergence.errors import ConvergenceError, MissingBaselineError, describe_error
 from pytest_convergence.precision import DEFAULT_POLICY, get_policy
 from pytest_convergence.regions import Region, Verdict, calibrate, judge
 from pytest_convergence.replay import ReplayFinding, replay_step
-from pytest_convergence.report import SUMMARY_PREFIX, FailureContext, format_failure
+from pytest_convergence.report import SUMMARY_PREFIX, FailureContext, format_failure, triage_figures
 from pytest_convergence.report_folder import write_report
 from pytest_convergence.traces import CoSimulation
+from pytest_convergence.triage import Triage, triage
 from pytest_convergence.workloads import Workload, get_workload
 
 _T = TypeVar("_T")
@@ -71,15 +76,18 @@ class CheckRequest:
     # stream (both name the baseline file).
     precision: str = DEFAULT_POLICY
     random_stream: bool = False
+    # The seed was given to the check or its marker: --convergence-seed cannot change it.
+    fixed_seed: bool = False
 
 
 @dataclass(frozen=True)
 class Runner:
-    """How a request's co-simulation is produced: ``run`` it, ``calibrate_region`` when
+    """How a request's co-simulation is produced: ``run`` it on a workload (the request's, or
+    the request's at a further seed when a failure is triaged), ``calibrate_region`` when
     recording, ``replay`` its first failing step, and the ``report_candidate`` that the report
     folder's diagnostics re-run (None where it cannot run in this process: a DDP hook)."""
 
-    run: Callable[[], CoSimulation]
+    run: Callable[[Workload], CoSimulation]
     calibrate_region: Callable[[], Region]
     replay: Callable[[int], ReplayFinding] | None = None
     report_candidate: Candidate | None = None
@@ -97,10 +105,14 @@ class Runner:
         tolerance: float | None = None,
     ) -> Runner:
         """``candidate`` co-simulated in this process; the region the reference's under
-        perturbation at the request's precision policy (or ``tolerance``), or ``known_good``'s."""
+        perturbation at the request's precision policy (or ``tolerance``), or ``known_good``'s.
+
+        Every run builds its models afresh from the workload; the candidate object is reused,
+        as calibration over seeds and the replay reuse it, so state a candidate keeps in its
+        closures (an error-feedback residual) carries over from one run to the next."""
         workload = request.workload
         return cls(
-            run=lambda: cosimulate(workload, candidate),
+            run=lambda workload: cosimulate(workload, candidate),
             calibrate_region=lambda: calibrate(
                 workload,
                 candidate=known_good,
@@ -137,6 +149,8 @@ class CheckResult:
     # A torch.compile candidate's compilation, timed apart from the check.
     compile_seconds: float | None = None
     error: str = ""
+    # A failure re-run at further seeds (None: passed, errored, recording, or triage off).
+    triage: Triage | None = None
 
 
 @dataclass(repr=False)
@@ -231,7 +245,10 @@ class ConvergenceChecker:
             path = self.baseline_for(resolved, known_good, policy, random_stream=random_stream)
         if not self.config.allow_external_baselines:
             confined(self.config.baselines_dir, path, argument=baseline)
-        return CheckRequest(resolved, candidate, path, known_good, label, policy, random_stream)
+        fixed = seed is not None
+        return CheckRequest(
+            resolved, candidate, path, known_good, label, policy, random_stream, fixed
+        )
 
     def run(self, request: CheckRequest, runner: Runner) -> CheckResult:
         """Load (or, when recording, calibrate and write) the request's baseline, run the
@@ -272,7 +289,7 @@ class ConvergenceChecker:
         else:
             stored = self._load(request)
         compile_seconds = runner.warm_up() if runner.warm_up is not None else None
-        simulation = runner.run()
+        simulation = runner.run(request.workload)
         result.compile_seconds = compile_seconds
         verdict = judge(simulation, stored.region)
         result.worst_ratio = verdict.worst_ratio
@@ -286,8 +303,13 @@ class ConvergenceChecker:
         result.first_violation = f"step {first.step} {first.parameter}: {first.check}"
         finding = runner.replay(first.step) if runner.replay is not None else None
         written = self._write_report(request, simulation, stored.region, verdict, report_candidate)
-        context = self._context(request, stored, written)
-        message = format_failure(simulation, verdict, stored.region, context, finding)
+        # Recording never triages: a failure against a region just calibrated is not a flake.
+        if self.config.triage and not self.config.record:
+            result.triage = triage(request.workload, stored.region, runner.run, self.config.triage)
+        context = self._context(request, stored, written, result.triage)
+        message = format_failure(
+            simulation, verdict, stored.region, context, finding, triage=result.triage
+        )
         raise ConvergenceError(message, run=simulation, verdict=verdict)
 
     def baseline_for(
@@ -381,7 +403,11 @@ class ConvergenceChecker:
         return stored
 
     def _context(
-        self, request: CheckRequest, stored: Baseline, report_files: list[Path]
+        self,
+        request: CheckRequest,
+        stored: Baseline,
+        report_files: list[Path],
+        triaged: Triage | None = None,
     ) -> FailureContext:
         calibration = stored.region.calibration
         provenance = stored.provenance
@@ -399,6 +425,7 @@ class ConvergenceChecker:
             rerecord=_command(RECORD_COMMAND, request.label),
             report_dir=self._report_folder(request.label),
             report_files=report_files,
+            rerun_seed=_seed_command(request, triaged.example_seed) if triaged else "",
         )
 
     def _report_folder(self, label: str | None) -> Path | None:
@@ -428,14 +455,15 @@ class ConvergenceChecker:
         )
 
 
-def describe_error(error: BaseException) -> str:
-    """An exception in one line, for a summary row: its type and the first line of its message."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-
-
 def _command(command: str, label: str | None) -> str:
     return f"{command} {label}" if label else command
+
+
+def _seed_command(request: CheckRequest, seed: int) -> str:
+    """What re-runs the check at ``seed``: the seed option, unless the check fixes its seed."""
+    if request.fixed_seed:
+        return f"seed={seed} in the check or its marker (it fixes the seed)"
+    return _command(f"{RUN_COMMAND} --convergence-seed {seed}", request.label)
 
 
 def _plural(count: int) -> str:
@@ -578,6 +606,7 @@ class BoundCheck:
         figures += [("baseline", result.baseline), ("first_violation", result.first_violation)]
         if result.error:
             figures.append(("error", result.error))
+        figures += triage_figures(result.triage) if result.triage is not None else []
         for key, value in figures:
             self.record_property(f"{SUMMARY_PREFIX}{key}", value)
         if result.compile_seconds is not None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "DEFAULT_TRIAGE_SEEDS",
     "ENABLE_HINT",
     "MARKER_ARGUMENTS",
     "MISMATCH_POLICIES",
@@ -48,6 +49,9 @@ MARKER_ARGUMENTS: Mapping[str, str] = {
 # A baseline recorded under another torch version, dtype or device: warn, or fail the check.
 MISMATCH_POLICIES = ("warn", "fail")
 REPORT_MODES = ("failures", "always")
+# Further seeds a failing check is re-run at outside CI (ini convergence_triage = auto): two
+# tell a persistent failure from an unlucky seed at three times the cost of the failure alone.
+DEFAULT_TRIAGE_SEEDS = 2
 
 _DEVICE_PATTERN = re.compile(r"^(cpu|cuda|mps|xpu)(:\d+)?$")
 _DEVICES = "use 'cpu', 'cuda', 'cuda:N' or 'mps'"
@@ -69,8 +73,12 @@ class ConvergenceConfig:
     threads: int | None = None
     # Read and record baseline= paths outside baselines_dir (refused by default).
     allow_external_baselines: bool = False
+    # Further seeds a failing check is re-run at to tell a bug from an unlucky seed (0: none).
+    triage: int = 0
 
     def __post_init__(self) -> None:
+        if self.triage < 0:
+            raise ValueError(f"convergence triage {self.triage}: use 0 (off) or a positive int")
         if self.mismatch_policy not in MISMATCH_POLICIES:
             raise ValueError(
                 f"baseline mismatch policy {self.mismatch_policy!r}: use one of "
@@ -116,6 +124,7 @@ class ConvergenceConfig:
                 threads_text, cpu_count=cpu_count, workers=int(workers) if workers else None
             ),
             allow_external_baselines=bool(ini["convergence_allow_external_baselines"]),
+            triage=_triage(options, ini, environ),
         )
 
 
@@ -129,6 +138,25 @@ def _report_dir(
         return None
     folder = explicit or str(ini["convergence_report_dir"])
     return Path(rootdir, folder).resolve()
+
+
+def _triage(options: Mapping[str, Any], ini: Mapping[str, Any], environ: Mapping[str, str]) -> int:
+    """Further seeds for a failing check: the option, else the ini value; ``auto`` is
+    :data:`DEFAULT_TRIAGE_SEEDS` outside CI and none in CI (``CI`` set), where a failing job
+    would pay for every failing check three times and the seed is fixed run after run."""
+    seeds = options.get("convergence_triage")
+    if seeds is not None:
+        if seeds < 0:
+            raise ValueError(f"--convergence-triage {seeds}: use 0 (off) or a positive int")
+        return int(seeds)
+    text = str(ini["convergence_triage"]).strip().lower()
+    if text == "auto":
+        return 0 if environ.get("CI") else DEFAULT_TRIAGE_SEEDS
+    if not text.isdigit():
+        raise ValueError(
+            f"ini option convergence_triage = {text!r}: use auto, 0 (off) or a positive int"
+        )
+    return int(text)
 
 
 def _ini_int(ini: Mapping[str, Any], name: str) -> int:

@@ -160,3 +160,9 @@ class OpMismatchError(AssertionError):
 class CliError(Exception):
     """An input or usage problem of the ``pytest-convergence`` command: one line on stderr and
     exit status 2, because the fix is an argument or a file, never a traceback to debug."""
+
+
+def describe_error(error: BaseException) -> str:
+    """An exception in one line, for a summary row: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__

@@ -44,6 +44,7 @@ _OPTION_NAMES = (
     "convergence_record_in_ci",
     "convergence_report",
     "convergence_report_dir",
+    "convergence_triage",
 )
 _INI_NAMES = (
     "convergence_enabled",
@@ -54,6 +55,7 @@ _INI_NAMES = (
     "convergence_report_dir",
     "convergence_baseline_mismatch",
     "convergence_allow_external_baselines",
+    "convergence_triage",
 )
 
 
@@ -116,6 +118,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="DIR",
         help="where report folders go (default: ini convergence_report_dir).",
     )
+    group.addoption(
+        "--convergence-triage",
+        type=int,
+        default=None,
+        metavar="N",
+        help="re-run a failing check at the N seeds after its own and say on how many it "
+        "fails too; 0: off (default: ini convergence_triage, auto: 2, or 0 when CI is set).",
+    )
     parser.addini(
         "convergence_enabled",
         type="bool",
@@ -140,6 +150,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         type="bool",
         default=False,
         help="let baseline= name files outside the baselines folder (refused by default).",
+    )
+    parser.addini(
+        "convergence_triage",
+        default="auto",
+        help="further seeds a failing check is re-run at: N, 0 (off) or auto (2; 0 in CI).",
     )
     parser.addini(
         "convergence_baseline_mismatch",

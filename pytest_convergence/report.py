@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from pytest_convergence.regions import Region, Verdict, Violation
     from pytest_convergence.replay import ReplayFinding
     from pytest_convergence.traces import CoSimulation, ParameterComparison
+    from pytest_convergence.triage import SeedOutcome, Triage
 
 __all__ = [
     "NOTES_FILE",
@@ -28,6 +29,8 @@ __all__ = [
     "summary_lines",
     "summary_rows",
     "summary_section",
+    "triage_figures",
+    "triage_lines",
 ]
 
 TABLE_ROWS = 10
@@ -51,6 +54,8 @@ class FailureContext:
     # The files written into ``report_dir``. The checker fills this list when it writes the
     # report, which happens before the message is formatted.
     report_files: Sequence[Path] = ()
+    # What re-runs the check at the triage's example seed ("" when it was not triaged).
+    rerun_seed: str = ""
 
 
 def format_failure(
@@ -59,6 +64,8 @@ def format_failure(
     region: Region,
     context: FailureContext,
     replay: ReplayFinding | None = None,
+    *,
+    triage: Triage | None = None,
 ) -> str:
     first = verdict.first_violation
     assert first is not None, "format_failure needs a failing verdict"
@@ -79,6 +86,8 @@ def format_failure(
     zeros = _zero_line(run, verdict.violations)
     if zeros is not None:
         lines.append(zeros)
+    if triage is not None:
+        lines += triage_lines(triage, context.rerun_seed)
     lines.append(
         f"Region calibrated against: {region.calibration.description}; {context.provenance}"
     )
@@ -87,6 +96,46 @@ def format_failure(
     lines.append(f"Reproduce:   {context.reproduce}")
     lines.append(f"If intended: {context.rerecord}  (review the diff, commit)")
     return "\n".join(lines)
+
+
+def triage_lines(triage: Triage, rerun: str = "") -> list[str]:
+    """How many further seeds fail too, each seed's worst ratio, the seconds it took, what it
+    suggests, and (``rerun``) what re-runs one seed. The check fails whatever it says."""
+    tried = len(triage.outcomes)
+    seeds = "; ".join(_seed_text(outcome) for outcome in triage.outcomes)
+    # Tenths of a second hide a fast triage's time; hundredths say it is short.
+    seconds = f"{triage.seconds:.1f}" if triage.seconds >= 1 else f"{triage.seconds:.2f}"
+    head = (
+        f"Triage: reproduces on {triage.reproduced} of {tried} further "
+        f"seed{'' if tried == 1 else 's'} ({seeds}), in {seconds} s: "
+    )
+    lines = [head + _triage_reading(triage)]
+    if rerun:
+        lines.append(f"  Rerun seed {triage.example_seed}: {rerun}")
+    return lines
+
+
+def _seed_text(outcome: SeedOutcome) -> str:
+    if outcome.error:
+        return f"seed {outcome.seed} could not run: {outcome.error}"
+    ratio = outcome.worst_ratio
+    shown = f"{ratio:.3g}x" if math.isfinite(ratio) else "non-finite"
+    return f"seed {outcome.seed} {'fails' if outcome.failed else 'passes'}, worst {shown} its limit"
+
+
+def _triage_reading(triage: Triage) -> str:
+    """What the count suggests; every reading but a persistent failure says the check still
+    fails, so a failure that does not reproduce is never read as a pass."""
+    if triage.judged == 0:
+        return "no further seed ran to a verdict; the check still fails"
+    if triage.reproduced == triage.judged:
+        return f"a persistent failure, not an unlucky seed {triage.seed}"
+    if triage.reproduced == 0:
+        return (
+            f"does not reproduce, possibly an unlucky seed {triage.seed} or a marginal "
+            "candidate; the check still fails"
+        )
+    return "seed-dependent, a marginal candidate or a bug some seeds hide; the check still fails"
 
 
 def _violation_lines(run: CoSimulation, violation: Violation, title: str) -> list[str]:
@@ -277,6 +326,13 @@ def summary_lines(rows: Sequence[dict[str, object]]) -> list[str]:
             text = row.get(label)
             if text:
                 lines.append(f"{'':<23}{label.replace('_', ' ')}: {text}")
+        triaged = row.get("triage")
+        if isinstance(triaged, str) and "/" in triaged:
+            reproduced, tried = triaged.split("/", 1)
+            lines.append(
+                f"{'':<23}triage: reproduces on {reproduced} of {tried} further seeds "
+                f"(seed: worst/limit {row.get('triage_ratios', '?')})"
+            )
         compiled = row.get("compile_seconds")
         if isinstance(compiled, int | float):
             lines.append(f"{'':<23}compiled in {compiled:.1f} s, apart from the check")
@@ -315,6 +371,21 @@ def summary_rows(properties: Iterable[tuple[str, object]], nodeid: str) -> list[
     for each in rows:
         each["nodeid"] = nodeid
     return rows
+
+
+def triage_figures(triage: Triage) -> list[tuple[str, object]]:
+    """A triage's figures for JUnit XML and the summary: ``triage`` (``k/n``, failing further
+    seeds out of those tried), ``triage_ratios`` (``seed: worst ratio``, or ``seed: error``,
+    each) and ``triage_seconds``."""
+    return [
+        ("triage", triage.fraction),
+        ("triage_ratios", ", ".join(map(_seed_figure, triage.outcomes))),
+        ("triage_seconds", round(triage.seconds, 2)),
+    ]
+
+
+def _seed_figure(outcome: SeedOutcome) -> str:
+    return f"{outcome.seed}: {'error' if outcome.error else f'{outcome.worst_ratio:.4g}'}"
 
 
 def summary_section(

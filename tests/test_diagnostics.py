@@ -396,7 +396,7 @@ def test_a_check_without_a_candidate_to_re_run_reports_the_trace_only(tmp_path: 
         checker.run(
             checker.request(MLP, candidate=SCALED.name, label="ddp-like"),
             Runner(
-                run=lambda: cosimulate(MLP, SCALED),
+                run=lambda workload: cosimulate(workload, SCALED),
                 calibrate_region=lambda: calibrate(MLP, seeds=[0], draws=2),
             ),
         )

@@ -360,3 +360,153 @@ def test_a_cuda_check_is_skipped_with_a_reason_on_a_machine_without_cuda(
     result = project.runpytest("--convergence", "-rs", "test_gpu.py")
     result.assert_outcomes(skipped=1)
     result.stdout.fnmatch_lines(["*needs CUDA (device='cuda')*"])
+
+
+# A workload that says which seed it runs at, and a candidate buggy at seed 0 only: the case
+# of a failure that a triage at further seeds finds not to reproduce.
+SEEDED_CONFTEST = (
+    TINY_WORKLOAD_CONFTEST
+    + """
+from pytest_convergence.candidates import Candidate, register_candidate
+
+SEED = {"now": None}
+_batches = synthetic_classification((8,), 4, batch_size=8)
+
+def seeded_batches(seed, steps, dtype, device):
+    SEED["now"] = seed
+    return _batches(seed, steps, dtype, device)
+
+register_workload(
+    Workload(
+        name="tiny-seeded",
+        model_factory=tiny,
+        batches=seeded_batches,
+        optimizer_factory=sgd(lr=0.1),
+        steps=3,
+    ),
+    replace_existing=True,
+)
+
+def halve_last_layer_at_seed_0(named, step):
+    for name, gradient in named:
+        if name == "2.weight" and SEED["now"] == 0:
+            gradient.mul_(0.5)
+
+def halve_last_layer(named, step):
+    for name, gradient in named:
+        if name == "2.weight":
+            gradient.mul_(0.5)
+
+register_candidate(
+    Candidate("halved-at-seed-0", gradient_transform=halve_last_layer_at_seed_0),
+    replace_existing=True,
+)
+register_candidate(
+    Candidate("halved", gradient_transform=halve_last_layer), replace_existing=True
+)
+register_candidate(
+    Candidate("identical", gradient_transform=lambda named, step: None), replace_existing=True
+)
+"""
+)
+SEEDED_TESTS = """
+import pytest
+
+@pytest.mark.convergence(workload="tiny-seeded", candidate="identical")
+def test_identical(convergence):
+    convergence.check()
+
+@pytest.mark.convergence(workload="tiny-seeded", candidate="halved")
+def test_halved(convergence):
+    convergence.check()
+
+@pytest.mark.convergence(workload="tiny-seeded", candidate="halved-at-seed-0")
+def test_halved_at_seed_0(convergence):
+    convergence.check()
+"""
+
+
+@pytest.fixture
+def seeded(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    """A project with tiny-seeded's baseline recorded, outside CI (where triage is on)."""
+    monkeypatch.delenv("CI", raising=False)
+    pytester.makeconftest(SEEDED_CONFTEST)
+    pytester.makepyfile(test_seeded=SEEDED_TESTS)
+    pytester.runpytest("--convergence", "--convergence-record", "-k", "identical").assert_outcomes(
+        passed=1
+    )
+    return pytester
+
+
+def test_a_failure_is_triaged_in_the_message_the_summary_and_junit(
+    seeded: pytest.Pytester,
+) -> None:
+    result = seeded.runpytest("--convergence", "-k", "test_halved", "--junitxml=out.xml")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*Triage: reproduces on 2 of 2 further seeds (seed 1 fails, worst *x its limit; "
+            "seed 2 fails, *), in * s: a persistent failure, not an unlucky seed 0",
+            "*  Rerun seed 1: pytest --convergence --convergence-seed 1 "
+            "test_seeded.py::test_halved",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*= convergence =*",
+            "failed * tiny-seeded * halved * test_seeded.py::test_halved",
+            "* triage: reproduces on 2 of 2 further seeds (seed: worst/limit 1: *, 2: *)",
+        ]
+    )
+    xml = (seeded.path / "out.xml").read_text()
+    assert 'name="convergence_triage" value="2/2"' in xml
+    assert 'name="convergence_triage" value="0/2"' in xml
+    assert 'name="convergence_triage_ratios" value="1: ' in xml
+    assert 'name="convergence_triage_seconds"' in xml
+
+
+def test_a_failure_that_does_not_reproduce_says_so_and_the_test_still_fails(
+    seeded: pytest.Pytester,
+) -> None:
+    result = seeded.runpytest("--convergence", "-k", "at_seed_0")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*ConvergenceError: candidate 'halved-at-seed-0' left the divergence region*",
+            "*Triage: reproduces on 0 of 2 further seeds (seed 1 passes, *; seed 2 passes, *), "
+            "in * s: does not reproduce, possibly an unlucky seed 0 or a marginal candidate; "
+            "the check still fails",
+            "*  Rerun seed 1: pytest --convergence --convergence-seed 1 "
+            "test_seeded.py::test_halved_at_seed_0",
+        ]
+    )
+    # The command it gives runs the passing seed.
+    seeded.runpytest(
+        "--convergence", "--convergence-seed", "1", "test_seeded.py::test_halved_at_seed_0"
+    ).assert_outcomes(passed=1)
+
+
+def test_triage_is_off_with_0_and_by_default_in_ci_unless_asked_for(
+    seeded: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    off = seeded.runpytest("--convergence", "-k", "at_seed_0", "--convergence-triage", "0")
+    off.assert_outcomes(failed=1)
+    assert "Triage" not in off.stdout.str()
+    monkeypatch.setenv("CI", "true")
+    in_ci = seeded.runpytest("--convergence", "-k", "at_seed_0")
+    in_ci.assert_outcomes(failed=1)
+    assert "Triage" not in in_ci.stdout.str()
+    asked = seeded.runpytest("--convergence", "-k", "at_seed_0", "--convergence-triage", "1")
+    asked.assert_outcomes(failed=1)
+    asked.stdout.fnmatch_lines(["*Triage: reproduces on 0 of 1 further seed (seed 1 passes*"])
+
+
+def test_recording_and_a_check_that_errors_are_never_triaged(seeded: pytest.Pytester) -> None:
+    recording = seeded.runpytest("--convergence", "--convergence-record", "-k", "test_halved")
+    recording.assert_outcomes(failed=2)
+    assert "Triage" not in recording.stdout.str()
+    (seeded.path / "baselines" / "tiny-seeded.json").unlink()
+    missing = seeded.runpytest("--convergence", "-k", "test_halved")
+    missing.assert_outcomes(failed=2)
+    missing.stdout.fnmatch_lines(["*no baseline for workload 'tiny-seeded'*"])
+    assert "Triage" not in missing.stdout.str()

@@ -167,6 +167,68 @@ def test_settings_live_in_the_config_stash(pytester: pytest.Pytester) -> None:
     pytester.runpytest("--convergence-seed", "3").assert_outcomes(passed=1)
 
 
+TRIAGE_SETTING = """
+from pytest_convergence.plugin import config_key
+
+def test_reads_triage(request):
+    print("triage =", request.config.stash[config_key].triage)
+"""
+
+
+@pytest.mark.parametrize(
+    ("ci", "ini", "arguments", "expected"),
+    [
+        (None, None, [], 2),
+        ("true", None, [], 0),
+        ("true", "3", [], 3),
+        (None, "0", [], 0),
+        ("true", "auto", ["--convergence-triage", "4"], 4),
+        (None, "1", ["--convergence-triage", "0"], 0),
+    ],
+)
+def test_triage_is_two_further_seeds_outside_ci_none_in_ci_and_the_option_wins(
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    ci: str | None,
+    ini: str | None,
+    arguments: list[str],
+    expected: int,
+) -> None:
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    if ini is not None:
+        pytester.makeini(f"[pytest]\nconvergence_triage = {ini}\n")
+    pytester.makepyfile(TRIAGE_SETTING)
+    result = pytester.runpytest("-s", *arguments)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([f"*triage = {expected}"])
+
+
+@pytest.mark.parametrize(
+    ("ini", "arguments", "expected"),
+    [
+        (
+            None,
+            ["--convergence-triage", "-1"],
+            "*--convergence-triage -1: use 0 (off) or a positive*",
+        ),
+        ("many", [], "*convergence_triage = 'many': use auto, 0 (off) or a positive int*"),
+        ("-2", [], "*convergence_triage = '-2': use auto, 0 (off) or a positive int*"),
+    ],
+)
+def test_a_bad_triage_count_is_a_usage_error(
+    pytester: pytest.Pytester, ini: str | None, arguments: list[str], expected: str
+) -> None:
+    if ini is not None:
+        pytester.makeini(f"[pytest]\nconvergence_triage = {ini}\n")
+    result = pytester.runpytest(*arguments)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([expected])
+
+
 def test_importing_the_plugin_does_not_import_torch() -> None:
     code = "import sys, pytest_convergence.plugin; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

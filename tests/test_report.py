@@ -7,6 +7,7 @@ as the one test of the fragment it changed.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,8 +24,11 @@ from pytest_convergence.report import (
     summary_lines,
     summary_rows,
     summary_section,
+    triage_figures,
+    triage_lines,
 )
 from pytest_convergence.traces import CoSimulation, ParameterComparison, StepComparison, Trace
+from pytest_convergence.triage import SeedOutcome, Triage
 
 CONV = "features.3.weight"
 BIAS = "classifier.bias"
@@ -862,3 +866,119 @@ def test_assert_within_region_without_a_replay_raises_a_message_without_a_replay
 
 def test_a_convergence_error_is_an_assertion_error() -> None:
     assert issubclass(ConvergenceError, AssertionError)
+
+
+# Triage: a failure at seed 0 re-run at seeds 1 and 2.
+FAILS_AT_1 = SeedOutcome(1, failed=True, worst_ratio=6.5238)
+FAILS_AT_2 = SeedOutcome(2, failed=True, worst_ratio=5.91)
+PASSES_AT_1 = SeedOutcome(1, worst_ratio=0.4213)
+PASSES_AT_2 = SeedOutcome(2, worst_ratio=0.38)
+RERUN = "pytest --convergence --convergence-seed 1 tests/test_fused_sgd.py::test_matches_reference"
+
+
+def triaged(*outcomes: SeedOutcome, seconds: float = 1.234) -> Triage:
+    return Triage(seed=0, outcomes=outcomes, seconds=seconds)
+
+
+def test_a_triage_counts_the_further_seeds_at_which_the_failure_reproduces() -> None:
+    head = triage_lines(triaged(FAILS_AT_1, PASSES_AT_2))[0]
+    assert head.startswith("Triage: reproduces on 1 of 2 further seeds (")
+
+
+def test_a_triage_gives_each_seeds_verdict_beside_its_worst_ratio() -> None:
+    head = triage_lines(triaged(FAILS_AT_1, PASSES_AT_2))[0]
+    assert "(seed 1 fails, worst 6.52x its limit; seed 2 passes, worst 0.38x its limit)" in head
+
+
+def test_a_triage_says_how_long_it_took() -> None:
+    assert ", in 1.2 s: " in triage_lines(triaged(FAILS_AT_1))[0]
+    assert ", in 0.04 s: " in triage_lines(triaged(FAILS_AT_1, seconds=0.041))[0]
+
+
+def test_a_single_further_seed_is_not_plural() -> None:
+    assert "reproduces on 1 of 1 further seed (" in triage_lines(triaged(FAILS_AT_1))[0]
+
+
+def test_a_failure_at_every_further_seed_reads_as_persistent() -> None:
+    head = triage_lines(triaged(FAILS_AT_1, FAILS_AT_2))[0]
+    assert head.endswith(": a persistent failure, not an unlucky seed 0")
+
+
+def test_a_failure_that_does_not_reproduce_says_so_and_that_the_check_still_fails() -> None:
+    head = triage_lines(triaged(PASSES_AT_1, PASSES_AT_2))[0]
+    assert head.startswith("Triage: reproduces on 0 of 2 further seeds")
+    assert head.endswith(
+        ": does not reproduce, possibly an unlucky seed 0 or a marginal candidate; "
+        "the check still fails"
+    )
+
+
+def test_a_failure_at_some_further_seeds_reads_as_seed_dependent_and_still_fails() -> None:
+    head = triage_lines(triaged(PASSES_AT_1, FAILS_AT_2))[0]
+    assert head.endswith(
+        ": seed-dependent, a marginal candidate or a bug some seeds hide; the check still fails"
+    )
+
+
+def test_a_seed_that_could_not_run_is_shown_with_its_error_and_not_counted() -> None:
+    errored = SeedOutcome(2, error="ValueError: batches must split evenly")
+    head = triage_lines(triaged(FAILS_AT_1, errored))[0]
+    assert "seed 2 could not run: ValueError: batches must split evenly)" in head
+    assert head.startswith("Triage: reproduces on 1 of 2 further seeds")
+    assert head.endswith(": a persistent failure, not an unlucky seed 0")
+
+
+def test_a_triage_whose_seeds_all_errored_still_fails() -> None:
+    head = triage_lines(triaged(SeedOutcome(1, error="RuntimeError: rank 1 died")))[0]
+    assert head.endswith(": no further seed ran to a verdict; the check still fails")
+
+
+def test_a_non_finite_worst_ratio_is_named() -> None:
+    head = triage_lines(triaged(SeedOutcome(1, failed=True, worst_ratio=math.inf)))[0]
+    assert "seed 1 fails, worst non-finite its limit" in head
+
+
+def test_a_triage_says_how_to_rerun_the_first_seed_that_reproduces() -> None:
+    lines = triage_lines(triaged(PASSES_AT_1, FAILS_AT_2), RERUN.replace("seed 1", "seed 2"))
+    assert lines[1] == f"  Rerun seed 2: {RERUN.replace('seed 1', 'seed 2')}"
+
+
+def test_a_triage_that_never_reproduces_offers_the_first_further_seed() -> None:
+    assert triaged(PASSES_AT_1, PASSES_AT_2).example_seed == 1
+
+
+def test_the_failure_message_gives_the_triage_before_the_region() -> None:
+    text = format_failure(
+        cosimulation(),
+        verdict(),
+        region(),
+        dataclasses.replace(context(), rerun_seed=RERUN),
+        triage=triaged(FAILS_AT_1, FAILS_AT_2),
+    )
+    lines = text.split("\n")
+    start = line(lines, "Triage: ")
+    assert lines[lines.index(start) + 1] == f"  Rerun seed 1: {RERUN}"
+    assert lines[lines.index(start) + 2].startswith("Region calibrated against: ")
+
+
+def test_a_message_without_triage_has_no_triage_line() -> None:
+    assert not [text for text in message() if text.startswith("Triage")]
+
+
+def test_triage_figures_give_the_fraction_each_seeds_ratio_and_the_seconds() -> None:
+    errored = SeedOutcome(2, error="ValueError: x")
+    assert triage_figures(triaged(FAILS_AT_1, errored)) == [
+        ("triage", "1/2"),
+        ("triage_ratios", "1: 6.524, 2: error"),
+        ("triage_seconds", 1.23),
+    ]
+
+
+def test_a_triaged_row_is_followed_by_its_triage_under_the_workload_column() -> None:
+    row = dict(FAILED_ROW, triage="2/2", triage_ratios="1: 6.524, 2: 5.91")
+    lines = summary_lines([row])
+    assert lines[3] == (
+        "                       triage: reproduces on 2 of 2 further seeds "
+        "(seed: worst/limit 1: 6.524, 2: 5.91)"
+    )
+    assert lines[3].index("triage") == lines[0].index("workload")

@@ -45,7 +45,8 @@ def check_distributed(
     ``--convergence-record``): DDP's all-reduce over W ranks is an exact mean exchange over W
     workers up to summation order, and the statistics are relative to each step's update.
     ``known_good`` (or ``own_region=True``): a region calibrated from real DDP runs of that
-    hook, ``<workload>--<hook name>.json``.
+    hook, ``<workload>--<hook name>.json``. A failure is triaged like a check's, each further
+    seed another run on ``world_size`` processes.
     """
     __tracebackhide__ = True
     region_hook = hook if own_region else known_good
@@ -70,9 +71,9 @@ def check_distributed(
             start_method=start_method,
         )
 
-    def run() -> CoSimulation:
+    def run(workload: Workload) -> CoSimulation:
         return cosimulate_distributed(
-            resolved,
+            workload,
             hook,
             world_size=world_size,
             backend=backend,
