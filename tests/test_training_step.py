@@ -18,6 +18,7 @@ from pytest_convergence.candidates import Candidate
 from pytest_convergence.cosim import cosimulate
 from pytest_convergence.engine import Implementation
 from pytest_convergence.replay import replay_step
+from pytest_convergence.training_state import TrainingState
 from pytest_convergence.training_step import NamedParameters, StepContext
 from pytest_convergence.workloads import Workload
 
@@ -212,6 +213,44 @@ def test_a_candidate_declared_random_stream_is_replayed_module_by_module() -> No
     workload = lm(model_factory=lambda: TinyLM(dropout=0.3))
     candidate = Candidate("accumulate-2", micro_batches=2, random_stream=True)
     assert not replay_step(workload, candidate, 1).random_stream_differs
+
+
+# --- mixed precision with a GradScaler ------------------------------------------------------------
+
+
+def test_a_grad_scalers_state_is_captured_and_restored_with_the_training_state() -> None:
+    implementation = Implementation.build(lm(precision="fp16-autocast"), Candidate("reference"))
+    assert implementation.scaler is not None
+    (batch,) = dict_batches(0, 1, torch.float32, torch.device("cpu"))
+    implementation.train_step(batch, 1, traced=False)
+    state = TrainingState.capture(implementation)
+    scale = implementation.scaler.get_scale()
+    implementation.scaler.update(new_scale=scale / 8)
+    state.restore(implementation)
+    assert implementation.scaler.get_scale() == scale
+
+
+def test_under_fp16_autocast_the_reference_co_simulates_against_itself_exactly() -> None:
+    """Both sides scale, unscale and step through their own GradScaler, re-synced each step."""
+    run = cosimulate(lm(precision="fp16-autocast"), Candidate("same-step"))
+    assert worst_relative_error(run.comparisons) == 0.0
+
+
+def test_a_step_the_grad_scaler_skips_for_an_overflow_leaves_the_weights_and_lowers_the_scale() -> (
+    None
+):
+    """A loss scale that overflows fp16 makes the scaler skip the optimizer step, as a user's
+    loop does; the engine steps through the scaler, not around it."""
+    implementation = Implementation.build(lm(precision="fp16-autocast"), Candidate("reference"))
+    assert implementation.scaler is not None
+    first, second = dict_batches(0, 2, torch.float32, torch.device("cpu"))
+    implementation.train_step(first, 1, traced=False)
+    implementation.scaler.update(new_scale=2.0**40)
+    before = [p.detach().clone() for p in implementation.model.parameters()]
+    implementation.train_step(second, 2, traced=False)
+    after = list(implementation.model.parameters())
+    assert all(torch.equal(b, a) for b, a in zip(before, after, strict=True))
+    assert implementation.scaler.get_scale() < 2.0**40
 
 
 # --- the user's own step --------------------------------------------------------------------------
