@@ -163,7 +163,7 @@ def test_a_parameter_the_region_does_not_know_is_the_judges_error() -> None:
     region = synthetic_region(1)
     del region.parameters["fc.weight"]
 
-    with pytest.raises(ValueError, match="'fc.weight' .* is not in the baseline region"):
+    with pytest.raises(ValueError, match=r"'fc\.weight' .* is not in the baseline region"):
         ratio_map(synthetic_run([[(0.0, 0.01, 0.0, 0)] * len(NAMES)]), region)
 
 
