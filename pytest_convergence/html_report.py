@@ -16,10 +16,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pytest_convergence._version import __version__
+from pytest_convergence.html_verdict import verdict_section
 from pytest_convergence.jsonfile import write_text_file
 from pytest_convergence.traces import CoSimulation, ParameterComparison, StepComparison
+
+if TYPE_CHECKING:
+    from pytest_convergence.ratio_map import RatioMap
 
 __all__ = ["ReportBand", "render_report", "write_html_report"]
 
@@ -68,15 +73,25 @@ def write_html_report(
     path: Path,
     *,
     band: ReportBand | None = None,
+    ratios: RatioMap | None = None,
     source: str = "",
     overwrite: bool = False,
 ) -> Path:
     """Render and write atomically; an existing page is kept unless ``overwrite``."""
-    return write_text_file(path, render_report(run, band=band, source=source), overwrite=overwrite)
+    page = render_report(run, band=band, ratios=ratios, source=source)
+    return write_text_file(path, page, overwrite=overwrite)
 
 
-def render_report(run: CoSimulation, *, band: ReportBand | None = None, source: str = "") -> str:
-    """The whole page as one string: header, three charts, two tables, the embedded trace."""
+def render_report(
+    run: CoSimulation,
+    *,
+    band: ReportBand | None = None,
+    ratios: RatioMap | None = None,
+    source: str = "",
+) -> str:
+    """The whole page as one string: the verdict and the map of where the candidate left its
+    region (given ``ratios``, :func:`pytest_convergence.ratio_map.ratio_map`), the header,
+    three charts, two tables, the embedded trace."""
     title = f"pytest-convergence: {run.workload} / {run.candidate}"
     parts = [
         "<!DOCTYPE html>",
@@ -85,6 +100,7 @@ def render_report(run: CoSimulation, *, band: ReportBand | None = None, source: 
         f"<title>{_e(title)}</title>",
         f"<style>{_CSS}</style></head><body>",
         f"<h1>{_e(title)}</h1>",
+        verdict_section(run, ratios, band_given=band is not None),
         _header(run, band, source),
         '<section class="charts">',
         _logm_chart(run, band),
@@ -515,6 +531,11 @@ figure { margin: 0; flex: 1 1 600px; max-width: 680px; border: 1px solid #ddd;
          border-radius: 6px; padding: 8px; }
 figcaption { font-weight: 600; }
 svg { width: 100%; height: auto; }
+figure.map { max-width: none; flex: none; margin-bottom: 16px; overflow-x: auto; }
+svg.map { width: auto; max-width: 100%; }
+.verdict pre { font-size: 12.5px; background: #f7f7f7; padding: 8px; overflow-x: auto; }
+p.failed strong { color: #b00; } p.passed strong { color: #1a7f37; }
+.no-map { color: #555; }
 .note, .hint, .empty { color: #666; font-size: 12px; }
 table.data { border-collapse: collapse; font-variant-numeric: tabular-nums; font-size: 12.5px; }
 table.data th, table.data td { border-bottom: 1px solid #e6e6e6; padding: 3px 8px;

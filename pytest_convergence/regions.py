@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
@@ -53,13 +53,16 @@ __all__ = [
     "NOISE_SCORE_CAP",
     "Z_LIMIT",
     "Calibration",
+    "CheckRow",
     "ParameterRegion",
     "Region",
     "Verdict",
     "Violation",
     "calibrate",
+    "check_rows",
     "judge",
     "prediction_limit",
+    "ratio",
     "require_candidate_seeds",
 ]
 
@@ -183,7 +186,7 @@ class Violation:
 
     @property
     def ratio(self) -> float:
-        return _ratio(self.value, self.limit)
+        return ratio(self.value, self.limit)
 
 
 @dataclass
@@ -513,30 +516,21 @@ def _normalized(component: float | None, error_scale: float) -> float | None:
 def judge(run: CoSimulation, region: Region) -> Verdict:
     """Check every (step, parameter) of ``run`` against ``region``; violations in step order.
 
-    A check is a (step, parameter, statistic, value, limit) row; only the rows that break their
-    limit, and the worst one, become :class:`Violation` objects: a passing check of a small
-    model makes a few hundred rows, and building each as a frozen dataclass was a measurable
-    share of its time.
+    Only the rows of :func:`check_rows` that break their limit, and the worst one, become
+    :class:`Violation` objects: a passing check of a small model makes a few hundred rows, and
+    building each as a frozen dataclass was a measurable share of its time.
     """
     verdict = Verdict(checks=0)
-    cumulative: dict[str, list[float]] = {}
-    worst: _Outcome | None = None
+    worst: CheckRow | None = None
     worst_ratio = 0.0
+    for row in check_rows(run, region):
+        verdict.checks += 1
+        row_ratio = ratio(row[3], row[4])
+        if worst is None or row_ratio > worst_ratio:
+            worst, worst_ratio = row, row_ratio
+        if row_ratio > 1.0:
+            verdict.violations.append(Violation(*row))
     for comparison in run.comparisons:
-        for parameter in comparison.parameters:
-            bounds = region.parameters.get(parameter.name)
-            if bounds is None:
-                raise ValueError(
-                    f"parameter {parameter.name!r} of workload {run.workload!r} is not in the "
-                    "baseline region: the model changed since it was recorded; re-record it"
-                )
-            for outcome in _check(comparison.step, parameter, bounds, cumulative):
-                verdict.checks += 1
-                ratio = _ratio(outcome[3], outcome[4])
-                if worst is None or ratio > worst_ratio:
-                    worst, worst_ratio = outcome, ratio
-                if ratio > 1.0:
-                    verdict.violations.append(Violation(*outcome))
         if (
             comparison.candidate_global_logm is not None
             and comparison.reference_global_logm is not None
@@ -554,10 +548,26 @@ def judge(run: CoSimulation, region: Region) -> Verdict:
 
 
 # (step, parameter, check, value, limit): a Violation's fields, before it is one.
-_Outcome: TypeAlias = tuple[int, str, str, float, float]
+CheckRow: TypeAlias = tuple[int, str, str, float, float]
 
 
-def _ratio(value: float, limit: float) -> float:
+def check_rows(run: CoSimulation, region: Region) -> Iterator[CheckRow]:
+    """Every check of ``run`` against ``region`` as a (step, parameter, check, value, limit)
+    row, in step order, then model order: what :func:`judge` judges, for anything that must
+    agree with its verdict (the report's map of ratios)."""
+    cumulative: dict[str, list[float]] = {}
+    for comparison in run.comparisons:
+        for parameter in comparison.parameters:
+            bounds = region.parameters.get(parameter.name)
+            if bounds is None:
+                raise ValueError(
+                    f"parameter {parameter.name!r} of workload {run.workload!r} is not in the "
+                    "baseline region: the model changed since it was recorded; re-record it"
+                )
+            yield from _check(comparison.step, parameter, bounds, cumulative)
+
+
+def ratio(value: float, limit: float) -> float:
     """How many times its limit ``value`` is; a NaN value is infinitely over (a NaN ratio
     would compare as inside every limit)."""
     if math.isnan(value):
@@ -574,7 +584,7 @@ def _check(
     parameter: ParameterComparison,
     bounds: ParameterRegion,
     cumulative: dict[str, list[float]],
-) -> list[_Outcome]:
+) -> list[CheckRow]:
     """All checks of one parameter at one step, each as value-beside-limit (ratio <= 1: inside)."""
     name = parameter.name
     if parameter.non_finite:
@@ -582,7 +592,7 @@ def _check(
         count = parameter.nan_count + parameter.inf_count
         return [(step, name, NON_FINITE_CHECK, count if count else math.inf, 0)]
     index = min(step, len(bounds.noise_limit)) - 1
-    outcomes: list[_Outcome] = [
+    outcomes: list[CheckRow] = [
         (step, name, "zero count change", parameter.zero_change, bounds.zero_change_limit),
     ]
     noise_limit = bounds.noise_limit[index]
@@ -630,16 +640,16 @@ def _noise_evidence(
     bounds: ParameterRegion,
     index: int,
     cumulative: dict[str, list[float]],
-) -> _Outcome:
+) -> CheckRow:
     """The noise's z-score combined over this parameter's steps so far (Stouffer), each
     step's capped at NOISE_SCORE_CAP either way. One-sided: less noise than calibration is no
     evidence of a bug, so the value is never below 0."""
-    ratio = _log_noise_ratio(
+    log_ratio = _log_noise_ratio(
         parameter.noise, bounds.noise_scale[index], bounds.rounding_scale[index]
     )
     # Capped both ways: a step exact where the candidate is otherwise exact (step 1 of a bug
     # acting from step 2) must not cancel the evidence of the steps after it.
-    score = max(-NOISE_SCORE_CAP, min(ratio / bounds.noise_log_spread, NOISE_SCORE_CAP))
+    score = max(-NOISE_SCORE_CAP, min(log_ratio / bounds.noise_log_spread, NOISE_SCORE_CAP))
     history = cumulative.setdefault(f"{parameter.name}\0noise", [])
     history.append(score)
     combined = max(0.0, sum(history) / math.sqrt(len(history)))
@@ -649,7 +659,7 @@ def _noise_evidence(
 
 def _z_checks(
     step: int, name: str, statistic: str, score: float, history: list[float], *, limit: float
-) -> list[_Outcome]:
+) -> list[CheckRow]:
     """A z-score at this step, and combined with this parameter's earlier ones (Stouffer).
 
     One limit serves both: every score shares the region's spread estimate, so the combination

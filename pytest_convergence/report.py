@@ -31,6 +31,7 @@ __all__ = [
     "summary_section",
     "triage_figures",
     "triage_lines",
+    "violation_lines",
 ]
 
 TABLE_ROWS = 10
@@ -73,13 +74,13 @@ def format_failure(
         f"candidate {run.candidate!r} left the divergence region of {run.workload!r} "
         f"({context.baseline_path})",
         "",
-        *_violation_lines(run, first, "First violation"),
+        *violation_lines(run, first, "First violation"),
     ]
     # The first violation is where the divergence started (what the replay examines); the
     # worst, when another, is how far it went.
     worst = verdict.worst
     if worst is not None and worst != first:
-        lines += _violation_lines(run, worst, "Worst violation")
+        lines += violation_lines(run, worst, "Worst violation")
     lines += ["", _spread_line(run, verdict), *_violation_table(run, verdict.violations, context)]
     if replay is not None:
         lines.append(replay.describe())
@@ -138,7 +139,9 @@ def _triage_reading(triage: Triage) -> str:
     return "seed-dependent, a marginal candidate or a bug some seeds hide; the check still fails"
 
 
-def _violation_lines(run: CoSimulation, violation: Violation, title: str) -> list[str]:
+def violation_lines(run: CoSimulation, violation: Violation, title: str) -> list[str]:
+    """Where a check broke its limit (step, parameter, module) and its value beside the limit:
+    the failure message's wording, which the HTML report's verdict repeats."""
     parameter = _comparison(run, violation.step, violation.parameter)
     kind = run.module_types.get(violation.parameter, "")
     size = _counted(parameter.count, "weight") if parameter is not None else ""

@@ -30,7 +30,7 @@ from pytest_convergence.diagnostics import (
     plot_landscape,
     plot_norm_evolution,
 )
-from pytest_convergence.regions import calibrate
+from pytest_convergence.regions import Region, calibrate, judge
 from pytest_convergence.report_folder import write_report
 from pytest_convergence.traces import ParameterStep, StepTrace, Trace
 from pytest_convergence.workloads import Workload, get_workload, synthetic_classification
@@ -369,6 +369,53 @@ def test_a_report_without_the_candidate_has_no_diagnostics(tmp_path: Path) -> No
         write_report(cosimulate(MLP, SCALED), None, None, tmp_path, workload=MLP)
 
 
+@pytest.fixture(scope="module")
+def mlp_region() -> Region:
+    return calibrate(MLP, seeds=[0], draws=2)
+
+
+def test_a_report_against_a_region_leads_with_the_map_of_ratios_to_limits(
+    tmp_path: Path, mlp_region: Region
+) -> None:
+    import matplotlib.image
+
+    run = cosimulate(MLP, SCALED)
+
+    written = write_report(run, mlp_region, judge(run, mlp_region), tmp_path)
+
+    assert [path.name for path in written] == ["heatmap.png", "trace.json", "logm.png"]
+    assert_png(tmp_path / "heatmap.png")
+    pixels = matplotlib.image.imread(tmp_path / "heatmap.png")[:, :, :3] * 255
+    outside = pixels[:, :, 0] - pixels[:, :, 1:].max(axis=2) > 90  # the reds above the limit
+    assert outside.sum() > 1000
+
+
+def test_a_map_that_cannot_be_drawn_leaves_a_note_and_the_rest_of_the_report(
+    tmp_path: Path, mlp_region: Region
+) -> None:
+    run = cosimulate(MLP, SCALED)
+    other_model = dataclasses.replace(
+        mlp_region, parameters={"fc1.weight": mlp_region.parameters["fc1.weight"]}
+    )
+
+    written = write_report(run, other_model, None, tmp_path)
+
+    assert [path.name for path in written] == ["trace.json", "logm.png", "notes.txt"]
+    notes = (tmp_path / "notes.txt").read_text()
+    assert "heatmap.png: not written, ValueError: parameter 'fc1.bias'" in notes
+
+
+def test_a_report_without_a_region_removes_an_earlier_map(
+    tmp_path: Path, mlp_region: Region
+) -> None:
+    run = cosimulate(MLP, SCALED)
+    write_report(run, mlp_region, None, tmp_path)
+
+    write_report(run, None, None, tmp_path)
+
+    assert not (tmp_path / "heatmap.png").exists()
+
+
 def test_a_diagnostic_that_fails_leaves_a_note_and_the_rest_of_the_report(
     tmp_path: Path,
 ) -> None:
@@ -401,8 +448,8 @@ def test_a_check_without_a_candidate_to_re_run_reports_the_trace_only(tmp_path: 
             ),
         )
     folder = tmp_path / "reports" / "ddp-like"
-    assert f"Report: {folder} (trace.json, logm.png)\n" in str(caught.value)
-    assert {p.name for p in folder.iterdir()} == {"trace.json", "logm.png"}
+    assert f"Report: {folder} (heatmap.png, trace.json, logm.png)\n" in str(caught.value)
+    assert {p.name for p in folder.iterdir()} == {"heatmap.png", "trace.json", "logm.png"}
 
 
 def test_the_failure_message_points_at_the_note_of_a_missing_diagnostic(tmp_path: Path) -> None:
@@ -413,8 +460,8 @@ def test_the_failure_message_points_at_the_note_of_a_missing_diagnostic(tmp_path
     with pytest.raises(ConvergenceError) as caught:
         checker.check(candidate, MLP, label="nan")
     assert (
-        f"Report: {tmp_path / 'reports' / 'nan'} (trace.json, logm.png, norms.json, norms.png, "
-        "notes.txt); notes.txt says which diagnostics could not be computed\n"
+        f"Report: {tmp_path / 'reports' / 'nan'} (heatmap.png, trace.json, logm.png, norms.json, "
+        "norms.png, notes.txt); notes.txt says which diagnostics could not be computed\n"
     ) in str(caught.value)
 
 
@@ -465,12 +512,12 @@ def test_a_failing_check_gets_the_diagnostics_in_its_report(project: pytest.Pyte
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
         [
-            "*Report: *test_candidates.py__test_halved (trace.json, logm.png, landscape.json, "
-            "landscape.png, norms.json, norms.png)"
+            "*Report: *test_candidates.py__test_halved (heatmap.png, trace.json, logm.png, "
+            "landscape.json, landscape.png, norms.json, norms.png)"
         ]
     )
     assert report_files(project) == {
-        "test_candidates.py__test_halved": {"trace.json", "logm.png", *DIAGNOSTICS}
+        "test_candidates.py__test_halved": {"heatmap.png", "trace.json", "logm.png", *DIAGNOSTICS}
     }
 
 
@@ -480,5 +527,10 @@ def test_a_passing_check_gets_no_report_unless_asked(project: pytest.Pytester) -
     result = project.runpytest("--convergence", "--convergence-report", "always", "-k", "identical")
     result.assert_outcomes(passed=1)
     assert report_files(project) == {
-        "test_candidates.py__test_identical": {"trace.json", "logm.png", *DIAGNOSTICS}
+        "test_candidates.py__test_identical": {
+            "heatmap.png",
+            "trace.json",
+            "logm.png",
+            *DIAGNOSTICS,
+        }
     }

@@ -95,6 +95,7 @@ def test_a_divergent_candidate_fails_with_a_co_simulation_diff_and_a_report(
     reports = list((project.path / "convergence-report").iterdir())
     assert len(reports) == 1
     assert {p.name for p in reports[0].iterdir()} == {
+        "heatmap.png",
         "trace.json",
         "logm.png",
         "landscape.json",

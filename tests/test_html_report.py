@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 from pytest_convergence.html_report import ReportBand, render_report, write_html_report
+from pytest_convergence.html_verdict import FIRST_VIOLATION_ID
+from pytest_convergence.ratio_map import RatioMap, ratio_color, ratio_map
+from pytest_convergence.regions import Calibration, ParameterRegion, Region
 from pytest_convergence.traces import (
     CoSimulation,
     ParameterComparison,
@@ -89,6 +92,42 @@ def step_comparison(step: int, before: float, after: float, loss: float) -> Step
     )
 
 
+def make_region(steps: int = 3, *, weight_noise_limits: tuple[float, ...] = ()) -> Region:
+    """A region for make_run(): fc.weight's update noise (0.01 every step) is held to
+    ``weight_noise_limits`` (default 0.1: inside), everything else well inside."""
+    flat = (0.0,) * steps
+    limits = weight_noise_limits or (0.1,) * steps
+
+    def parameter(name: str, noise_limit: tuple[float, ...]) -> ParameterRegion:
+        return ParameterRegion(
+            name=name, count=40, bias_center=flat, bias_spread=1e3, bias_z_limit=6.0,
+            radial_center=flat, radial_spread=1e3, radial_z_limit=6.0,
+            error_scale=(1.0,) * steps, noise_scale=(0.01,) * steps, noise_limit=noise_limit,
+            noise_log_spread=1.0, noise_z_limit=6.0, zero_change_limit=4, logm_gap_limit=1.0,
+            rounding_scale=(1e-9,) * steps,
+        )  # fmt: skip
+
+    calibration = Calibration("reference-perturbation", "test", 2**-8, 1, None, (0,), steps)
+    parameters = {
+        "fc.weight": parameter("fc.weight", limits),
+        "fc.bias": parameter("fc.bias", (1.0,) * steps),
+    }
+    return Region(calibration, parameters, (-2e-3, 1e-3), 1e-2)
+
+
+def failing_map(steps: int = 3) -> RatioMap:
+    """make_run(steps) against a region whose fc.weight noise limit drops to 0.005 at step 2
+    (2x over) and to 1e-4 from step 3 on (100x over)."""
+    limits = (0.1, 0.005) + (1e-4,) * (steps - 2)
+    return ratio_map(make_run(steps=steps), make_region(steps, weight_noise_limits=limits))
+
+
+def heat_map(page: str) -> str:
+    match = re.search(r'<svg class="map".*?</svg>', page, re.S)
+    assert match is not None
+    return match.group(0)
+
+
 def embedded_trace(page: str) -> CoSimulation:
     match = re.search(
         r'<script type="application/json" id="trace-data">\n(.*?)\n</script>', page, re.S
@@ -124,7 +163,7 @@ def test_the_page_holds_the_whole_trace_and_its_numbers() -> None:
 def test_the_charts_draw_both_trajectories_and_the_region_band() -> None:
     page = render_report(make_run(steps=4), band=BAND)
 
-    svgs = re.findall(r"<svg.*?</svg>", page, re.S)
+    svgs = re.findall(r"<svg viewBox.*?</svg>", page, re.S)
     assert len(svgs) == 3
     logm_chart, delta_chart, _ = svgs
     assert logm_chart.count("<polyline") == 2
@@ -189,6 +228,100 @@ def test_writing_refuses_to_replace_a_page_unless_asked(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no temp file left behind
 
 
+# --- the verdict and the map ------------------------------------------------------------------
+
+
+def test_the_page_opens_with_the_verdict_and_the_map_before_the_charts() -> None:
+    page = render_report(make_run(), band=BAND, ratios=failing_map())
+
+    verdict = page.index('<section class="verdict">')
+    assert page.index("<h1>") < verdict < page.index('<svg class="map"')
+    assert page.index('<svg class="map"') < page.index('<table class="meta">')
+    assert page.index('<svg class="map"') < page.index('aria-label="Global LoGM after each step"')
+
+
+def test_a_failing_verdict_counts_the_checks_that_left_the_region() -> None:
+    page = render_report(make_run(), ratios=failing_map())
+
+    assert "<strong>Failed</strong>: 2 of " in page
+    assert "checks left the region, at 2 of 6 (step, parameter) cells" in page
+
+
+def test_the_verdict_names_the_first_violation_where_the_failure_message_does() -> None:
+    page = render_report(make_run(), ratios=failing_map())
+
+    assert "First violation: step 2 of 3, parameter &#x27;fc.weight&#x27;" in page
+    assert "update noise = 1.00e-02, limit 5.00e-03 (2x over)" in page
+
+
+def test_the_verdict_gives_the_worst_ratio_and_where_it_was() -> None:
+    page = render_report(make_run(), ratios=failing_map())
+
+    assert "worst ratio 100x its limit" in page
+    assert "Worst violation: step 3 of 3, parameter &#x27;fc.weight&#x27;" in page
+
+
+def test_a_passing_verdict_says_so_and_names_the_check_closest_to_its_limit() -> None:
+    page = render_report(make_run(), ratios=ratio_map(make_run(), make_region()))
+
+    assert "<strong>Passed</strong>: all " in page
+    assert (
+        "the closest to its limit is zero count change of &#x27;fc.bias&#x27; at step 1, "
+        "1 against 4 (0.25 of the limit)"
+    ) in page
+    assert FIRST_VIOLATION_ID not in page
+
+
+def test_the_map_has_a_cell_per_parameter_and_step_with_its_numbers() -> None:
+    svg = heat_map(render_report(make_run(steps=4), ratios=failing_map(steps=4)))
+
+    cells = re.findall(r"<rect x=[^>]*><title>([^<]*)</title></rect>", svg)
+    assert len(cells) == 2 * 4
+    assert "fc.weight, step 2: update noise = 0.01, limit 0.005: ratio 2, outside the region" in (
+        cells
+    )
+    assert ">fc.weight</text>" in svg
+    assert ">fc.bias</text>" in svg
+    assert ">step</text>" in svg
+
+
+def test_the_map_colours_each_cell_by_its_ratio_with_the_break_at_the_limit() -> None:
+    svg = heat_map(render_report(make_run(), ratios=failing_map()))
+
+    assert f'fill="{ratio_color(2.0)}"><title>fc.weight, step 2:' in svg
+    assert f'fill="{ratio_color(100.0)}"><title>fc.weight, step 3:' in svg
+    assert ">1 (limit)</text>" in svg
+    assert "red: outside the region" in svg
+
+
+def test_the_map_frames_the_first_violating_cell() -> None:
+    svg = heat_map(render_report(make_run(), ratios=failing_map()))
+
+    frame = re.search(rf'<rect id="{FIRST_VIOLATION_ID}" x="([\d.]+)" y="([\d.]+)"', svg)
+    cell = re.search(r'<rect x="([\d.]+)" y="([\d.]+)"[^>]*><title>fc.weight, step 2:', svg)
+    assert frame is not None
+    assert cell is not None
+    assert float(frame.group(1)) == pytest.approx(float(cell.group(1)) + 1)
+    assert float(frame.group(2)) == pytest.approx(float(cell.group(2)) + 1)
+    assert "<title>first violation: fc.weight, step 2: update noise" in svg
+
+
+def test_without_a_per_parameter_region_the_page_says_so_and_draws_no_map() -> None:
+    page = render_report(make_run(), band=BAND)
+
+    assert "No verdict and no map" in page
+    assert "a global LoGM-delta region, with no per-parameter limits" in page
+    assert "--baseline baselines/mlp.json" in page
+    assert '<svg class="map"' not in page
+
+
+def test_without_any_region_the_page_says_none_was_given() -> None:
+    page = render_report(make_run())
+
+    assert "No verdict and no map of where the candidate left its region: no region given" in page
+    assert '<svg class="map"' not in page
+
+
 @pytest.mark.skipif(
     not CHROMIUM.exists(), reason="Debian's chromium is not installed at /usr/bin/chromium"
 )
@@ -211,3 +344,39 @@ def test_chromium_renders_the_page_headless(tmp_path: Path) -> None:
     assert screenshot.read_bytes().startswith(b"\x89PNG")
     assert screenshot.stat().st_size > 10_000  # a blank page compresses to a few kilobytes
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+@pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="Debian's chromium is not installed at /usr/bin/chromium"
+)
+def test_chromium_shows_the_cells_outside_the_region_at_the_top_of_the_page(
+    tmp_path: Path,
+) -> None:
+    import matplotlib.image
+
+    ratios = failing_map(steps=6)
+    page = write_html_report(make_run(steps=6), tmp_path / "report.html", band=BAND, ratios=ratios)
+    screenshot = tmp_path / "report.png"
+
+    subprocess.run(
+        [
+            str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--no-first-run", "--force-color-profile=srgb", "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={screenshot}",
+            "--window-size=1280,1600", page.resolve().as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )  # fmt: skip
+    shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+    pixels = matplotlib.image.imread(screenshot)[:, :, :3] * 255
+    assert pixels.std() > 10  # not blank
+    far_over = [int(ratio_color(100.0)[i : i + 2], 16) for i in (1, 3, 5)]
+    matches = (abs(pixels - far_over) <= 6).all(axis=2)
+    rows = matches.nonzero()[0]
+    assert matches.sum() > 400  # four 100x cells, each tens of pixels wide
+    # The map is in the first screenful, above the first chart (below 600 px at this width).
+    assert rows.max() < 0.3 * pixels.shape[0]

@@ -18,6 +18,9 @@ from pytest_convergence.paper_regions import BASELINE_SCHEMA, REGION_SCHEMA, wri
 
 if TYPE_CHECKING:
     from pytest_convergence.html_report import ReportBand
+    from pytest_convergence.ratio_map import RatioMap
+    from pytest_convergence.regions import Region
+    from pytest_convergence.traces import CoSimulation
 
 __all__ = ["add_parser", "run"]
 
@@ -28,7 +31,9 @@ def add_parser(commands: Subcommands) -> None:
         "report",
         help="self-contained HTML page of a co-simulation trace",
         description="A self-contained HTML page (no network) of a trace.json written by "
-        "pytest --convergence: LoGM trajectories, the region band, the comparison table.",
+        "pytest --convergence: against a co-simulation baseline, the verdict and a map of each "
+        "parameter's worst ratio to its limit per step; LoGM trajectories, the region band, "
+        "the comparison table.",
     )
     report.add_argument("trace", metavar="TRACE.json", help="trace from a report folder")
     report.add_argument(
@@ -54,17 +59,21 @@ def run(args: argparse.Namespace) -> int:
     check_writable(out, force=args.force)
     with errors_naming(trace):
         cosimulation = CoSimulation.from_json(trace.read_text(encoding="utf-8"), source=str(trace))
-    band = _report_band(args.baseline, cosimulation.workload, cosimulation.candidate)
-    page = render_report(cosimulation, band=band, source=str(trace))
+    band, region = _report_region(args.baseline, cosimulation.workload, cosimulation.candidate)
+    ratios = _ratios(cosimulation, region, args.baseline)
+    page = render_report(cosimulation, band=band, ratios=ratios, source=str(trace))
     with errors_naming(out):
         write_text_file(out, page, overwrite=args.force)
-    region = f" with the region of {band.source}" if band is not None else " (no region band)"
-    emit(f"Wrote {out}{region}")
+    drawn = f" with the region of {band.source}" if band is not None else " (no region band)"
+    emit(f"Wrote {out}{drawn}")
     return EXIT_OK
 
 
-def _report_band(spec: str | None, workload: str, candidate: str) -> ReportBand | None:
-    """The region to draw: the one named, else the workload's baseline in ./baselines if any.
+def _report_region(
+    spec: str | None, workload: str, candidate: str
+) -> tuple[ReportBand | None, Region | None]:
+    """The region to draw: the one named, else the workload's baseline in ./baselines if any;
+    the per-parameter region too where it is a co-simulation baseline.
 
     A named region that cannot be read is an error; a guessed one that cannot be read only
     costs the band, with a warning, because the page is still worth having.
@@ -73,28 +82,49 @@ def _report_band(spec: str | None, workload: str, candidate: str) -> ReportBand 
         return _band_from(spec)
     guess = _default_baseline(workload, candidate)
     if guess is None:
-        return None
+        return None, None
     try:
         return _band_from(guess)
     except CliError as error:
         print(f"{PROG} report: warning: no region band: {error}", file=sys.stderr)
+        return None, None
+
+
+def _ratios(run: CoSimulation, region: Region | None, spec: str | None) -> RatioMap | None:
+    """The verdict and its map; a named baseline of another model is an error, a guessed one
+    only costs the map, with a warning, as it costs the band."""
+    if region is None:
+        return None
+    from pytest_convergence.ratio_map import ratio_map
+
+    try:
+        return ratio_map(run, region)
+    except ValueError as error:
+        if spec is not None:
+            raise CliError(f"{spec}: {error}") from None
+        print(f"{PROG} report: warning: no verdict and no map: {error}", file=sys.stderr)
         return None
 
 
-def _band_from(spec: str) -> ReportBand:
+def _band_from(spec: str) -> tuple[ReportBand, Region | None]:
     from pytest_convergence.html_report import ReportBand
 
     if spec.startswith(PAPER_PREFIX) or _schema_of(spec) == REGION_SCHEMA:
-        region, name = load_region_spec(spec)
-        return ReportBand(
-            region.low, region.high, f"LoGM-delta region per {region.granularity}", name
+        delta_region, name = load_region_spec(spec)
+        band = ReportBand(
+            delta_region.low,
+            delta_region.high,
+            f"LoGM-delta region per {delta_region.granularity}",
+            name,
         )
+        return band, None
     from pytest_convergence.baselines import load_baseline
 
     with errors_naming(spec):
         baseline = load_baseline(Path(spec))
     low, high = baseline.region.global_logm_delta
-    return ReportBand(low, high, "per-iteration LoGM-delta region of the baseline", spec)
+    band = ReportBand(low, high, "per-iteration LoGM-delta region of the baseline", spec)
+    return band, baseline.region
 
 
 def _default_baseline(workload: str, candidate: str) -> str | None:
