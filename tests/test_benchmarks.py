@@ -47,6 +47,11 @@ def test_convergence_test_time_records_and_checks_a_workload() -> None:
     )
 
 
+def test_judge_cost_times_the_judge_with_and_without_the_noise_check() -> None:
+    out = run_benchmark("judge_cost.py", "mlp", "--repeats", "1")
+    assert re.search(rf"^  mlp\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+-?{NUMBER}%$", out, re.M)
+
+
 def test_logm_throughput_compares_every_method_on_a_small_vector() -> None:
     out = run_benchmark("logm_throughput.py", "--size", "100000", "--repeats", "1")
     for row in (
