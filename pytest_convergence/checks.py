@@ -337,6 +337,9 @@ class ConvergenceChecker:
         if path in self._recorded:
             return self._recorded[path]
         if not path.exists():
+            # Batches a function or loader gives are seen only when made: one the workload
+            # cannot use is what to fix first, not a baseline that recording would fail on.
+            workload.make_batches()
             raise MissingBaselineError(
                 f"no baseline for workload {workload.name!r}: {path} does not exist.\n"
                 f"Create it:  {_command(RECORD_COMMAND, request.label)}  "

@@ -58,6 +58,41 @@ def test_a_missing_baseline_fails_with_the_command_that_creates_it(
     assert not (project.path / "baselines").exists()
 
 
+TEXT_WORKLOAD_CONFTEST = """
+from torch import nn
+from pytest_convergence.workloads import Workload, register_workload
+
+def text_batches(seed, steps, dtype, device):
+    return [{"input_ids": "the cat sat"} for _ in range(steps)]
+
+register_workload(
+    Workload(name="text", model_factory=lambda: nn.Linear(4, 2), batches=text_batches, steps=2),
+    replace_existing=True,
+)
+"""
+
+
+def test_batches_the_workload_cannot_use_are_named_before_a_missing_baseline(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CI", raising=False)
+    pytester.makeconftest(TEXT_WORKLOAD_CONFTEST)
+    pytester.makepyfile(
+        test_text="""
+import pytest
+from pytest_convergence.candidates import Candidate
+
+@pytest.mark.convergence(workload="text")
+def test_text(convergence):
+    convergence.check(Candidate("same"))
+"""
+    )
+    result = pytester.runpytest("--convergence")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*BatchError: workload 'text': batch 0 holds a str*"])
+    result.stdout.no_fnmatch_line("*no baseline for workload*")
+
+
 def test_recording_writes_the_baseline_and_later_runs_check_against_it(
     project: pytest.Pytester,
 ) -> None:
