@@ -81,11 +81,11 @@ def _verdict_text(run: CoSimulation, ratios: RatioMap) -> str:
         )
         lines: list[str] = []
     else:
-        failing = len({(v.step, v.parameter) for v in verdict.violations})
         head = (
             f'<p class="failed"><strong>Failed</strong>: {len(verdict.violations)} of '
-            f"{verdict.checks} checks left the region, at {failing} of {pairs} (step, "
-            f"parameter) cells; worst ratio {_ratio_text(verdict.worst_ratio)} its limit.</p>"
+            f"{verdict.checks} checks left the region, at {verdict.violating_pairs} of {pairs} "
+            f"(step, parameter) cells; worst ratio {_ratio_text(verdict.worst_ratio)} "
+            "its limit.</p>"
         )
         lines = violation_lines(run, first, "First violation")
         if worst is not None and worst != first:

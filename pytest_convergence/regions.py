@@ -214,6 +214,12 @@ class Verdict:
     def worst_ratio(self) -> float:
         return self.worst.ratio if self.worst is not None else 0.0
 
+    @property
+    def violating_pairs(self) -> int:
+        """(step, parameter) pairs with at least one violation: several checks of one pair
+        often break together, and a reader counts places, not checks."""
+        return len({(v.step, v.parameter) for v in self.violations})
+
 
 def calibrate(
     workload: Workload,

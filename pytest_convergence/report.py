@@ -107,8 +107,8 @@ def triage_lines(triage: Triage, rerun: str = "") -> list[str]:
     # Tenths of a second hide a fast triage's time; hundredths say it is short.
     seconds = f"{triage.seconds:.1f}" if triage.seconds >= 1 else f"{triage.seconds:.2f}"
     head = (
-        f"Triage: reproduces on {triage.reproduced} of {tried} further "
-        f"seed{'' if tried == 1 else 's'} ({seeds}), in {seconds} s: "
+        f"Triage: reproduces on {triage.reproduced} of {_counted(tried, 'further seed')} "
+        f"({seeds}), in {seconds} s: "
     )
     lines = [head + _triage_reading(triage)]
     if rerun:
@@ -209,9 +209,9 @@ def _report_line(context: FailureContext) -> str:
 
 def _spread_line(run: CoSimulation, verdict: Verdict) -> str:
     pairs = sum(len(comparison.parameters) for comparison in run.comparisons)
-    failing = len({(v.step, v.parameter) for v in verdict.violations})
     head = (
-        f"Violations: {len(verdict.violations)} of {verdict.checks} checks, at {failing} of "
+        f"Violations: {len(verdict.violations)} of {verdict.checks} checks, at "
+        f"{verdict.violating_pairs} of "
         f"{pairs} (step, parameter) pairs; "
     )
     if verdict.global_logm_undefined_from is not None:
