@@ -17,10 +17,12 @@ if TYPE_CHECKING:
     from pytest_convergence.cosim import cosimulate, train
     from pytest_convergence.errors import (
         FileFormatError,
+        InsufficientPowerWarning,
         NonFiniteWeightError,
         SnapshotFormatError,
         UnsafeExternalDataError,
     )
+    from pytest_convergence.fault_ladder import measure_power
     from pytest_convergence.metrics import (
         LogmSum,
         ParameterLogm,
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
         parameter_logms,
         parameter_stats,
     )
+    from pytest_convergence.power import PowerReport
     from pytest_convergence.regions import Region, Verdict, calibrate, judge
     from pytest_convergence.snapshots import Snapshot, load_snapshot, save_snapshot
     from pytest_convergence.workloads import Workload, get_workload, register_workload
@@ -37,10 +40,12 @@ __all__ = [
     "Candidate",
     "ConvergenceError",
     "FileFormatError",
+    "InsufficientPowerWarning",
     "LogmSum",
     "NonFiniteWeightError",
     "ParameterLogm",
     "ParameterStats",
+    "PowerReport",
     "Region",
     "Snapshot",
     "SnapshotFormatError",
@@ -55,6 +60,7 @@ __all__ = [
     "judge",
     "load_snapshot",
     "logm",
+    "measure_power",
     "parameter_logms",
     "parameter_stats",
     "register_candidate",
@@ -87,6 +93,9 @@ _HOME_MODULE = {
     "load_snapshot": "snapshots",
     "save_snapshot": "snapshots",
     "FileFormatError": "errors",
+    "InsufficientPowerWarning": "errors",
+    "PowerReport": "power",
+    "measure_power": "fault_ladder",
     "NonFiniteWeightError": "errors",
     "SnapshotFormatError": "errors",
     "UnsafeExternalDataError": "errors",

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from pytest_convergence import jsonfile
 from pytest_convergence.config import MISMATCH_POLICIES, RECORD_COMMAND
 from pytest_convergence.errors import BaselineError
+from pytest_convergence.power import power_document, read_power
 from pytest_convergence.precision import DEFAULT_POLICY
 from pytest_convergence.regions import (
     MIN_BIAS_SPREAD,
@@ -71,8 +72,10 @@ SCHEMA = "pytest-convergence/baseline"
 #    degrees of freedom.
 # 4: per-step rounding_scale, the floor under a parameter's error scale, spreads and noise limit.
 # 5: per-parameter noise_log_spread and noise_z_limit: update noise combined over steps.
+# 6: the power report (optional; a version-5 file reads as a baseline without one).
 # Older files are refused with the command that re-records them: they would judge differently.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
+OLDEST_READ_VERSION = 5
 RECORD_HINT = f"{RECORD_COMMAND} <the tests that use it>"
 # The ini line that lets baselines live outside the baselines folder.
 OUTSIDE_OPT_IN = "convergence_allow_external_baselines = true"
@@ -197,7 +200,7 @@ def load_baseline(path: Path) -> Baseline:
 
 
 def _parse_document(document: object) -> tuple[Region, Provenance]:
-    top = jsonfile.fields(_SCHEMA.body(document), jsonfile.TOP, _TOP_FIELDS)
+    top = jsonfile.fields(_SCHEMA.body(document), jsonfile.TOP, _TOP_FIELDS, optional=("power",))
     calibration: Calibration = top["calibration"]
     for name, parameter in top["parameters"].items():
         _check_steps(parameter, jsonfile.entry("parameters", name), calibration.steps)
@@ -206,6 +209,7 @@ def _parse_document(document: object) -> tuple[Region, Provenance]:
         parameters=top["parameters"],
         global_logm_delta=top["global_logm_delta"],
         global_logm_gap_limit=top["global_logm_gap_limit"],
+        power=top.get("power"),
     )
     return region, top["provenance"]
 
@@ -287,7 +291,8 @@ _SCHEMA = jsonfile.Schema(
     SCHEMA_VERSION,
     "a pytest-convergence baseline",
     too_old="whose regions lack checks this version makes "
-    f"(schema_version {SCHEMA_VERSION}); re-record it: {RECORD_HINT}",
+    f"(schema_version {OLDEST_READ_VERSION} and later); re-record it: {RECORD_HINT}",
+    oldest=OLDEST_READ_VERSION,
 )
 _PROVENANCE = jsonfile.record(
     Provenance,
@@ -342,6 +347,7 @@ _TOP_FIELDS: dict[str, jsonfile.Parser[Any]] = {
     "global_logm_delta": jsonfile.interval,
     "global_logm_gap_limit": _limit,
     "parameters": _parameters,
+    "power": read_power,
 }
 
 
@@ -470,6 +476,8 @@ def _changes(
     if moved:
         lines.append(f"provenance: {', '.join(moved)}")
     lines += describe_changes(old.region, region)
+    if old.region.power != region.power:
+        lines.append("power report " + ("added" if old.region.power is None else "re-measured"))
     if not lines:
         # The region differs (else the file would have been left alone), by float noise only.
         lines.append(f"region changed by less than {_NEGLIGIBLE_CHANGE:.2%} anywhere (float noise)")
@@ -512,7 +520,7 @@ def _document(region: Region, provenance: Provenance) -> dict[str, object]:
             name: _fields_of(parameter, skip="name")
             for name, parameter in region.parameters.items()
         },
-    }
+    } | ({"power": power_document(region.power)} if region.power is not None else {})
 
 
 def _calibration_fields(calibration: Calibration) -> dict[str, object]:

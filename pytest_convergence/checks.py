@@ -13,8 +13,10 @@ further, the sequence would no longer read top to bottom in one place.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +40,14 @@ from pytest_convergence.candidates import Candidate, get_candidate
 from pytest_convergence.config import RECORD_COMMAND, RUN_COMMAND, ConvergenceConfig
 from pytest_convergence.cosim import cosimulate
 from pytest_convergence.engine import compile_ahead
-from pytest_convergence.errors import ConvergenceError, MissingBaselineError, describe_error
+from pytest_convergence.errors import (
+    ConvergenceError,
+    InsufficientPowerWarning,
+    MissingBaselineError,
+    describe_error,
+)
+from pytest_convergence.fault_ladder import measure_power
+from pytest_convergence.power import PowerReport, power_lines, required_power_gaps
 from pytest_convergence.precision import DEFAULT_POLICY, get_policy
 from pytest_convergence.regions import Region, Verdict, calibrate, judge
 from pytest_convergence.replay import ReplayFinding, replay_step
@@ -94,6 +103,8 @@ class Runner:
     # Compiles what ``run`` would compile (a torch.compile candidate), apart from the check;
     # its seconds, or None when nothing compiles.
     warm_up: Callable[[], float | None] | None = None
+    # The fault ladder against a region just calibrated (None: no power report, a DDP hook).
+    measure_power: Callable[[Region], PowerReport] | None = None
 
     @classmethod
     def in_process(
@@ -125,6 +136,7 @@ class Runner:
             warm_up=(lambda: compile_ahead(workload, candidate))
             if candidate.model_transform is not None
             else None,
+            measure_power=lambda region: measure_power(workload, region),
         )
 
 
@@ -151,6 +163,9 @@ class CheckResult:
     error: str = ""
     # A failure re-run at further seeds (None: passed, errored, recording, or triage off).
     triage: Triage | None = None
+    # What recording changed in the baseline and what it can catch, for the check that
+    # recorded it (empty for the others, and when not recording).
+    baseline_changes: list[str] = field(default_factory=list)
 
 
 @dataclass(repr=False)
@@ -285,9 +300,13 @@ class ConvergenceChecker:
         __tracebackhide__ = True
         report_candidate = runner.report_candidate
         if self.config.record:
-            stored = self._record(request, runner.calibrate_region)
+            fresh = request.baseline not in self._recorded
+            stored = self._record(request, runner)
+            if fresh:
+                result.baseline_changes = self.changes[request.baseline]
         else:
             stored = self._load(request)
+            self._warn_of_power_gaps(request, stored)
         compile_seconds = runner.warm_up() if runner.warm_up is not None else None
         simulation = runner.run(request.workload)
         result.compile_seconds = compile_seconds
@@ -380,13 +399,30 @@ class ConvergenceChecker:
             )
         return stored
 
-    def _record(self, request: CheckRequest, calibrate_region: Callable[[], Region]) -> Baseline:
-        """Calibrate and write once per baseline file per process, however many tests share it."""
+    def _warn_of_power_gaps(self, request: CheckRequest, stored: Baseline) -> None:
+        """Warn where the baseline cannot see a fault the configuration requires it to."""
+        gaps = required_power_gaps(stored.region.power, self.config.required_power)
+        if gaps:
+            warnings.warn(
+                InsufficientPowerWarning(
+                    f"{stored.path}: this baseline may miss bugs the run requires it to catch "
+                    f"(convergence_required_power): {'; '.join(gaps)}. More steps accumulate "
+                    f"more evidence: raise steps= and re-record it "
+                    f"({_command(RECORD_COMMAND, request.label)})"
+                ),
+                stacklevel=2,
+            )
+
+    def _record(self, request: CheckRequest, runner: Runner) -> Baseline:
+        """Calibrate, measure the region's power and write, once per baseline file per
+        process however many tests share it."""
         path, workload = request.baseline, request.workload
         if path in self._recorded:
             return self._recorded[path]
         check_recordable(path)
-        region = calibrate_region()
+        region = runner.calibrate_region()
+        if self.config.power and runner.measure_power is not None:
+            region = dataclasses.replace(region, power=runner.measure_power(region))
         provenance = Provenance(
             workload=workload.name,
             candidate=request.known_good,
@@ -397,12 +433,10 @@ class ConvergenceChecker:
             threads=torch.get_num_threads(),
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         )
-        existed = path.exists()
         changes = record_baseline(path, region, provenance)
         stored = Baseline(path=path, region=region, provenance=provenance)
         self._recorded[path] = stored
-        if existed:
-            self.changes[path] = changes
+        self.changes[path] = changes + (power_lines(region.power) if region.power else [])
         return stored
 
     def _context(
@@ -610,6 +644,8 @@ class BoundCheck:
         if result.error:
             figures.append(("error", result.error))
         figures += triage_figures(result.triage) if result.triage is not None else []
+        if result.baseline_changes:
+            figures.append(("baseline_changes", "\n".join(result.baseline_changes)))
         for key, value in figures:
             self.record_property(f"{SUMMARY_PREFIX}{key}", value)
         if result.compile_seconds is not None:

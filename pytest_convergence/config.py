@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pytest_convergence.power import parse_requirement
+
 __all__ = [
     "DEFAULT_TRIAGE_SEEDS",
     "ENABLE_HINT",
@@ -75,6 +77,10 @@ class ConvergenceConfig:
     allow_external_baselines: bool = False
     # Further seeds a failing check is re-run at to tell a bug from an unlucky seed (0: none).
     triage: int = 0
+    # Measure the power report (pytest_convergence.power) when recording a baseline.
+    power: bool = True
+    # (fault class, size): warn when a baseline cannot catch that fault at that size.
+    required_power: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.triage < 0:
@@ -125,6 +131,11 @@ class ConvergenceConfig:
             ),
             allow_external_baselines=bool(ini["convergence_allow_external_baselines"]),
             triage=_triage(options, ini, environ),
+            power=bool(ini["convergence_power"]),
+            required_power=tuple(
+                parse_requirement(line, "ini option convergence_required_power")
+                for line in ini["convergence_required_power"]
+            ),
         )
 
 

@@ -126,6 +126,11 @@ class DistributedWorkerWarning(UserWarning):
     """
 
 
+class InsufficientPowerWarning(UserWarning):
+    """A baseline's power report says it cannot catch a fault of a size the configuration
+    requires (``convergence_required_power``): a passing check is weaker evidence than asked."""
+
+
 class CompileFallbackError(RuntimeError):
     """``torch.compile`` would have run the model eagerly (its recompile limit was reached):
     the check would not test the compiled code, so it stops instead of passing."""

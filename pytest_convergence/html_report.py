@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pytest_convergence._version import __version__
+from pytest_convergence.html_power import power_section
 from pytest_convergence.html_verdict import verdict_section
 from pytest_convergence.jsonfile import write_text_file
 from pytest_convergence.traces import CoSimulation, ParameterComparison, StepComparison
 
 if TYPE_CHECKING:
+    from pytest_convergence.power import PowerReport
     from pytest_convergence.ratio_map import RatioMap
 
 __all__ = ["ReportBand", "render_report", "write_html_report"]
@@ -74,11 +76,12 @@ def write_html_report(
     *,
     band: ReportBand | None = None,
     ratios: RatioMap | None = None,
+    power: PowerReport | None = None,
     source: str = "",
     overwrite: bool = False,
 ) -> Path:
     """Render and write atomically; an existing page is kept unless ``overwrite``."""
-    page = render_report(run, band=band, ratios=ratios, source=source)
+    page = render_report(run, band=band, ratios=ratios, power=power, source=source)
     return write_text_file(path, page, overwrite=overwrite)
 
 
@@ -87,11 +90,13 @@ def render_report(
     *,
     band: ReportBand | None = None,
     ratios: RatioMap | None = None,
+    power: PowerReport | None = None,
     source: str = "",
 ) -> str:
     """The whole page as one string: the verdict and the map of where the candidate left its
-    region (given ``ratios``, :func:`pytest_convergence.ratio_map.ratio_map`), the header,
-    three charts, two tables, the embedded trace."""
+    region (given ``ratios``, :func:`pytest_convergence.ratio_map.ratio_map`), what that
+    region catches (its ``power`` report, or a note that it has none), the header, three
+    charts, two tables, the embedded trace."""
     title = f"pytest-convergence: {run.workload} / {run.candidate}"
     parts = [
         "<!DOCTYPE html>",
@@ -101,6 +106,7 @@ def render_report(
         f"<style>{_CSS}</style></head><body>",
         f"<h1>{_e(title)}</h1>",
         verdict_section(run, ratios, band_given=band is not None),
+        power_section(power) if ratios is not None else "",
         _header(run, band, source),
         '<section class="charts">',
         _logm_chart(run, band),
@@ -533,7 +539,7 @@ figcaption { font-weight: 600; }
 svg { width: 100%; height: auto; }
 figure.map { max-width: none; flex: none; margin-bottom: 16px; overflow-x: auto; }
 svg.map { width: auto; max-width: 100%; }
-.verdict pre { font-size: 12.5px; background: #f7f7f7; padding: 8px; overflow-x: auto; }
+.verdict pre, .power pre { font-size: 12.5px; background: #f7f7f7; padding: 8px; overflow-x: auto; }
 p.failed strong { color: #b00; } p.passed strong { color: #1a7f37; }
 .no-map { color: #555; }
 .note, .hint, .empty { color: #666; font-size: 12px; }

@@ -212,13 +212,15 @@ class Schema:
 
     ``kind`` completes "not ..." when the tag is wrong; ``too_old`` completes "N was written by
     an older pytest-convergence ..." and should say how to get a current file; ``version`` None:
-    the file carries no ``schema_version``.
+    the file carries no ``schema_version``; ``oldest``: the earliest version still read (a
+    later layout that only added optional fields), by default ``version`` alone.
     """
 
     tag: str
     version: int | None
     kind: str
     too_old: str = "that this version no longer reads"
+    oldest: int | None = None
 
     def header(self) -> dict[str, object]:
         """The first keys of a file of this schema, in the order they are written."""
@@ -258,7 +260,7 @@ class Schema:
                 f"{found} was written by a newer pytest-convergence; upgrade "
                 f"(this version reads schema_version {self.version})",
             )
-        if found < self.version:
+        if found < (self.oldest if self.oldest is not None else self.version):
             raise DocumentError(
                 "schema_version",
                 f"{found} was written by an older pytest-convergence {self.too_old}",

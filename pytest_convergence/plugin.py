@@ -56,6 +56,8 @@ _INI_NAMES = (
     "convergence_baseline_mismatch",
     "convergence_allow_external_baselines",
     "convergence_triage",
+    "convergence_power",
+    "convergence_required_power",
 )
 
 
@@ -155,6 +157,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "convergence_triage",
         default="auto",
         help="further seeds a failing check is re-run at: N, 0 (off) or auto (2; 0 in CI).",
+    )
+    parser.addini(
+        "convergence_power",
+        type="bool",
+        default=True,
+        help="measure a power report (the fault ladder) with every baseline recorded.",
+    )
+    parser.addini(
+        "convergence_required_power",
+        type="linelist",
+        default=[],
+        help="'FAULT SIZE' lines: warn when a baseline cannot catch that fault at that size.",
     )
     parser.addini(
         "convergence_baseline_mismatch",
@@ -289,13 +303,12 @@ class ConvergenceSummary:
         self.rows.extend(summary_rows(report.user_properties, report.nodeid))
 
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
-        """Print every check, worst first, and what re-recording changed."""
-        checker = self.config.stash.get(checker_key, None)
-        changes = checker.changes if checker is not None else {}
-        if not self.rows and not changes:
-            return
-        from pytest_convergence.report import summary_section
+        """Print every check, worst first, and what recording changed in each baseline."""
+        from pytest_convergence.report import recorded_baselines, summary_section
 
+        changes = recorded_baselines(self.rows)
+        if not self.rows:
+            return
         terminalreporter.section("convergence")
         for line in summary_section(self.rows, changes):
             terminalreporter.write_line(line)

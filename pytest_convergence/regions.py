@@ -37,6 +37,7 @@ from typing import TypeAlias
 
 from pytest_convergence.candidates import Candidate, arithmetic_noise
 from pytest_convergence.cosim import cosimulate, cosimulate_many
+from pytest_convergence.power import PowerReport
 from pytest_convergence.precision import DEFAULT_POLICY, POLICIES, get_policy
 from pytest_convergence.student_t import gaussian_two_sided_tail, limit_with_tail
 from pytest_convergence.traces import CoSimulation, ParameterComparison
@@ -172,6 +173,8 @@ class Region:
     parameters: dict[str, ParameterRegion]
     global_logm_delta: tuple[float, float]
     global_logm_gap_limit: float
+    # What the region catches (pytest_convergence.power), measured when it is recorded.
+    power: PowerReport | None = None
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ __all__ = [
     "SUMMARY_PREFIX",
     "FailureContext",
     "format_failure",
+    "recorded_baselines",
     "summary_lines",
     "summary_rows",
     "summary_section",
@@ -391,12 +392,25 @@ def _seed_figure(outcome: SeedOutcome) -> str:
     return f"{outcome.seed}: {'error' if outcome.error else f'{outcome.worst_ratio:.4g}'}"
 
 
+def recorded_baselines(rows: Sequence[dict[str, object]]) -> dict[Path, list[str]]:
+    """Each baseline recorded in the run and its summary lines, from the figures of the check
+    that recorded it: they reach the xdist controller with the test's report, as the rows do."""
+    recorded: dict[Path, list[str]] = {}
+    for row in rows:
+        changes = row.get("baseline_changes")
+        if isinstance(changes, str) and changes:
+            recorded[Path(str(row.get("baseline", "?")))] = changes.split("\n")
+    return recorded
+
+
 def summary_section(
     rows: Sequence[dict[str, object]], changes: Mapping[Path, list[str]]
 ) -> list[str]:
-    """The terminal summary's lines: every check, worst first, then re-recorded baselines."""
+    """The terminal summary's lines: every check, worst first, then the baselines recorded
+    (what changed, and what each can catch)."""
     lines = summary_lines(rows) if rows else []
     for path, changed in changes.items():
-        lines.append(f"re-recorded {path}:")
+        new = bool(changed) and changed[0].startswith("new baseline")
+        lines.append(f"{'recorded' if new else 're-recorded'} {path}:")
         lines.extend(f"  {line}" for line in changed)
     return lines

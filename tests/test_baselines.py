@@ -306,7 +306,7 @@ MALFORMED: list[Any] = [
     pytest.param(
         edited(past_layout),
         "written by an older pytest-convergence whose regions lack checks this version makes "
-        "(schema_version 5); re-record it: pytest --convergence --convergence-record",
+        "(schema_version 5 and later); re-record it: pytest --convergence --convergence-record",
         id="past-schema-version",
     ),
     pytest.param(

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from pytest_convergence.power import FAULTS
 from tests.conftest import TINY_WORKLOAD_CONFTEST
 
 TESTS = """
@@ -301,6 +302,72 @@ def test_recording_under_xdist_writes_one_complete_baseline(project: pytest.Pyte
     json.loads((folder / "tiny.json").read_text())
     result = project.runpytest_subprocess("--convergence", "-n", "2", "-p", "xdist", "test_more.py")
     result.assert_outcomes(passed=4)
+
+
+def test_recording_prints_what_the_baseline_can_catch(project: pytest.Pytester) -> None:
+    result = project.runpytest("--convergence", "--convergence-record", "-k", "fp16")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*recorded *baselines/tiny.json:",
+            "  new baseline: 4 parameters, 3 steps",
+            "  power (faults injected at seed 0, 3 steps):",
+            "    gradient-scale  caught on * of 4 layers*",
+            "    learning-rate   caught from *",
+            "    momentum *",
+            "    weight-decay *",
+            "    steps: *",
+        ]
+    )
+    stored = json.loads((project.path / "baselines" / "tiny.json").read_text())
+    assert list(stored["power"]["faults"]) == [fault.name for fault in FAULTS]
+
+
+def test_recording_under_xdist_prints_the_power_report_on_the_controller(
+    project: pytest.Pytester,
+) -> None:
+    result = project.runpytest_subprocess(
+        "--convergence", "--convergence-record", "-n", "2", "-p", "xdist", "-k", "fp16"
+    )
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*recorded *tiny.json:", "  power (faults injected at seed 0*"])
+
+
+def test_recording_without_a_power_report_when_the_ini_says_so(project: pytest.Pytester) -> None:
+    project.makeini("[pytest]\nconvergence_power = false\n")
+    project.runpytest("--convergence", "--convergence-record", "-k", "fp16").assert_outcomes(
+        passed=1
+    )
+    assert "power" not in json.loads((project.path / "baselines" / "tiny.json").read_text())
+
+
+def test_a_baseline_blind_to_a_required_fault_size_warns_naming_it(
+    project: pytest.Pytester,
+) -> None:
+    project.runpytest("--convergence", "--convergence-record", "-k", "fp16")
+    project.makeini("[pytest]\nconvergence_required_power =\n    weight-decay 0.5\n")
+    # In a subprocess: this session's filterwarnings = error would turn the warning into a
+    # failure in an in-process run.
+    result = project.runpytest_subprocess("--convergence", "-k", "fp16")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*InsufficientPowerWarning: *baselines/tiny.json: this baseline may miss bugs the run "
+            "requires it to catch (convergence_required_power): weight-decay required at "
+            "50%, caught later on (whole model) (from 100%). More steps accumulate more "
+            "evidence: raise steps= and re-record it (pytest --convergence "
+            "--convergence-record test_candidates.py::test_fp16_gradients)",
+        ]
+    )
+
+
+def test_a_malformed_required_power_is_a_usage_error(project: pytest.Pytester) -> None:
+    project.makeini("[pytest]\nconvergence_required_power = gradient-scale lots\n")
+    result = project.runpytest("--convergence")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["*ini option convergence_required_power: size 'lots' of gradient-scale is not a number*"]
+    )
 
 
 def test_the_marker_defaults_can_be_overridden_in_the_call(project: pytest.Pytester) -> None:

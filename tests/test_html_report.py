@@ -380,3 +380,23 @@ def test_chromium_shows_the_cells_outside_the_region_at_the_top_of_the_page(
     assert matches.sum() > 400  # four 100x cells, each tens of pixels wide
     # The map is in the first screenful, above the first chart (below 600 px at this width).
     assert rows.max() < 0.3 * pixels.shape[0]
+
+
+def test_the_page_says_what_the_baseline_catches_after_the_verdict() -> None:
+    from pytest_convergence.power import FAULT_SIZES, Catch, FaultPower, PowerReport
+
+    report = PowerReport(
+        0, 3, (FaultPower("gradient-scale", FAULT_SIZES, {"fc.weight": Catch(0.1, 2, 3.0)}),)
+    )
+    run = make_run()
+    page = render_report(run, ratios=ratio_map(run, make_region()), power=report)
+    assert page.index('<section class="verdict">') < page.index('<section class="power">')
+    assert "gradient-scale  caught on 1 of 1 layers from 10%" in page
+    assert '<td title="caught from size 0.1 at step 2, 3x">0.1 <span class="note">step 2' in page
+
+
+def test_a_page_against_a_baseline_without_a_power_report_says_so() -> None:
+    run = make_run()
+    page = render_report(run, ratios=ratio_map(run, make_region()))
+    assert "The baseline has no power report" in page
+    assert '<section class="power">' not in render_report(run)

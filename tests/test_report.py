@@ -775,14 +775,14 @@ def test_summary_rows_of_a_test_with_two_checks_are_one_row_per_check() -> None:
     ]
 
 
-def test_summary_section_lists_the_checks_then_each_re_recorded_baseline() -> None:
+def test_summary_section_lists_the_checks_then_each_recorded_baseline() -> None:
     changes = {
         Path("baselines/tiny.json"): ["new baseline: 4 parameters, 3 steps"],
         Path("baselines/mlp.json"): ["no changes"],
     }
     assert summary_section([PASSED_ROW], changes) == [
         *summary_lines([PASSED_ROW]),
-        "re-recorded baselines/tiny.json:",
+        "recorded baselines/tiny.json:",
         "  new baseline: 4 parameters, 3 steps",
         "re-recorded baselines/mlp.json:",
         "  no changes",

@@ -9,13 +9,15 @@ Exit status: 0 when all is well (or the delta is inside the region), 1 when a de
 the region, 2 for a usage or input error. Input errors are one line on stderr naming the file,
 never a traceback: the next step is to fix an argument or a file, not to debug this tool.
 
-One module per subcommand (``logm``, ``region``, ``check``, ``diff``, ``report``), each owning
+One module per subcommand (``logm``, ``region``, ``check``, ``diff``, ``report``,
+``inspect``), each owning
 its sub-parser and its handler; ``inputs``, ``output``, ``errors``, ``arguments`` and
 ``exit_status`` hold what they share. The measuring lives in the library
 (:mod:`pytest_convergence.snapshots.measure`, :mod:`pytest_convergence.metrics`,
 :mod:`pytest_convergence.paper_regions`): the commands parse, call and print.
 
-torch is imported only by the commands that read weights, so ``--help`` answers at once.
+torch is imported only by the commands that read weights or baselines, so ``--help`` answers
+at once.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pytest_convergence._version import __version__
-from pytest_convergence.cli import check, diff, logm, region, report
+from pytest_convergence.cli import check, diff, inspect, logm, region, report
 from pytest_convergence.cli.diff import ParameterDiff
 from pytest_convergence.cli.errors import one_line
 from pytest_convergence.cli.exit_status import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_OUTSIDE
@@ -75,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for subcommand in (logm, region, check, diff, report):
+    for subcommand in (logm, region, check, diff, report, inspect):
         subcommand.add_parser(commands)
     return parser
 

@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
         cosimulation = CoSimulation.from_json(trace.read_text(encoding="utf-8"), source=str(trace))
     band, region = _report_region(args.baseline, cosimulation.workload, cosimulation.candidate)
     ratios = _ratios(cosimulation, region, args.baseline)
-    page = render_report(cosimulation, band=band, ratios=ratios, source=str(trace))
+    power = region.power if region is not None else None
+    page = render_report(cosimulation, band=band, ratios=ratios, power=power, source=str(trace))
     with errors_naming(out):
         write_text_file(out, page, overwrite=args.force)
     drawn = f" with the region of {band.source}" if band is not None else " (no region band)"
