@@ -6,8 +6,8 @@ once (:mod:`pytest_convergence.fault_ladder`); here each claimed catch is inject
 into its one parameter (or, for a model fault, the optimizer) at the claimed size, and judged
 against the baseline's region as a check would be:
 
-- at the report's own seed: the claim itself (does the one-layer fault fail the check, first
-  at the step the report says?);
+- at the report's own seed: the claim itself (does the one-layer fault fail the check, and
+  reach twice a limit, ``CATCH_MARGIN``, first at the step the report says?);
 - at held-out seeds (100, 101 by default): does the claim carry over to trajectories the
   ladder never saw?
 
@@ -40,7 +40,14 @@ from pytest_convergence.baselines import Baseline, load_baseline
 from pytest_convergence.candidates import Candidate
 from pytest_convergence.cosim import cosimulate_many
 from pytest_convergence.fault_ladder import fault_candidate
-from pytest_convergence.power import FAULTS, MODEL, FaultPower, PowerReport, suggest_steps
+from pytest_convergence.power import (
+    CATCH_MARGIN,
+    FAULTS,
+    MODEL,
+    FaultPower,
+    PowerReport,
+    suggest_steps,
+)
 from pytest_convergence.regions import judge
 from pytest_convergence.workloads import Workload, get_workload
 
@@ -101,13 +108,14 @@ def verify(baseline: Baseline, seeds: Sequence[int]) -> Outcome:
             batch = claims[first : first + BATCH]
             runs = cosimulate_many(workload, [_alone(claim, workload) for claim in batch])
             for claim, run in zip(batch, runs, strict=True):
-                violation = judge(run, baseline.region).first_violation
-                if violation is None:
+                verdict = judge(run, baseline.region)
+                if verdict.first_violation is None:
                     claimed = f"{claim.size:g} on {claim.target} (claimed step {claim.step})"
                     outcome.missed[seed].append(f"{claim.fault} {claimed}")
                     continue
                 outcome.caught[seed] += 1
-                if seed == report.seed and violation.step == claim.step:
+                margin = [v.step for v in verdict.violations if v.ratio >= CATCH_MARGIN]
+                if seed == report.seed and margin and margin[0] == claim.step:
                     outcome.same_step += 1
     outcome.seconds = time.perf_counter() - start
     return outcome

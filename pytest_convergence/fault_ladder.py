@@ -27,6 +27,7 @@ import torch
 from pytest_convergence.candidates import Candidate, GradientTransform
 from pytest_convergence.cosim import cosimulate_many
 from pytest_convergence.power import (
+    CATCH_MARGIN,
     FAULT_SIZES,
     FAULTS,
     MODEL,
@@ -125,19 +126,22 @@ def measure_power(
 
 @dataclass(frozen=True)
 class _Outcome:
-    """One target's verdict in one run: the first step over a limit, the worst ratio."""
+    """One target's verdict in one run: the first step its ratio to a limit reached the
+    margin, and its worst ratio."""
 
     step: int
     ratio: float
 
 
 def _outcomes(run: CoSimulation, region: Region) -> dict[str, _Outcome]:
-    """Each caught parameter's first failing step and worst ratio in ``run``."""
+    """Each parameter caught with the margin in ``run``: the step it first reached
+    :data:`~pytest_convergence.power.CATCH_MARGIN` (a check of that many steps catches it so),
+    and its worst ratio."""
     first: dict[str, int] = {}
     worst: dict[str, float] = {}
     for step, parameter, _, value, limit in check_rows(run, region):
         row_ratio = ratio(value, limit)
-        if row_ratio > 1.0:
+        if row_ratio >= CATCH_MARGIN:
             first.setdefault(parameter, step)
             worst[parameter] = max(worst.get(parameter, 0.0), row_ratio)
     return {name: _Outcome(step, min(worst[name], RATIO_CAP)) for name, step in first.items()}
@@ -153,8 +157,9 @@ def _whole_model(outcomes: dict[str, _Outcome]) -> _Outcome | None:
 
 
 def _smallest(sizes: Sequence[float], outcomes: Sequence[_Outcome | None]) -> Catch | None:
-    """The smallest size from which every larger size is caught too: a size caught below one
-    that is missed is luck, not power."""
+    """The smallest size from which every larger size is caught with the margin too: a size
+    caught below one that is missed is luck, not power, and so is a catch just over its
+    limit (:data:`~pytest_convergence.power.CATCH_MARGIN`)."""
     catch = None
     for size, outcome in reversed(list(zip(sizes, outcomes, strict=True))):
         if outcome is None:

@@ -22,6 +22,7 @@ from typing import Any
 from pytest_convergence import jsonfile
 
 __all__ = [
+    "CATCH_MARGIN",
     "FAULTS",
     "FAULT_SIZES",
     "MODEL",
@@ -44,6 +45,11 @@ __all__ = [
 # stale gradient, an orthogonal update, the learning rate doubled, momentum or beta1 gone,
 # weight decay applied twice).
 FAULT_SIZES: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+# A size counts as caught when its worst ratio to a limit is at least this: measured on the
+# zoo (benchmarks/power_verification.py), the same fault's ratio varies from seed to seed by up
+# to 1.8x, so a catch just over its limit on the ladder's trajectory is lost on another one in
+# about one case in ten, and a catch at twice its limit carries over.
+CATCH_MARGIN = 2.0
 # The target of a fault that changes the whole optimizer, not one layer.
 MODEL = "(whole model)"
 # A catch's ratio as stored: non-finite weights are infinitely over, which JSON cannot write.
@@ -76,9 +82,9 @@ _FAULTS_BY_NAME = {fault.name: fault for fault in FAULTS}
 
 @dataclass(frozen=True)
 class Catch:
-    """A fault caught on one target: from ``size`` up every ladder size fails the check, first
-    at ``step`` (at that size), the target's worst ratio to its limit there ``ratio`` (at most
-    :data:`RATIO_CAP`)."""
+    """A fault caught on one target: from ``size`` up every ladder size fails the check by at
+    least :data:`CATCH_MARGIN` times a limit; at ``size`` it first does so at ``step``, and its
+    worst ratio to a limit is ``ratio`` (at most :data:`RATIO_CAP`)."""
 
     size: float
     step: int
@@ -154,7 +160,7 @@ def _fault_summary(power: FaultPower) -> str:
         steps = sorted(catch.step for catch in caught)
         low = _from(sizes[0], power.sizes)
         spread = low if sizes[0] == sizes[-1] else f"{low} to {_size(sizes[-1])}"
-        median = _size(sizes[len(sizes) // 2])
+        median = _from(sizes[len(sizes) // 2], power.sizes)
         parts.append(
             f"caught on {len(caught)} of {total} layers from {spread} (median {median}), "
             f"by step {steps[-1]}"
@@ -334,8 +340,10 @@ def _catch(value: object, where: str) -> Catch | None:
 
 def _ratio(value: object, where: str) -> float:
     ratio = jsonfile.finite(value, where)
-    if ratio <= 1:
-        raise jsonfile.DocumentError(where, f"a catch is over its limit, found ratio {ratio}")
+    if ratio < CATCH_MARGIN:
+        raise jsonfile.DocumentError(
+            where, f"a catch is at least {CATCH_MARGIN:g}x its limit, found ratio {ratio}"
+        )
     return ratio
 
 

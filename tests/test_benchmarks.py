@@ -88,3 +88,19 @@ def test_baseline_reliability_refuses_every_hostile_file_naming_it() -> None:
 def test_baseline_reliability_reruns_a_check_to_one_outcome() -> None:
     out = run_benchmark("baseline_reliability.py", "reruns", "--reruns", "2")
     assert re.search(r"^  lenet5\s+sgd-foreach\s+1  passed", out, re.M)
+
+
+def test_recording_time_sets_the_ladder_beside_the_calibration() -> None:
+    out = run_benchmark("recording_time.py", "mlp", "--repeats", "1")
+    seconds = rf"\s+{NUMBER}s"
+    assert re.search(rf"^mlp{seconds}{seconds}{seconds}\s+{NUMBER}x\s+{NUMBER}x$", out, re.M)
+
+
+def test_power_verification_reruns_every_claim_of_a_baseline_alone() -> None:
+    out = run_benchmark("power_verification.py", "symmetric-mlp", "--held-out", "100")
+    assert re.search(
+        r"^symmetric-mlp\.json: (\d+) claims; report's seed 0: caught \1/\1, at the claimed "
+        r"step \1; held out: seed 100 \d+/\1 \(\d+ s\)$",
+        out,
+        re.M,
+    )

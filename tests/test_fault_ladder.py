@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from pytest_convergence.cosim import cosimulate
 from pytest_convergence.fault_ladder import fault_candidate, measure_power, skipped_faults
-from pytest_convergence.power import FAULT_SIZES, FAULTS, MODEL
+from pytest_convergence.power import CATCH_MARGIN, FAULT_SIZES, FAULTS, MODEL
 from pytest_convergence.regions import Region, calibrate, judge
 from pytest_convergence.training_step import NamedParameters
 from pytest_convergence.workloads import Workload, get_workload
@@ -160,7 +160,16 @@ def test_every_catch_the_report_claims_is_made_by_the_fault_injected_alone(
             alone = cosimulate(MLP, fault_candidate(power.fault, catch.size, MLP, parameters))
             verdict = judge(alone, region)
             assert verdict.first_violation is not None, (power.fault, target, catch)
-            assert verdict.first_violation.step == catch.step, (power.fault, target)
+            margin = [v.step for v in verdict.violations if v.ratio >= CATCH_MARGIN]
+            assert margin[0] == catch.step, (power.fault, target)
+            assert verdict.worst_ratio == pytest.approx(catch.ratio), (power.fault, target)
+
+
+def test_a_size_caught_only_just_over_its_limit_is_not_claimed(region: Region) -> None:
+    report = measure_power(MLP, region)
+    claimed = [c for p in report.faults for c in p.caught.values() if c is not None]
+    assert claimed
+    assert min(catch.ratio for catch in claimed) >= CATCH_MARGIN
 
 
 def test_a_smaller_ladder_is_measured_as_given(region: Region) -> None:

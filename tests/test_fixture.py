@@ -354,7 +354,7 @@ def test_a_baseline_blind_to_a_required_fault_size_warns_naming_it(
         [
             "*InsufficientPowerWarning: *baselines/tiny.json: this baseline may miss bugs the run "
             "requires it to catch (convergence_required_power): weight-decay required at "
-            "50%, caught later on (whole model) (from 100%). More steps accumulate more "
+            "50%, caught later on (whole model) (*). More steps accumulate more "
             "evidence: raise steps= and re-record it (pytest --convergence "
             "--convergence-record test_candidates.py::test_fp16_gradients)",
         ]
