@@ -106,7 +106,9 @@ def verify(baseline: Baseline, seeds: Sequence[int]) -> Outcome:
         outcome.missed[seed] = []
         for first in range(0, len(claims), BATCH):
             batch = claims[first : first + BATCH]
-            runs = cosimulate_many(workload, [_alone(claim, workload) for claim in batch])
+            precision = baseline.region.calibration.precision
+            alone = [_alone(claim, workload, precision) for claim in batch]
+            runs = cosimulate_many(workload, alone)
             for claim, run in zip(batch, runs, strict=True):
                 verdict = judge(run, baseline.region)
                 if verdict.first_violation is None:
@@ -121,9 +123,9 @@ def verify(baseline: Baseline, seeds: Sequence[int]) -> Outcome:
     return outcome
 
 
-def _alone(claim: Claim, workload: Workload) -> Candidate:
+def _alone(claim: Claim, workload: Workload, precision: str) -> Candidate:
     parameters = None if claim.target == MODEL else {claim.target}
-    return fault_candidate(claim.fault, claim.size, workload, parameters)
+    return fault_candidate(claim.fault, claim.size, workload, parameters, precision=precision)
 
 
 def markdown(

@@ -49,14 +49,22 @@ _GroupChange = Callable[[dict[str, object], float], None]
 
 
 def fault_candidate(
-    fault: str, size: float, workload: Workload, parameters: Collection[str] | None = None
+    fault: str,
+    size: float,
+    workload: Workload,
+    parameters: Collection[str] | None = None,
+    *,
+    precision: str | None = None,
 ) -> Candidate:
     """The reference with ``fault`` of ``size``: a layer fault in the gradients of
-    ``parameters`` (every parameter when None), a model fault in the workload's optimizer."""
+    ``parameters`` (every parameter when None), a model fault in the workload's optimizer;
+    trained under the ``precision`` policy when it is not the workload's own (the ladder of
+    a region calibrated for bf16 autocast faults a bf16 candidate, as its checks have)."""
     found = fault_named(fault)
     if not 0 < size <= 1:
         raise ValueError(f"fault {fault!r}: size {size} must be in (0, 1]")
     where = "" if parameters is None else f" on {', '.join(sorted(parameters))}"
+    policy = precision if precision != workload.precision else None
     name = f"fault:{found.name}-{size:g}{where.replace(' ', '')}"
     description = f"{found.effect} (size {size:g}){where}"
     if found.scope == "layer":
@@ -64,6 +72,7 @@ def fault_candidate(
             name=name,
             gradient_transform=_LAYER_FAULTS[found.name](size, parameters),
             description=description,
+            precision=policy,
         )
     return Candidate(
         name=name,
@@ -74,6 +83,7 @@ def fault_candidate(
         # instead of running a forward and backward pass the fault does not change.
         gradient_transform=_unchanged_gradients,
         description=description,
+        precision=policy,
     )
 
 
@@ -97,12 +107,16 @@ def measure_power(
     workload: Workload, region: Region, sizes: Sequence[float] = FAULT_SIZES
 ) -> PowerReport:
     """Inject every fault class at every size into ``workload`` and judge each against
-    ``region``: the smallest size caught per fault class and target, and its step."""
+    ``region``: the smallest size caught per fault class and target, and its step. The
+    faulted sides train under the precision policy the region is calibrated for."""
     sizes = tuple(sorted(sizes))
+    precision = region.calibration.precision
     skipped = skipped_faults(workload)
     injected = [fault for fault in FAULTS if fault.name not in skipped]
     candidates = [
-        fault_candidate(fault.name, size, workload) for fault in injected for size in sizes
+        fault_candidate(fault.name, size, workload, precision=precision)
+        for fault in injected
+        for size in sizes
     ]
     runs = iter(cosimulate_many(workload, candidates))
     by_fault = {fault.name: [_outcomes(next(runs), region) for _ in sizes] for fault in injected}

@@ -42,7 +42,8 @@ def _layer_table(report: PowerReport) -> str:
         for power in faults:
             catch = power.caught.get(target)
             if catch is None:
-                cells.append('<td class="out" title="not caught at any size">blind</td>')
+                title = "not caught at twice a limit at any size"
+                cells.append(f'<td class="out" title="{title}">blind</td>')
             else:
                 title = f"caught from size {catch.size:g} at step {catch.step}, {catch.ratio:.3g}x"
                 cells.append(
@@ -54,7 +55,8 @@ def _layer_table(report: PowerReport) -> str:
         '<table class="data power-layers"><thead><tr><th>parameter</th>'
         f"{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
         '<p class="hint">Each cell: the smallest fault size from which every larger size of '
-        "the ladder fails the check, and the step it first fails at.</p>"
+        "the ladder fails the check by at least twice a limit, and the step it first does so."
+        "</p>"
     )
 
 

@@ -32,12 +32,14 @@ __all__ = [
     "FaultPower",
     "PowerReport",
     "StepsSuggestion",
+    "fault_named",
     "parse_requirement",
     "power_document",
     "power_lines",
     "read_power",
     "required_power_gaps",
     "suggest_steps",
+    "targets_of",
 ]
 
 # Each fault class at these sizes, a relative error in the unit of its class: 0.1 is "a 10%
@@ -150,7 +152,7 @@ def _fault_summary(power: FaultPower) -> str:
     if MODEL in power.caught:
         catch = power.caught[MODEL]
         if catch is None:
-            return f"blind: not caught at any size up to {_size(max(power.sizes))}"
+            return f"blind: not caught at twice a limit up to {_size(max(power.sizes))}"
         size = _from(catch.size, power.sizes)
         return f"caught from {size} at step {catch.step} ({catch.ratio:.3g}x its limit)"
     total = len(power.caught)

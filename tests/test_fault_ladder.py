@@ -175,3 +175,10 @@ def test_a_size_caught_only_just_over_its_limit_is_not_claimed(region: Region) -
 def test_a_smaller_ladder_is_measured_as_given(region: Region) -> None:
     report = measure_power(MLP, region, sizes=(1.0, 0.5))
     assert all(power.sizes == (0.5, 1.0) for power in report.faults)
+
+
+def test_faults_train_under_the_precision_policy_given_unless_it_is_the_workloads() -> None:
+    assert fault_candidate("gradient-scale", 0.1, MLP, precision="bf16-autocast").precision == (
+        "bf16-autocast"
+    )
+    assert fault_candidate("momentum", 0.1, MLP, precision=MLP.precision).precision is None

@@ -81,7 +81,7 @@ def test_a_model_fault_line_gives_the_size_the_step_and_the_ratio() -> None:
 
 def test_a_model_fault_caught_at_no_size_is_blind() -> None:
     line = power_lines(report(learning_rate=None))[2]
-    assert line.endswith("blind: not caught at any size up to 100%")
+    assert line.endswith("blind: not caught at twice a limit up to 100%")
 
 
 def test_a_skipped_fault_says_why() -> None:

@@ -96,7 +96,9 @@ def _layer_table(report: PowerReport, rows: int) -> list[str]:
             cells.append("-" if catch is None else f"{catch.size:g} (step {catch.step})")
         table_rows.append(cells)
     shown, more = capped(table_rows, rows, "parameters")
-    lines = ["smallest size caught per layer (step caught at; -: not caught at any size):"]
+    lines = [
+        "smallest size caught per layer at twice a limit (the step it is first so; -: at no size):"
+    ]
     lines += table(["parameter", *(power.fault for power in layer_faults)], shown)
     return lines + ([more] if more else [])
 
