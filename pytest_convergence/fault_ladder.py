@@ -42,8 +42,13 @@ from pytest_convergence.traces import CoSimulation
 from pytest_convergence.training_step import NamedParameters
 from pytest_convergence.workloads import OptimizerFactory, Workload
 
-__all__ = ["fault_candidate", "measure_power", "skipped_faults"]
+__all__ = ["SIDE_MEMORY_BUDGET", "fault_candidate", "measure_power", "skipped_faults"]
 
+# Bytes of side copies (model and optimizer state) one co-simulation of the ladder may hold;
+# a side holds about this many copies of the weights (weights, gradients, momentum or Adam's
+# two moments). The zoo's models fit all 42 sides in one run.
+SIDE_MEMORY_BUDGET = 1 << 30
+SIDE_COPIES = 4
 # Changes one optimizer parameter group in place, by the fault's size.
 _GroupChange = Callable[[dict[str, object], float], None]
 
@@ -118,7 +123,7 @@ def measure_power(
         for fault in injected
         for size in sizes
     ]
-    runs = iter(cosimulate_many(workload, candidates))
+    runs = iter(_cosimulated(workload, candidates))
     by_fault = {fault.name: [_outcomes(next(runs), region) for _ in sizes] for fault in injected}
     targets = list(region.parameters)
     faults = []
@@ -136,6 +141,19 @@ def measure_power(
             }
         faults.append(FaultPower(fault.name, sizes, caught))
     return PowerReport(seed=workload.seed, steps=workload.steps, faults=tuple(faults))
+
+
+def _cosimulated(workload: Workload, candidates: Sequence[Candidate]) -> list[CoSimulation]:
+    """The candidates' co-simulations, as many sides to one reference run as fit
+    :data:`SIDE_MEMORY_BUDGET`: each side holds a copy of the model and its optimizer state,
+    and 42 copies of a user's large model would not fit where one check does."""
+    parameters = workload.build_model().parameters()
+    footprint = SIDE_COPIES * sum(p.numel() * p.element_size() for p in parameters)
+    per_run = max(1, SIDE_MEMORY_BUDGET // max(footprint, 1))
+    runs: list[CoSimulation] = []
+    for first in range(0, len(candidates), per_run):
+        runs += cosimulate_many(workload, candidates[first : first + per_run])
+    return runs
 
 
 @dataclass(frozen=True)

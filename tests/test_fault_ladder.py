@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pytest_convergence import fault_ladder
 from pytest_convergence.cosim import cosimulate
 from pytest_convergence.fault_ladder import fault_candidate, measure_power, skipped_faults
 from pytest_convergence.power import CATCH_MARGIN, FAULT_SIZES, FAULTS, MODEL
@@ -182,3 +183,11 @@ def test_faults_train_under_the_precision_policy_given_unless_it_is_the_workload
         "bf16-autocast"
     )
     assert fault_candidate("momentum", 0.1, MLP, precision=MLP.precision).precision is None
+
+
+def test_a_model_too_large_for_all_sides_at_once_is_measured_in_batches_alike(
+    region: Region, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    whole = measure_power(MLP, region)
+    monkeypatch.setattr(fault_ladder, "SIDE_MEMORY_BUDGET", 1)  # one side per reference run
+    assert measure_power(MLP, region) == whole
