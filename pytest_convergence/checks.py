@@ -16,10 +16,12 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import TypeVar
 
 import torch
@@ -410,7 +412,7 @@ class ConvergenceChecker:
                     f"more evidence: raise steps= and re-record it "
                     f"({_command(RECORD_COMMAND, request.label)})"
                 ),
-                stacklevel=2,
+                stacklevel=_stacklevel_outside_the_package(sys._getframe()),
             )
 
     def _record(self, request: CheckRequest, runner: Runner) -> Baseline:
@@ -490,6 +492,18 @@ class ConvergenceChecker:
             workload=request.workload if candidate is not None else None,
             candidate=candidate,
         )
+
+
+def _stacklevel_outside_the_package(frame: FrameType) -> int:
+    """The ``stacklevel`` that makes a warning raised in ``frame`` point at the first caller
+    outside this package: the user's test, not the checker's internals."""
+    package = str(Path(__file__).resolve().parent)
+    level = 1
+    caller: FrameType | None = frame
+    while caller is not None and str(Path(caller.f_code.co_filename).resolve()).startswith(package):
+        caller = caller.f_back
+        level += 1
+    return level
 
 
 def _command(command: str, label: str | None) -> str:

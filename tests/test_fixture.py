@@ -352,7 +352,8 @@ def test_a_baseline_blind_to_a_required_fault_size_warns_naming_it(
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(
         [
-            "*InsufficientPowerWarning: *baselines/tiny.json: this baseline may miss bugs the run "
+            "*test_candidates.py:*: InsufficientPowerWarning: *baselines/tiny.json: this baseline "
+            "may miss bugs the run "
             "requires it to catch (convergence_required_power): weight-decay required at "
             "50%, caught later on (whole model) (*). More steps accumulate more "
             "evidence: raise steps= and re-record it (pytest --convergence "
