@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 
-from pytest_convergence.power import MODEL, PowerReport, power_lines, targets_of
+from pytest_convergence.power import PowerReport, power_lines
 
 __all__ = ["power_section"]
 
@@ -32,12 +32,12 @@ def power_section(report: PowerReport | None) -> str:
 
 
 def _layer_table(report: PowerReport) -> str:
-    faults = [p for p in report.faults if p.skipped is None and MODEL not in p.caught]
+    faults = report.layer_faults
     if not faults:
         return ""
     head = "".join(f"<th>{_e(power.fault)}</th>" for power in faults)
     rows = []
-    for target in targets_of(report):
+    for target in report.targets:
         cells = [f'<td class="name">{_e(target)}</td>']
         for power in faults:
             catch = power.caught.get(target)

@@ -39,7 +39,6 @@ __all__ = [
     "read_power",
     "required_power_gaps",
     "suggest_steps",
-    "targets_of",
 ]
 
 # Each fault class at these sizes, a relative error in the unit of its class: 0.1 is "a 10%
@@ -121,6 +120,17 @@ class PowerReport:
     def fault(self, name: str) -> FaultPower | None:
         return next((power for power in self.faults if power.fault == name), None)
 
+    @property
+    def layer_faults(self) -> list[FaultPower]:
+        """The injected faults whose targets are layers (not the whole optimizer)."""
+        return [p for p in self.faults if p.skipped is None and MODEL not in p.caught]
+
+    @property
+    def targets(self) -> list[str]:
+        """Every parameter the layer faults were injected into, in model order."""
+        layer_faults = self.layer_faults
+        return list(layer_faults[0].caught) if layer_faults else []
+
 
 def fault_named(name: str, where: str = "fault") -> Fault:
     """The fault class ``name``; ``ValueError`` lists the known ones."""
@@ -159,20 +169,23 @@ def _fault_summary(power: FaultPower) -> str:
     parts = []
     if caught:
         sizes = sorted(catch.size for catch in caught)
-        steps = sorted(catch.step for catch in caught)
         low = _from(sizes[0], power.sizes)
         spread = low if sizes[0] == sizes[-1] else f"{low} to {_size(sizes[-1])}"
         median = _from(sizes[len(sizes) // 2], power.sizes)
         parts.append(
             f"caught on {len(caught)} of {total} layers from {spread} (median {median}), "
-            f"by step {steps[-1]}"
+            f"by step {max(catch.step for catch in caught)}"
         )
-    blind = power.blind
-    if blind:
-        shown = ", ".join(blind[:_LAYERS_SHOWN])
-        more = f" and {len(blind) - _LAYERS_SHOWN} more" if len(blind) > _LAYERS_SHOWN else ""
-        parts.append(f"blind on {shown}{more} up to {_size(max(power.sizes))}")
+    if power.blind:
+        parts.append(f"blind on {_listed(power.blind)} up to {_size(max(power.sizes))}")
     return "; ".join(parts)
+
+
+def _listed(names: Sequence[str]) -> str:
+    """The first few names, then how many more: a summary line stays one line."""
+    shown = ", ".join(names[:_LAYERS_SHOWN])
+    hidden = len(names) - _LAYERS_SHOWN
+    return shown + (f" and {hidden} more" if hidden > 0 else "")
 
 
 def _from(size: float, sizes: Sequence[float]) -> str:
@@ -273,9 +286,7 @@ def required_power_gaps(
             if catch is None or catch.size > size
         ]
         if short:
-            shown = ", ".join(short[:_LAYERS_SHOWN])
-            more = f" and {len(short) - _LAYERS_SHOWN} more" if len(short) > _LAYERS_SHOWN else ""
-            gaps.append(f"{fault} required at {_size(size)}, caught later on {shown}{more}")
+            gaps.append(f"{fault} required at {_size(size)}, caught later on {_listed(short)}")
     return gaps
 
 
@@ -362,11 +373,3 @@ _REPORT_FIELDS: Mapping[str, jsonfile.Parser[Any]] = {
     "steps": jsonfile.positive,
     "faults": _faults,
 }
-
-
-def targets_of(report: PowerReport) -> Sequence[str]:
-    """Every parameter the report's layer faults were injected into, in model order."""
-    for power in report.faults:
-        if power.skipped is None and MODEL not in power.caught:
-            return list(power.caught)
-    return []

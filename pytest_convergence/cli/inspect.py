@@ -11,14 +11,7 @@ from pytest_convergence.cli.arguments import Subcommands, rows_option
 from pytest_convergence.cli.errors import errors_naming
 from pytest_convergence.cli.exit_status import EXIT_OK
 from pytest_convergence.cli.output import capped, emit, print_json, table
-from pytest_convergence.power import (
-    MODEL,
-    PowerReport,
-    power_document,
-    power_lines,
-    suggest_steps,
-    targets_of,
-)
+from pytest_convergence.power import PowerReport, power_document, power_lines, suggest_steps
 
 if TYPE_CHECKING:
     from pytest_convergence.baselines import Baseline
@@ -83,13 +76,11 @@ def _lines(baseline: Baseline, rows: int) -> list[str]:
 
 def _layer_table(report: PowerReport, rows: int) -> list[str]:
     """Per layer, each layer fault's smallest size caught and its step (``-``: blind)."""
-    layer_faults = [
-        power for power in report.faults if power.skipped is None and MODEL not in power.caught
-    ]
+    layer_faults = report.layer_faults
     if not layer_faults:
         return []
     table_rows = []
-    for target in targets_of(report):
+    for target in report.targets:
         cells = [target]
         for power in layer_faults:
             catch = power.caught.get(target)
