@@ -302,10 +302,7 @@ class ConvergenceChecker:
         __tracebackhide__ = True
         report_candidate = runner.report_candidate
         if self.config.record:
-            fresh = request.baseline not in self._recorded
-            stored = self._record(request, runner)
-            if fresh:
-                result.baseline_changes = self.changes[request.baseline]
+            stored, result.baseline_changes = self._record(request, runner)
         else:
             stored = self._load(request)
             self._warn_of_power_gaps(request, stored)
@@ -415,12 +412,13 @@ class ConvergenceChecker:
                 stacklevel=_stacklevel_outside_the_package(sys._getframe()),
             )
 
-    def _record(self, request: CheckRequest, runner: Runner) -> Baseline:
+    def _record(self, request: CheckRequest, runner: Runner) -> tuple[Baseline, list[str]]:
         """Calibrate, measure the region's power and write, once per baseline file per
-        process however many tests share it."""
+        process however many tests share it; with what recording changed and the power
+        summary (empty for the tests after the first)."""
         path, workload = request.baseline, request.workload
         if path in self._recorded:
-            return self._recorded[path]
+            return self._recorded[path], []
         check_recordable(path)
         region = runner.calibrate_region()
         if self.config.power and runner.measure_power is not None:
@@ -439,7 +437,7 @@ class ConvergenceChecker:
         stored = Baseline(path=path, region=region, provenance=provenance)
         self._recorded[path] = stored
         self.changes[path] = changes + (power_lines(region.power) if region.power else [])
-        return stored
+        return stored, self.changes[path]
 
     def _context(
         self,

@@ -306,9 +306,8 @@ class ConvergenceSummary:
         """Print every check, worst first, and what recording changed in each baseline."""
         from pytest_convergence.report import recorded_baselines, summary_section
 
-        changes = recorded_baselines(self.rows)
         if not self.rows:
             return
         terminalreporter.section("convergence")
-        for line in summary_section(self.rows, changes):
+        for line in summary_section(self.rows, recorded_baselines(self.rows)):
             terminalreporter.write_line(line)
