@@ -129,9 +129,9 @@ def _verify_at(
     seed = workload.seed
     outcome.caught[seed] = 0
     outcome.missed[seed] = []
+    precision = baseline.region.calibration.precision
     for first in range(0, len(claims), BATCH):
         batch = claims[first : first + BATCH]
-        precision = baseline.region.calibration.precision
         alone = [_alone(claim, workload, precision) for claim in batch]
         runs = cosimulate_many(workload, alone)
         for claim, run in zip(batch, runs, strict=True):
