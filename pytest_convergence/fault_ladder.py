@@ -123,7 +123,8 @@ def measure_power(
         for fault in injected
         for size in sizes
     ]
-    runs = iter(_cosimulated(workload, candidates))
+    weights = sum(parameter.count for parameter in region.parameters.values())
+    runs = iter(_cosimulated(workload, candidates, weights))
     by_fault = {fault.name: [_outcomes(next(runs), region) for _ in sizes] for fault in injected}
     targets = list(region.parameters)
     faults = []
@@ -143,12 +144,14 @@ def measure_power(
     return PowerReport(seed=workload.seed, steps=workload.steps, faults=tuple(faults))
 
 
-def _cosimulated(workload: Workload, candidates: Sequence[Candidate]) -> list[CoSimulation]:
+def _cosimulated(
+    workload: Workload, candidates: Sequence[Candidate], weights: int
+) -> list[CoSimulation]:
     """The candidates' co-simulations, as many sides to one reference run as fit
-    :data:`SIDE_MEMORY_BUDGET`: each side holds a copy of the model and its optimizer state,
-    and 42 copies of a user's large model would not fit where one check does."""
-    parameters = workload.build_model().parameters()
-    footprint = SIDE_COPIES * sum(p.numel() * p.element_size() for p in parameters)
+    :data:`SIDE_MEMORY_BUDGET`: each side holds a copy of the model (``weights`` weights) and
+    its optimizer state, and 42 copies of a user's large model would not fit where one check
+    does."""
+    footprint = SIDE_COPIES * weights * (torch.finfo(workload.dtype).bits // 8)
     per_run = max(1, SIDE_MEMORY_BUDGET // max(footprint, 1))
     runs: list[CoSimulation] = []
     for first in range(0, len(candidates), per_run):
